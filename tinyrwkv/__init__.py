@@ -1,0 +1,23 @@
+"""tinyrwkv: a readable NumPy RWKV-7 (x070) you can learn from, run and test against.
+
+    import tinyrwkv
+    model = tinyrwkv.load("model.pth")            # .pth or .safetensors; dtype="float32"|"float64"
+    logits, state = model.forward([1, 2, 3])
+    for piece in tinyrwkv.generate(model, "Once upon a time", max_tokens=50):
+        print(piece, end="")
+"""
+
+from .checkpoint import CheckpointError, UnsupportedCheckpoint, read_checkpoint
+from .generate import Session, generate
+from .loader import load
+from .model import RWKV7, Config, State
+from .sampling import SamplingParams, sample_logits
+from .tokenizer import HFTokenizer, TokenizerError, WorldTokenizer, get_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "read_checkpoint", "RWKV7", "Config", "State", "WorldTokenizer", "HFTokenizer",
+    "get_tokenizer", "generate", "Session", "SamplingParams", "sample_logits",
+    "CheckpointError", "UnsupportedCheckpoint", "TokenizerError",
+]

@@ -1,0 +1,241 @@
+"""The `tinyrwkv` command: generate, chat, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"   # the repo's weights/ folder
+
+
+def default_model():
+    """The model shipped in weights/, if there is one."""
+    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in WEIGHTS_DIR.glob(ext))
+    if not found:
+        raise SystemExit(
+            "tinyrwkv: error: no --model given, and no shipped model was found in "
+            f"{WEIGHTS_DIR}.\n  Pass an RWKV-7 checkpoint, e.g. "
+            "--model RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth (see README: 'Official models').")
+    return found[0]
+
+
+def fail(message):
+    print(f"tinyrwkv: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def load_model(args):
+    import tinyrwkv
+    path = args.model or default_model()
+    t0 = time.perf_counter()
+    model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer)
+    if model.tokenizer is None:
+        fail(str(model.tokenizer_error))
+    c = model.config
+    print(f"tinyrwkv: {model.path.name}: RWKV-7 {c.variant}, L{c.n_layer} C{c.n_embd} "
+          f"H{c.n_head}x{c.head_size} V{c.vocab_size}, {model.n_params / 1e6:.1f}M params, "
+          f"{model.dtype.name}, backend {model.backend}, tokenizer {model.tokenizer.name} "
+          f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return model
+
+
+def sampling_from(args):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty,
+                          penalty_decay=args.penalty_decay,
+                          **({"penalty_exempt": ""} if args.command == "chat" else {}),
+                          **({"ban_tokens": (0,)} if args.command == "chat" else {}))
+
+
+def rate(n, seconds):
+    return f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s)" if seconds > 0 else f"{n} tokens"
+
+
+def cmd_generate(args):
+    from .generate import Session
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            fail("give a prompt: tinyrwkv generate \"Once upon a time\" (or pipe it on stdin)")
+        prompt = sys.stdin.read()
+    model = load_model(args)
+    session = Session(model, model.tokenizer, seed=None if args.seed < 0 else args.seed)
+    if args.state:
+        from .model import State
+        session.state = State.load(args.state, model.config)
+    session.feed(prompt)
+    if args.echo:
+        sys.stdout.write(prompt)
+    for piece in session.stream(args.max_tokens, sampling_from(args), stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = session.stats
+    print(f"tinyrwkv: prompt {rate(s['prompt_tokens'], s['prompt_seconds'])}; "
+          f"generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
+    if args.save_state:
+        session.state.save(args.save_state)
+
+
+def cmd_chat(args):
+    from .generate import Session, chat_message
+    model = load_model(args)
+    session = Session(model, model.tokenizer, seed=None if args.seed < 0 else args.seed)
+    if args.system:
+        session.feed(f"System: {args.system.strip()}\n\n")
+    start = session.state.copy() if session.state is not None else None
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset forgets the conversation, /exit (or Ctrl-D) quits.",
+              file=sys.stderr)
+    while True:
+        try:
+            message = input("User: ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and message == "":
+            break                                  # end of piped input
+        message = message.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            session.state = start.copy() if start is not None else None
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not interactive:
+            print(f"User: {message}")
+        session.feed(chat_message(message))
+        sys.stdout.write("Assistant:")
+        for piece in session.stream(args.max_tokens, sampling_from(args), stop=["\n\n"],
+                                    stop_at_eot=False):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+    s = session.stats
+    if s["tokens"]:
+        print(f"tinyrwkv: generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
+
+
+def cmd_info(args):
+    from .checkpoint import detect_version, inspect_checkpoint
+    from .loader import resolve_model_path
+    from .model import Config
+    from .tokenizer import TokenizerError, get_tokenizer
+    path = resolve_model_path(args.path)
+    tensors = inspect_checkpoint(path)                       # shapes and dtypes, no data read
+    variant = detect_version(tensors.keys())
+    config = Config.from_weights({k: SimpleNamespace(shape=shape) for k, (shape, _) in tensors.items()})
+    unused = {f"blocks.0.att.{n}" for n in ("v0", "v1", "v2")}
+    n_params = sum(int(_prod(shape)) for k, (shape, _) in tensors.items() if k not in unused)
+    dtypes = sorted({dt for _, dt in tensors.values()})
+    try:
+        tok = get_tokenizer(config.vocab_size, args.tokenizer, model_path=path).name
+    except TokenizerError as e:
+        tok = f"unknown ({e})"
+    rows = [
+        ("file", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
+        ("architecture", f"RWKV-7 ({variant})"),
+        ("layers", config.n_layer), ("width (n_embd)", config.n_embd),
+        ("heads x head size", f"{config.n_head} x {config.head_size}"),
+        ("channel-mix width", config.dim_ffn),
+        ("LoRA ranks w/a/v/g", f"{config.d_decay}/{config.d_aaa}/{config.d_mv}/{config.d_gate}"),
+        ("vocabulary rows", config.vocab_size), ("tokenizer", tok),
+        ("parameters", f"{n_params:,} ({n_params / 1e6:.1f}M; layer-0 v0/v1/v2 not counted)"),
+        ("stored dtype", ", ".join(dtypes)), ("tensors", len(tensors)),
+        ("state size", f"{config.n_layer * config.n_embd * (config.head_size + 2):,} numbers"),
+    ]
+    if config.d_deepembed:
+        rows.insert(7, ("DeepEmbed rank", config.d_deepembed))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _prod(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="tinyrwkv",
+        description="RWKV-7 (x070) in NumPy: generate text, chat, and inspect checkpoints.",
+        epilog="Run 'tinyrwkv COMMAND --help' for each command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def model_args(p):
+        p.add_argument("--model", "-m", metavar="PATH",
+                       help="RWKV-7 checkpoint (.pth or .safetensors); default: the model in weights/")
+        p.add_argument("--tokenizer", metavar="PATH",
+                       help="'world', or a tokenizer.json (needed for Pile models: 20B_tokenizer.json); "
+                            "default: chosen from the vocabulary size")
+        p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                       help="compute precision")
+
+    def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):
+        p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")
+        p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
+        p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+        p.add_argument("--presence-penalty", type=float, default=presence,
+                       help="subtracted from a token's logit once it has appeared")
+        p.add_argument("--frequency-penalty", type=float, default=frequency,
+                       help="subtracted per (decayed) occurrence")
+        p.add_argument("--penalty-decay", type=float, default=0.996,
+                       help="occurrence counts are multiplied by this every token")
+        p.add_argument("--seed", type=int, default=0, help="random seed (-1: a different one each run)")
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text", formatter_class=fmt,
+                       description="Continue a prompt with an RWKV-7 model. Text streams to stdout; "
+                                   "speed is reported on stderr.")
+    g.add_argument("prompt", nargs="?", help="the text to continue (default: read stdin)")
+    model_args(g)
+    sampling_args(g, temperature=1.0, top_p=0.85, presence=0.2, frequency=0.2, max_tokens=200)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.add_argument("--state", metavar="FILE", help="start from a state saved with --save-state")
+    g.add_argument("--save-state", metavar="FILE", help="save the final state (.npz)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat in the RWKV 'User:/Assistant:' format", formatter_class=fmt,
+                       description="Chat with an RWKV-7 model. The model's state carries the "
+                                   "conversation: nothing is re-read between turns.")
+    model_args(c)
+    sampling_args(c, temperature=1.0, top_p=0.3, presence=0.5, frequency=0.5, max_tokens=500)
+    c.add_argument("--system", metavar="TEXT", help="a 'System:' message before the first turn")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="describe a checkpoint without loading it", formatter_class=fmt)
+    i.add_argument("path", help="RWKV-7 checkpoint (.pth or .safetensors)")
+    i.add_argument("--tokenizer", metavar="PATH", help="tokenizer to check against the vocabulary")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .tokenizer import TokenizerError
+    try:
+        args.func(args)
+    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
