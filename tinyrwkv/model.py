@@ -327,6 +327,37 @@ def deep_embed_rows(p, token_ids, x0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Block: pre-norm residual time mix, then pre-norm residual channel mix (§2.2)
+# ----------------------------------------------------------------------------------------------
+
+def block_one(x, v_first, state, layer_id, p, n_head, s_emb=None):
+    """One layer for one token, recurrent form. x, v_first: (C,); updates layer `layer_id` of
+    `state` in place. Returns the new residual x (C,) and v_first (C,)."""
+    xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                    # (C,)
+    dx, state.wkv[layer_id], v_first = time_mix_one(
+        xa, state.att_shift[layer_id], state.wkv[layer_id], v_first, p, layer_id, n_head)
+    state.att_shift[layer_id] = xa
+    x = x + dx
+    xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                    # (C,)
+    x = x + channel_mix(xf, state.ffn_shift[layer_id], p, s_emb)
+    state.ffn_shift[layer_id] = xf
+    return x, v_first
+
+
+def block_seq(x, v_first, state, layer_id, p, n_head, s_emb=None):
+    """One layer for T tokens, sequence form. x, v_first: (T, C); updates layer `layer_id` of
+    `state` in place (token shifts become the last token's LN outputs). Returns x, v_first (T, C)."""
+    xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                    # (T, C)
+    dx, state.wkv[layer_id], v_first = time_mix_seq(
+        xa, state.att_shift[layer_id], state.wkv[layer_id], v_first, p, layer_id, n_head)
+    x = x + dx
+    xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                    # (T, C)
+    x = x + channel_mix(xf, token_shift(xf, state.ffn_shift[layer_id]), p, s_emb)
+    state.att_shift[layer_id], state.ffn_shift[layer_id] = xa[-1], xf[-1]
+    return x, v_first
+
+
+# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 
@@ -396,37 +427,21 @@ class RWKV7:
     def forward_one(self, token, state):
         """Recurrent form: one token. Returns the final hidden vector (C,) before ln_out and the new
         state. `state` is updated in place; the public `forward` hands it a copy."""
-        H = self.config.n_head
         x0 = layer_norm(self.emb[token], *self.ln0)               # (C,) ln0 on the embedding
         x, v_first = x0, None
         for i, p in enumerate(self.blocks):
-            xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])    # (C,)
-            dx, state.wkv[i], v_first = time_mix_one(xa, state.att_shift[i], state.wkv[i],
-                                                     v_first, p, i, H)
-            state.att_shift[i] = xa
-            x = x + dx
-            xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])    # (C,)
-            s_emb = deep_embed_rows(p, token, x0) if "ffn.s1" in p else None
-            x = x + channel_mix(xf, state.ffn_shift[i], p, s_emb)
-            state.ffn_shift[i] = xf
+            s_emb = deep_embed_rows(p, token, x0) if "ffn.s1" in p else None      # (D*D,)
+            x, v_first = block_one(x, v_first, state, i, p, self.config.n_head, s_emb)
         return x, state
 
     def forward_seq(self, ids, state):
         """Sequence form: T tokens at once. Returns the hidden vectors (T, C) before ln_out and the
         new state. `state` is updated in place; the public `forward` hands it a copy."""
-        H = self.config.n_head
         x0 = layer_norm(self.emb[ids], *self.ln0)                 # (T, C)
         x, v_first = x0, None
         for i, p in enumerate(self.blocks):
-            xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])    # (T, C)
-            dx, state.wkv[i], v_first = time_mix_seq(xa, state.att_shift[i], state.wkv[i],
-                                                     v_first, p, i, H)
-            state.att_shift[i] = xa[-1]
-            x = x + dx
-            xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])    # (T, C)
-            s_emb = deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
-            x = x + channel_mix(xf, token_shift(xf, state.ffn_shift[i]), p, s_emb)
-            state.ffn_shift[i] = xf[-1]
+            s_emb = deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None        # (T, D*D)
+            x, v_first = block_seq(x, v_first, state, i, p, self.config.n_head, s_emb)
         return x, state
 
     def hidden(self, ids, state=None, mode="sequence"):
