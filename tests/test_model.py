@@ -199,6 +199,8 @@ def test_state_save_load_roundtrip(tmp_path):
     other = tinyrwkv.RWKV7(make_weights(n_layer=3)).config
     with pytest.raises(ValueError, match="shape"):
         tinyrwkv.State.load(tmp_path / "s.npz", other)
+    with pytest.raises(ValueError, match=r"state.att_shift has shape \(2, 128\), this model needs \(3, 128\)"):
+        tinyrwkv.RWKV7(make_weights(n_layer=3)).forward([1], state)
     np.savez(tmp_path / "junk.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a tinyrwkv state"):
         tinyrwkv.State.load(tmp_path / "junk.npz")

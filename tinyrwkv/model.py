@@ -182,12 +182,16 @@ class State:
                 raise ValueError(f"{path} is not a tinyrwkv state file (no '{cls.FORMAT}' tag)")
             state = cls(f["att_shift"], f["wkv"], f["ffn_shift"])
         if config is not None:
-            want = cls.zeros(config)
-            for name in ("att_shift", "wkv", "ffn_shift"):
-                got, exp = getattr(state, name).shape, getattr(want, name).shape
-                if got != exp:
-                    raise ValueError(f"state file {path}: {name} has shape {got}, this model needs {exp}")
+            state.check_fits(config, where=f"state file {path}: ")
         return state
+
+    def check_fits(self, config, where=""):
+        """Raise ValueError unless every tensor has the shape `config`'s model needs."""
+        want = State.zeros(config)
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            got, need = getattr(self, name).shape, getattr(want, name).shape
+            if got != need:
+                raise ValueError(f"{where}{name} has shape {got}, this model needs {need}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,11 +419,7 @@ class RWKV7:
     def _check_state(self, state):
         if state is None:
             return State.zeros(self.config, self.dtype)
-        want = State.zeros(self.config)
-        for name in ("att_shift", "wkv", "ffn_shift"):
-            if getattr(state, name).shape != getattr(want, name).shape:
-                raise ValueError(f"state.{name} has shape {getattr(state, name).shape}, "
-                                 f"this model needs {getattr(want, name).shape}")
+        state.check_fits(self.config, where="state.")
         # A copy in the model's dtype: the caller's state is never modified.
         return State(*(np.array(getattr(state, n), dtype=self.dtype)
                        for n in ("att_shift", "wkv", "ffn_shift")))
