@@ -20,11 +20,12 @@ def fixture(name):
 
 # ---- the stored official outputs (rwkv 0.8.32, cpu fp32; see rwkv7.md Appendix A) ----
 
+@pytest.mark.parametrize("wkv", ["recurrent", "chunked"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixture_matches_official(name, dtype):
+def test_fixture_matches_official(name, dtype, wkv):
     pth, ref = fixture(name)
-    model = tinyrwkv.load(pth, dtype=dtype)
+    model = tinyrwkv.load(pth, dtype=dtype, wkv=wkv)
     toks = ref["toks"]
     logits, state = model.forward(toks[:30], full_output=True)
     errors = {"seq_logits": rel_err(logits, ref["seq_logits"])}
@@ -36,7 +37,7 @@ def test_fixture_matches_official(name, dtype):
     logits, state = model.forward(toks, full_output=True, mode="recurrent")
     errors["one_logits"] = rel_err(logits, ref["one_logits"])
     errors["one_state_att"] = rel_err(state.wkv, ref["one_state_att"])
-    print(name, dtype, {k: f"{v:.2e}" for k, v in errors.items()})
+    print(name, dtype, wkv, {k: f"{v:.2e}" for k, v in errors.items()})
     assert max(errors.values()) < TOL_F32, errors
 
 

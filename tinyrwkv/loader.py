@@ -24,7 +24,7 @@ def resolve_model_path(path):
     raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
-def load(path, dtype="float32", tokenizer=None, progress=None):
+def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto"):
     """Load an RWKV-7 checkpoint (.pth or .safetensors, official key names) without torch.
 
     Args:
@@ -34,6 +34,8 @@ def load(path, dtype="float32", tokenizer=None, progress=None):
             path to a tokenizer.json (e.g. the Pile models' 20B_tokenizer.json)
         progress: None (a progress bar for large files on a terminal), False, or a callable
             progress(done_bytes, total_bytes)
+        wkv: "auto", "recurrent" or "chunked": how the sequence form runs the WKV operator
+            (see RWKV7; the same function either way)
     Returns:
         an RWKV7 model with `.tokenizer` set (None if it could not be chosen: then
         `.tokenizer_error` says why, and generation raises it).
@@ -42,7 +44,7 @@ def load(path, dtype="float32", tokenizer=None, progress=None):
     weights = read_checkpoint(path, dtype=dtype, progress=progress)
     detect_version(weights.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
     check_x070_keys(weights)                # every key present with the right shape, no extras
-    model = RWKV7(weights, dtype=dtype, name=path.name)
+    model = RWKV7(weights, dtype=dtype, name=path.name, wkv=wkv)
     model.path = path
     try:
         model.tokenizer = get_tokenizer(model.config.vocab_size, tokenizer, model_path=path)
