@@ -128,6 +128,18 @@ def test_stream_stops_at_end_of_text():
     assert 256 not in model.fed                                 # end of text is not fed
 
 
+def test_ids_past_the_tokenizer_are_never_sampled():
+    """A model with more embedding rows than the tokenizer has ids (World: 65536 vs 65529)."""
+    class Small(ByteTokenizer):
+        max_id = 99
+    model = ScriptedModel([])
+    session = Session(model, Small(), seed=0)
+    session.logits = np.zeros(257, np.float32)
+    session.logits[200] = 50.0                      # the model's favourite has no text
+    out = list(session.stream(30, SamplingParams(temperature=1.0, top_p=1.0), stop_at_eot=False))
+    assert session.generated and max(session.generated) <= 99
+
+
 def test_generate_is_reproducible_with_a_seed():
     model = tinyrwkv.RWKV7(make_weights(vocab_size=257))
     tok = ByteTokenizer()

@@ -62,12 +62,18 @@ class Session:
         penalties = Penalties(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         eot = getattr(self.tokenizer, "eot_id", None)
+        # Embedding rows past the tokenizer's last id (World: 65530..65535) have no text: never
+        # sample them (a trained model gives them ~0 probability, an untrained one may not).
+        max_id = getattr(self.tokenizer, "max_id", None)
         held = ""   # text decoded but not yet yielded: it may be the start of a stop string
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
-                token = sample_logits(penalties.apply(self.logits), sampling.temperature,
-                                      sampling.top_p, sampling.top_k, self.rng)
+                logits = penalties.apply(self.logits)
+                if max_id is not None:
+                    logits[max_id + 1:] = -np.inf
+                token = sample_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k,
+                                      self.rng)
                 if stop_at_eot and token == eot:
                     break
                 piece = self.tokenizer.decode_bytes([token])

@@ -165,6 +165,11 @@ class State:
     def copy(self):
         return State(self.att_shift.copy(), self.wkv.copy(), self.ffn_shift.copy())
 
+    @property
+    def nbytes(self):
+        """Memory the state takes, whatever the length of the text it has read."""
+        return self.att_shift.nbytes + self.wkv.nbytes + self.ffn_shift.nbytes
+
     def wkv_key_value(self):
         """The WKV state transposed to [layer][head][key][value], the layout fla kernels use."""
         return self.wkv.transpose(0, 1, 3, 2)
