@@ -73,6 +73,14 @@ def test_a_wrong_term_is_caught():
     assert rel_err(y, y_ref) > 1e3 * TOL_CHUNKED_F32
 
 
+def test_overlong_chunks_are_refused():
+    args = wkv_inputs(200, 1, 64, np.float32, seed=1, decay="fastest")
+    with pytest.raises(ValueError, match="chunk_len must be"):
+        wkv_chunked(*args, chunk_len=160)
+    S, y = wkv_chunked(*args, chunk_len=144)            # the longest allowed still works
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(S))
+
+
 @pytest.mark.parametrize("deep_embed", [False, True])
 def test_model_with_chunked_wkv_equals_recurrent(deep_embed):
     w = make_weights(n_layer=2, n_embd=128, vocab_size=101, deep_embed=deep_embed, seed=4)

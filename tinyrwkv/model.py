@@ -326,11 +326,18 @@ def wkv_chunked(S, r, w, k, v, kappa_hat, a, chunk_len=16):
     Within a chunk the state is never formed token by token; only the state at the end of each
     chunk is, and carried into the next. Same signature and result as `wkv_seq` (up to rounding).
     """
+    if not 1 <= chunk_len <= MAX_CHUNK_LEN:
+        raise ValueError(f"chunk_len must be 1..{MAX_CHUNK_LEN}, got {chunk_len}: longer chunks "
+                         "overflow float32 in the factored decays (see wkv_chunk)")
     y = np.empty_like(r)                                                  # (T, H, N)
     for start in range(0, len(r), chunk_len):
         c = slice(start, start + chunk_len)
         S, y[c] = wkv_chunk(S, r[c], w[c], k[c], v[c], kappa_hat[c], a[c])
     return S, y
+
+
+# e^{-g} over a chunk reaches e^{0.6065 * chunk_len}; float32 overflows past e^{88.7}.
+MAX_CHUNK_LEN = 144
 
 
 def wkv_chunk(S, r, w, k, v, kappa_hat, a):
@@ -347,8 +354,8 @@ def wkv_chunk(S, r, w, k, v, kappa_hat, a):
 
     Why factoring is safe here: log w >= -e^{-1/2} = -0.6065 per token (the decay's soft clamp),
     so within a chunk of 16 tokens e^{-g_s} <= e^{9.7} ~ 1.6e4, far inside float32's range, and each
-    product is rounded relative to its own (bounded) size. Keep chunks short: at 64 tokens the
-    factors reach e^{38.8}.
+    product is rounded relative to its own (bounded) size. Chunks past MAX_CHUNK_LEN = 144 tokens
+    would overflow float32 (e^{0.6065 * 146} > 3.4e38); chapter 03 measures where it breaks.
 
     Args: S (H, N, N) state [value, key]; r, w, k, v, kappa_hat, a: (T, H, N).
     Returns: S_T (H, N, N), y (T, H, N).
