@@ -9,7 +9,7 @@ import pytest
 from tinyrwkv.checkpoint import save_safetensors
 from tinyrwkv.synthetic import make_weights
 
-from conftest import ROOT, TOKENIZER_20B
+from conftest import ROOT, TOKENIZER_20B, have
 
 
 def run(*args, stdin=None):
@@ -33,7 +33,8 @@ def test_generate_streams_and_reports_speed(world_model):
     rc, out, err = run("generate", "--model", world_model, "Once upon a time", "-n", "12", "--seed", "1")
     assert rc == 0, err
     assert out.strip()                                   # random weights: some text
-    assert "tok/s" in err and "backend numpy" in err and "rwkv_vocab_v20230424" in err
+    backend = "numba" if have("numba") else "numpy"
+    assert "tok/s" in err and f"backend {backend}" in err and "rwkv_vocab_v20230424" in err
     rc2, out2, _ = run("generate", "--model", world_model, "Once upon a time", "-n", "12", "--seed", "1")
     assert out2 == out                                   # seeded: the same text again
 
@@ -54,6 +55,17 @@ def test_generate_greedy_matches_the_library(world_model):
                        "--presence-penalty", "0", "--frequency-penalty", "0")
     assert rc == 0, err
     assert out == model.tokenizer.decode(expect) + "\n"
+
+
+def test_backend_and_weights_options(world_model):
+    rc, out, err = run("generate", "--model", world_model, "Hi", "-n", "4", "--backend", "numpy",
+                       "--threads", "1")
+    assert rc == 0 and "backend numpy" in err, err
+    if have("numba"):
+        rc, out, err = run("generate", "--model", world_model, "Hi", "-n", "4", "--weights", "bfloat16")
+        assert rc == 0 and "backend numba-bf16" in err, err
+    rc, _, err = run("generate", "--model", world_model, "Hi", "--backend", "numpy", "--weights", "bfloat16")
+    assert rc == 1 and "needs the numba backend" in err
 
 
 def test_chat_keeps_state_between_turns(world_model):

@@ -6,7 +6,7 @@ import tinyrwkv
 from tinyrwkv import model as M
 from tinyrwkv.synthetic import make_weights
 
-from conftest import FIXTURES, TOL_F32, needs_official, rel_err, run_official
+from conftest import FIXTURES, TOL_F32, have, needs_official, rel_err, run_official
 
 FIXTURE_NAMES = ["synthetic_L3_C256", "synthetic_de_L3_C256"]
 
@@ -25,7 +25,7 @@ def fixture(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_fixture_matches_official(name, dtype, wkv):
     pth, ref = fixture(name)
-    model = tinyrwkv.load(pth, dtype=dtype, wkv=wkv)
+    model = tinyrwkv.load(pth, dtype=dtype, wkv=wkv, backend="numpy")
     toks = ref["toks"]
     logits, state = model.forward(toks[:30], full_output=True)
     errors = {"seq_logits": rel_err(logits, ref["seq_logits"])}
@@ -44,7 +44,7 @@ def test_fixture_matches_official(name, dtype, wkv):
 def test_tolerance_catches_a_small_bug(monkeypatch):
     """The tolerance is tight enough to fail on a subtle bug: GroupNorm eps 1e-5 instead of 64e-5."""
     pth, ref = fixture("synthetic_L3_C256")
-    model = tinyrwkv.load(pth)
+    model = tinyrwkv.load(pth, backend="numpy")
     monkeypatch.setattr(M, "GN_EPS", 1e-5)
     monkeypatch.setattr(M.group_norm, "__defaults__", (1e-5,))
     logits, _ = model.forward(ref["toks"][:30], full_output=True)
@@ -83,7 +83,7 @@ def test_live_parity_with_official(tmp_path, deep_embed):
         weights = make_weights(L, C, V, deep_embed=deep_embed, seed=int(rng.integers(1 << 30)))
         pth = tmp_path / f"m{n}.pth"
         save_pth(weights, pth, storage)
-        model = tinyrwkv.load(pth)
+        model = tinyrwkv.load(pth, backend="numpy")
         init = random_state(model.config, rng)
         init.save(tmp_path / f"s{n}.npz")
         T = int(rng.integers(9, 24))
@@ -93,22 +93,26 @@ def test_live_parity_with_official(tmp_path, deep_embed):
                          out=str(tmp_path / f"o{n}.npz")))
         cases.append((model, init, ids, split))
     for (model, init, ids, split), ref in zip(cases, run_official(jobs, tmp_path, deep_embed)):
-        before = init.copy()
-        logits, state = model.forward(ids[:split], init, full_output=True)
-        errors = {"seq_logits": rel_err(logits, ref["seq_logits"])}
-        logits, state = model.forward(ids[split:], state)
-        errors["cont_logits"] = rel_err(logits, ref["cont_logits"])
-        for name in ("att_shift", "wkv", "ffn_shift"):
-            errors["seq_" + name] = rel_err(getattr(state, name), ref["seq_" + name])
-        logits, state = model.forward(ids, init, full_output=True, mode="recurrent")
-        errors["one_logits"] = rel_err(logits, ref["one_logits"])
-        errors["one_wkv"] = rel_err(state.wkv, ref["one_wkv"])
-        c = model.config
-        print(f"L{c.n_layer} C{c.n_embd} V{c.vocab_size} {c.variant}:",
-              {k: f"{v:.2e}" for k, v in errors.items()})
-        assert max(errors.values()) < TOL_F32, errors
-        for name in ("att_shift", "wkv", "ffn_shift"):          # the state passed in is untouched
-            assert np.array_equal(getattr(init, name), getattr(before, name))
+        backends = [model]
+        if have("numba"):      # the compiled backend, held to the same official outputs
+            backends.append(tinyrwkv.load(model.path, backend="numba"))
+        for m in backends:
+            before = init.copy()
+            logits, state = m.forward(ids[:split], init, full_output=True)
+            errors = {"seq_logits": rel_err(logits, ref["seq_logits"])}
+            logits, state = m.forward(ids[split:], state)
+            errors["cont_logits"] = rel_err(logits, ref["cont_logits"])
+            for name in ("att_shift", "wkv", "ffn_shift"):
+                errors["seq_" + name] = rel_err(getattr(state, name), ref["seq_" + name])
+            logits, state = m.forward(ids, init, full_output=True, mode="recurrent")
+            errors["one_logits"] = rel_err(logits, ref["one_logits"])
+            errors["one_wkv"] = rel_err(state.wkv, ref["one_wkv"])
+            c = m.config
+            print(f"L{c.n_layer} C{c.n_embd} V{c.vocab_size} {c.variant} {m.backend}:",
+                  {k: f"{v:.2e}" for k, v in errors.items()})
+            assert max(errors.values()) < TOL_F32, errors
+            for name in ("att_shift", "wkv", "ffn_shift"):      # the state passed in is untouched
+                assert np.array_equal(getattr(init, name), getattr(before, name))
 
 
 # ---- float64: the two forms, chunking, and float32's error ----
@@ -148,6 +152,8 @@ def test_float32_error_against_float64(weights):
     l64, s64 = tinyrwkv.RWKV7(weights, "float64").forward(ids, full_output=True)
     assert l32.dtype == np.float32 and l64.dtype == np.float64
     assert s32.wkv.dtype == np.float32 and s64.wkv.dtype == np.float64
+    r32, rs32 = tinyrwkv.RWKV7(weights, "float32").forward(ids[:3], full_output=True, mode="recurrent")
+    assert r32.dtype == np.float32 and rs32.wkv.dtype == np.float32   # no silent float64 anywhere
     err = rel_err(l32, l64)
     assert 0 < err < TOL_F32      # > 0: the float32 path really computes in float32
 

@@ -31,13 +31,16 @@ def load_model(args):
     import tinyrwkv
     path = args.model or default_model()
     t0 = time.perf_counter()
-    model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer)
+    model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer, backend=args.backend,
+                          weights=args.weights, threads=args.threads)
     if model.tokenizer is None:
         fail(str(model.tokenizer_error))
     c = model.config
     print(f"tinyrwkv: {model.path.name}: RWKV-7 {c.variant}, L{c.n_layer} C{c.n_embd} "
           f"H{c.n_head}x{c.head_size} V{c.vocab_size}, {model.n_params / 1e6:.1f}M params, "
-          f"{model.dtype.name}, backend {model.backend}, tokenizer {model.tokenizer.name} "
+          f"{model.dtype.name}, backend {model.backend}"
+          f"{f' ({model.threads} threads)' if getattr(model, 'threads', None) else ''}, "
+          f"tokenizer {model.tokenizer.name} "
           f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
     return model
 
@@ -181,7 +184,14 @@ def build_parser():
                        help="'world', or a tokenizer.json (needed for Pile models: 20B_tokenizer.json); "
                             "default: chosen from the vocabulary size")
         p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                       help="compute precision")
+                       help="compute precision (float64 runs on the numpy backend)")
+        p.add_argument("--backend", choices=["numpy", "numba"],
+                       help="numba: compiled kernels (default where numba is installed); "
+                            "numpy: the readable reference")
+        p.add_argument("--weights", choices=["float32", "bfloat16"], default="float32",
+                       help="storage of the large matrices (numba backend); bfloat16 halves the "
+                            "bytes per token and is exact for bf16 checkpoints")
+        p.add_argument("--threads", type=int, help="threads for kernels and BLAS (default: all cores)")
 
     def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):
         p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")

@@ -63,7 +63,8 @@ import numpy as np
 LN_EPS = 1e-5       # every LayerNorm (ln0, ln1, ln2, ln_out), as torch's default
 GN_EPS = 64e-5      # GroupNorm ln_x: 1e-5 * 8**2, the old "head_size_divisor 8" folded in. Not 1e-5!
 L2_EPS = 1e-12      # torch F.normalize: u / max(|u|, 1e-12)
-DECAY_SCALE = np.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)): soft-clamps log w to (-0.6065, 0).
+DECAY_SCALE = float(np.exp(-0.5))  # w = exp(-e^-0.5 * sigmoid(.)): log w in (-0.6065, 0).
+# (A Python float, not np.float64: under NumPy 2 a float64 scalar would promote float32 arrays.)
 # The official RNN code writes this constant as 0.606531; we use exact e^-0.5 like its CUDA kernel,
 # fla and llama.cpp (a 3.4e-7 difference in the constant, far below float32 agreement).
 
@@ -479,16 +480,16 @@ class RWKV7:
         self.config = Config.from_weights(weights)
         self.name = name
         self.backend = "numpy"
-        cast = lambda a: np.asarray(a).astype(self.dtype, copy=False)
+        cast = lambda key: self.prepare_weight(key, np.asarray(weights[key]))
         squeeze = lambda a: a.reshape(-1) if a.ndim == 3 else a           # (1, 1, C) -> (C,)
-        self.emb = cast(weights["emb.weight"])                            # (V, C)
-        self.ln0 = (cast(weights["blocks.0.ln0.weight"]), cast(weights["blocks.0.ln0.bias"]))
-        self.ln_out = (cast(weights["ln_out.weight"]), cast(weights["ln_out.bias"]))
-        self.head = cast(weights["head.weight"])                          # (V, C)
+        self.emb = cast("emb.weight")                                     # (V, C)
+        self.ln0 = (cast("blocks.0.ln0.weight"), cast("blocks.0.ln0.bias"))
+        self.ln_out = (cast("ln_out.weight"), cast("ln_out.bias"))
+        self.head = cast("head.weight")                                   # (V, C)
         self.blocks = []
         for i in range(self.config.n_layer):
             prefix = f"blocks.{i}."
-            p = {key[len(prefix):]: cast(squeeze(value)) for key, value in weights.items()
+            p = {key[len(prefix):]: squeeze(cast(key)) for key in weights
                  if key.startswith(prefix) and not key.startswith(prefix + "ln0.")}
             if i == 0:  # layer 0 never uses its value-residual weights (may be absent)
                 for unused in ("att.v0", "att.v1", "att.v2"):
@@ -497,6 +498,11 @@ class RWKV7:
             if "ffn.s0" in p:
                 p["ffn.s0"] = p["ffn.s0"].reshape(-1)                                     # (F,)
             self.blocks.append(p)
+
+    def prepare_weight(self, key, array):
+        """One tensor as the forward pass uses it: cast to the model's dtype (no copy when it
+        already is; a float32 checkpoint stays memory-mapped). Fast backends override this."""
+        return array.astype(self.dtype, copy=False)
 
     # ---- the two forms ----
 
@@ -548,12 +554,12 @@ class RWKV7:
     def hidden(self, ids, state=None, mode="sequence"):
         """The normalised final hidden vectors ln_out(x), (T, C), and the new state."""
         ids, state = self._check_ids(ids), self._check_state(state)
-        if mode == "sequence":
-            x, state = self.forward_seq(ids, state)
-        elif mode == "recurrent":
-            x = np.stack([self.forward_one(int(t), state)[0] for t in ids])   # (T, C)
-        else:
+        if mode not in ("sequence", "recurrent"):
             raise ValueError(f"mode must be 'sequence' or 'recurrent', not {mode!r}")
+        if mode == "sequence" and len(ids) > 1:  # one token takes the recurrent form (as official)
+            x, state = self.forward_seq(ids, state)
+        else:
+            x = np.stack([self.forward_one(int(t), state)[0] for t in ids])   # (T, C)
         return layer_norm(x, *self.ln_out), state
 
     def forward(self, ids, state=None, full_output=False, mode="sequence"):
@@ -570,7 +576,11 @@ class RWKV7:
         h, state = self.hidden(ids, state, mode)
         if not full_output:
             h = h[-1]                                         # (C,)
-        return h @ self.head.T, state                         # (V,) or (T, V)
+        return self.logits(h), state                          # (V,) or (T, V)
+
+    def logits(self, h):
+        """The LM head: (..., C) normalised hidden vectors -> (..., V) logits."""
+        return h @ self.head.T
 
     def embed(self, ids, state=None, pool="last", normalize=True):
         """A sentence embedding: the model's final hidden state (after ln_out) for the text.

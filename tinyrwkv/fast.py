@@ -1,0 +1,296 @@
+"""The Numba backend: the hot loops of RWKV-7 compiled for the CPU, beside the NumPy reference.
+
+`RWKV7Numba` is `model.RWKV7` with the same public API and the same `forward_one` /
+`forward_seq` signatures; only how they run changes:
+
+  * decode (`forward_one`, one token): every Linear layer is a Numba matrix-vector product over
+    the weights as stored, in parallel over output rows, and everything between the projections
+    and the output projection of the time mix (removal key, decay, value residual, WKV update,
+    group norm, bonus, gate) is one fused kernel (`time_mix_core`);
+  * prefill (`forward_seq`, T tokens): the reference's sequence form (BLAS matrix products over
+    the whole sequence) with the WKV recurrence replaced by a Numba kernel that runs the heads in
+    parallel (`wkv_seq`, the twin of `model.wkv_seq`).
+
+Weights can be stored as float32 or as bfloat16 (`weights="bfloat16"`): the large matrices (r, k,
+v, output, channel-mix key and value, embedding, head, DeepEmbed tables) stay 16-bit in memory,
+read straight from a bf16 checkpoint without conversion, and are widened to float32 inside the
+kernels as they are read: half the bytes per token. Everything is computed in float32.
+
+Deviation from the reference, on purpose: the kernels are compiled with
+fastmath={"reassoc", "contract"}, which lets LLVM vectorise dot products by adding in another
+order and fusing multiply-adds. No approximate functions, and inf/NaN semantics are kept. The
+parity tests (tests/test_fast.py) hold these kernels to the reference within a float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear message
+    raise ImportError("the numba backend needs numba: pip install numba") from e
+
+from . import model as ref
+
+FASTMATH = {"reassoc", "contract"}
+DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in the kernels
+GN_EPS = float(ref.GN_EPS)
+ROWS_PER_TASK = 16          # rows of a matrix-vector product handled by one parallel task
+
+# Tensors kept 16-bit with weights="bfloat16": the large ones, whose bytes dominate each token.
+# The LoRA matrices and per-channel vectors are small and stay float32.
+BIG_MATRICES = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
+                "ffn.key.weight", "ffn.value.weight", "ffn.s_emb.weight", "emb.weight",
+                "head.weight")
+
+
+def bf16_bits(x):
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def widen(bits):
+    """bf16 bits (uint16) -> float32, exact."""
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def as_float32(w):
+    """A weight as float32, whether stored float32 or as bf16 bits."""
+    return widen(w) if w.dtype == np.uint16 else w
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _matvec_f32(W, x, out):
+    n, m = W.shape
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            acc = np.float32(0.0)
+            for j in range(m):
+                acc += W[i, j] * x[j]
+            out[i] = acc
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _matvec_bf16(W, x, out):
+    n, m = W.shape
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        bits = np.empty(m, np.uint32)         # one row widened: bf16 is the top half of a float32
+        row = bits.view(np.float32)
+        for i in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            for j in range(m):
+                bits[j] = np.uint32(W[i, j]) << np.uint32(16)
+            acc = np.float32(0.0)
+            for j in range(m):
+                acc += row[j] * x[j]
+            out[i] = acc
+
+
+def matvec(W, x):
+    """W @ x for one token: W (out, in) as stored (float32 or bf16 bits), x (in,) float32."""
+    out = np.empty(W.shape[0], np.float32)
+    (_matvec_bf16 if W.dtype == np.uint16 else _matvec_f32)(W, x, out)
+    return out
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _wkv_seq_kernel(S, r, w, k, v, kappa_hat, a, y):
+    T, H, N = r.shape
+    for h in prange(H):                                   # heads are independent
+        for t in range(T):
+            for i in range(N):                            # state row i: value channel i
+                sa = np.float32(0.0)
+                for j in range(N):
+                    sa -= S[h, i, j] * kappa_hat[t, h, j]          # (S a)_i with a = -kappa_hat
+                yi = np.float32(0.0)
+                for j in range(N):
+                    s = (S[h, i, j] * w[t, h, j] + sa * (kappa_hat[t, h, j] * a[t, h, j])
+                         + v[t, h, i] * k[t, h, j])
+                    S[h, i, j] = s
+                    yi += s * r[t, h, j]
+                y[t, h, i] = yi
+
+
+def wkv_seq(S, r, w, k, v, kappa_hat, a):
+    """Numba twin of `model.wkv_seq` (same signature and result): the WKV recurrence over T tokens,
+    heads in parallel. S (H, N, N); r, w, k, v, kappa_hat, a: (T, H, N). Returns S, y (T, H, N)."""
+    dt = np.float32
+    S = np.array(S, dtype=dt)                             # a copy: the input is not modified
+    args = [np.ascontiguousarray(u, dtype=dt) for u in (r, w, k, v, kappa_hat, a)]
+    y = np.empty_like(args[0])
+    _wkv_seq_kernel(S, *args, y)
+    return S, y
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _time_mix_core(S, r, w_pre, k, v, a, g, v_first, v_gate_pre, k_k, k_a, r_k, ln_w, ln_b,
+                   first_layer, out):
+    """Steps 7-14 of the time mix for one token, fused (see model.time_mix_inputs/_output).
+
+    r, k, v, g: (C,) projections; w_pre (C,) decay pre-activation; a (C,) in-context learning
+    rate; v_gate_pre (C,) value-residual gate pre-activation (unused in layer 0); S (H, N, N),
+    v_first (C,) updated in place; out (C,) receives y * g.
+    """
+    H, N = r_k.shape
+    kh = np.empty(N, np.float32)
+    kt = np.empty(N, np.float32)
+    wd = np.empty(N, np.float32)
+    b = np.empty(N, np.float32)
+    vh = np.empty(N, np.float32)
+    y = np.empty(N, np.float32)
+    for h in range(H):
+        o = h * N
+        norm = np.float32(0.0)
+        for j in range(N):                                        # removal key, unit per head
+            kh[j] = k[o + j] * k_k[o + j]
+            norm += kh[j] * kh[j]
+        norm = max(np.sqrt(norm), np.float32(1e-12))
+        for j in range(N):
+            kh[j] /= norm
+            kt[j] = k[o + j] * (1 + (a[o + j] - 1) * k_a[o + j])  # written key k_tilde
+            wd[j] = np.exp(-DECAY_SCALE / (1 + np.exp(-w_pre[o + j])))   # decay in (0.545, 1)
+            b[j] = kh[j] * a[o + j]
+        for i in range(N):                                        # value residual
+            if first_layer:
+                vh[i] = v[o + i]
+                v_first[o + i] = v[o + i]
+            else:
+                gate = 1 / (1 + np.exp(-v_gate_pre[o + i]))
+                vh[i] = v[o + i] + (v_first[o + i] - v[o + i]) * gate
+        for i in range(N):                                        # S <- S diag(w) + (S a) b^T + v k^T
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa -= S[h, i, j] * kh[j]
+            yi = np.float32(0.0)
+            for j in range(N):
+                s = S[h, i, j] * wd[j] + sa * b[j] + vh[i] * kt[j]
+                S[h, i, j] = s
+                yi += s * r[o + j]
+            y[i] = yi
+        mu = np.float32(0.0)                                      # group norm over the head
+        for i in range(N):
+            mu += y[i]
+        mu /= N
+        var = np.float32(0.0)
+        for i in range(N):
+            var += (y[i] - mu) * (y[i] - mu)
+        inv = 1 / np.sqrt(var / N + np.float32(GN_EPS))
+        bonus = np.float32(0.0)                                   # sum_j r_j k_tilde_j r_k[h, j]
+        for j in range(N):
+            bonus += r[o + j] * kt[j] * r_k[h, j]
+        for i in range(N):
+            yn = (y[i] - mu) * inv * ln_w[o + i] + ln_b[o + i] + bonus * vh[i]
+            out[o + i] = yn * g[o + i]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+def set_threads(threads):
+    """Threads for Numba kernels and, when threadpoolctl is installed, for BLAS."""
+    if threads is None:
+        return numba.get_num_threads()
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    try:
+        import threadpoolctl
+        threadpoolctl.threadpool_limits(threads)
+    except ImportError:
+        pass
+    return threads
+
+
+class RWKV7Numba(ref.RWKV7):
+    """RWKV-7 on Numba kernels; float32 compute, weights stored float32 or bfloat16."""
+
+    def __init__(self, weights, dtype="float32", name=None, wkv="auto", weight_dtype="float32",
+                 threads=None):
+        if np.dtype(dtype) != np.float32:
+            raise ValueError("the numba backend computes in float32; for float64 (the oracle "
+                             "mode) use backend='numpy'")
+        if weight_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"weights must be 'float32' or 'bfloat16', not {weight_dtype!r}")
+        self.weight_dtype = weight_dtype
+        super().__init__(weights, dtype="float32", name=name, wkv=wkv)
+        self.backend = "numba" + ("-bf16" if weight_dtype == "bfloat16" else "")
+        self.threads = set_threads(threads)
+        for p in self.blocks:   # the six token-shift lerps as one (6, C) array for decode
+            p["att.lerps"] = np.stack([p[f"att.x_{c}"] for c in "rwkvag"])
+
+    def prepare_weight(self, key, array):
+        """Big matrices: bf16 bits (uint16) with weights="bfloat16", else float32. A bf16 input
+        (uint16 bits from read_checkpoint(dtype="bfloat16")) is kept as it is: no copy."""
+        big = key.endswith(BIG_MATRICES)
+        if self.weight_dtype == "bfloat16" and big:
+            return np.asarray(array) if array.dtype == np.uint16 else bf16_bits(array)
+        if array.dtype == np.uint16:
+            return widen(array)
+        return np.asarray(array.astype(np.float32, copy=False))
+
+    # ---- decode: one token ----
+
+    def forward_one(self, token, state):
+        C, H = self.config.n_embd, self.config.n_head
+        x0 = ref.layer_norm(as_float32(self.emb[token]), *self.ln0)          # (C,)
+        x = x0
+        v_first = np.empty(C, np.float32)
+        y = np.empty(C, np.float32)
+        for i, p in enumerate(self.blocks):
+            # time mix
+            xa = ref.layer_norm(x, p["ln1.weight"], p["ln1.bias"])
+            mixed = xa + (state.att_shift[i] - xa) * p["att.lerps"]           # (6, C): r w k v a g
+            xr, xw, xk, xv, xa_, xg = mixed
+            r = matvec(p["att.receptance.weight"], xr)
+            k = matvec(p["att.key.weight"], xk)
+            v = matvec(p["att.value.weight"], xv)
+            w_pre = p["att.w0"] + np.tanh(xw @ p["att.w1"]) @ p["att.w2"]
+            a = ref.sigmoid(p["att.a0"] + (xa_ @ p["att.a1"]) @ p["att.a2"])
+            g = ref.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+            v_gate = p["att.v0"] + (xv @ p["att.v1"]) @ p["att.v2"] if i > 0 else y
+            S = state.wkv[i]
+            _time_mix_core(S, r, w_pre, k, v, a, g, v_first, v_gate, p["att.k_k"], p["att.k_a"],
+                           p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], i == 0, y)
+            state.att_shift[i] = xa
+            x = x + matvec(p["att.output.weight"], y)
+            # channel mix
+            xf = ref.layer_norm(x, p["ln2.weight"], p["ln2.bias"])
+            xk = xf + (state.ffn_shift[i] - xf) * p["ffn.x_k"]
+            h = matvec(p["ffn.key.weight"], xk)
+            h = np.maximum(h, 0, out=h)
+            h *= h
+            if "ffn.s1" in p:
+                s_emb = self._deep_embed_rows(p, token, x0)
+                D = p["ffn.s1"].shape[1]
+                h *= ((xf @ p["ffn.s1"]) @ s_emb.reshape(D, D)) @ p["ffn.s2"] + p["ffn.s0"]
+            x = x + matvec(p["ffn.value.weight"], h)
+            state.ffn_shift[i] = xf
+        return x, state
+
+    # ---- prefill: T tokens ----
+
+    def forward_seq(self, ids, state):
+        x0 = ref.layer_norm(as_float32(self.emb[ids]), *self.ln0)            # (T, C)
+        x, v_first = x0, None
+        for i, p in enumerate(self.blocks):
+            s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
+            # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
+            p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
+            x, v_first = ref.block_seq(x, v_first, state, i, p32, self.config.n_head, s_emb, wkv_seq)
+        return x, state
+
+    def logits(self, h):
+        if h.ndim == 1:
+            return matvec(self.head, np.ascontiguousarray(h, dtype=np.float32))
+        return h @ as_float32(self.head).T
+
+    @staticmethod
+    def _deep_embed_rows(p, token_ids, x0):
+        return as_float32(p["ffn.s_emb.weight"][token_ids]) + x0 @ p["ffn.s_emb_x.weight"].T
