@@ -20,8 +20,9 @@ from hypothesis import given, settings, strategies as st
 
 from tinyrwkv import checkpoint as ck
 from tinyrwkv.checkpoint import (CheckpointError, ProgressBar, UnsupportedCheckpoint,
-                                 check_x070_keys, detect_version, inspect_checkpoint,
-                                 read_checkpoint, save_safetensors, to_bf16_bits)
+                                 bf16_to_float32, check_x070_keys, detect_version,
+                                 inspect_checkpoint, read_checkpoint, save_safetensors,
+                                 to_bf16_bits)
 
 torch = pytest.importorskip("torch", reason="torch is the oracle for .pth files: pip install -e '.[test]'")
 
@@ -267,6 +268,211 @@ def test_dtype_must_be_floating(bad):
         read_checkpoint(fixture_path("synthetic_L3_C256"), dtype=bad)
 
 
+# ---- dtype="bfloat16", bf16_to_float32, and conversions by plain reads ----
+
+def torch_bf16_bits(t):
+    """torch's rounding of a floating tensor to bf16 (`.bfloat16()`), as uint16 bit patterns."""
+    return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def torch_expected(sd, dtype):
+    """What read_checkpoint(path, dtype) must return for a file torch saved from `sd`, by torch."""
+    out = {}
+    for k, t in sd.items():
+        if not t.is_floating_point():
+            out[k] = t.numpy()                                    # integers/bools: untouched
+        elif dtype == "bfloat16":
+            out[k] = torch_bf16_bits(t)
+        else:
+            v = to_numpy(t)                                       # bf16 -> float32 (exact)
+            out[k] = v if dtype is None else v.astype(dtype)
+    return out
+
+
+def rounding_cases():
+    """Tensors whose bf16 rounding is easy to get wrong, in every floating storage type."""
+    ties = (np.arange(0x3F800000, 0x3F800000 + 2**20, 2**15, dtype=np.uint32) | 0x8000)
+    special = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40, -1e-45,
+                        1 + 2**-8, 1 + 3 * 2**-8, 1.00390625, 1.01171875], np.float32)
+    return {
+        "fp32_ties": torch.from_numpy(np.concatenate([ties.view(np.float32), special])),
+        # torch rounds float64 through float32 (as to_bf16_bits does): 1 + 2^-8 + 2^-30 becomes
+        # the tie 1 + 2^-8 and rounds to even (1.0), not up to 1 + 2^-7 as one rounding would.
+        "fp64_double_rounding": torch.tensor([1 + 2**-8 + 2**-30, -(1 + 3 * 2**-8 - 2**-40), 1e300,
+                                              1e-300, 2.0**-130], dtype=torch.float64),
+        "fp16_range": torch.tensor([65504.0, -65504.0, 6e-8, 1.0 + 2**-10, -2.5e-5],
+                                   dtype=torch.float16),
+    }
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_bfloat16_keeps_bf16_storages_as_views(name):
+    path = fixture_path(name)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    got = read_checkpoint(path, dtype="bfloat16")
+    assert list(got) == list(sd)
+    for k, t in sd.items():
+        a = got[k]
+        assert a.dtype == np.uint16 and a.shape == tuple(t.shape), k
+        assert backed_by_memmap(a) and not a.flags.writeable, k        # no conversion, no copy
+        np.testing.assert_array_equal(a, torch_bf16_bits(t), err_msg=k)
+        wide = bf16_to_float32(a)                                      # exact widening
+        assert wide.dtype == np.float32 and wide.shape == a.shape
+        np.testing.assert_array_equal(wide, t.float().numpy(), err_msg=k)
+
+
+def test_bfloat16_rounds_like_torch(tmp_path):
+    sd = torch_zoo()
+    sd.update(rounding_cases())
+    path = tmp_path / "zoo.pth"
+    torch.save(sd, path)
+    with np.errstate(over="ignore"):                   # 1e300 rounds to inf, as in torch
+        got = read_checkpoint(path, dtype="bfloat16")
+    assert_same(got, torch_expected(sd, "bfloat16"))      # bit for bit; integers untouched
+    assert backed_by_memmap(got["bf16"]) and not backed_by_memmap(got["fp32"])
+    assert got["bf16_transposed"].flags.c_contiguous and not backed_by_memmap(got["bf16_transposed"])
+    assert got["fp32"].flags.writeable and not got["bf16"].flags.writeable
+    # the same from a .safetensors file
+    from safetensors.torch import save_file
+    floats = {k: v.clone().contiguous() for k, v in sd.items() if v.is_floating_point()}
+    save_file(floats, tmp_path / "zoo.safetensors")
+    with np.errstate(over="ignore"):
+        got = read_checkpoint(tmp_path / "zoo.safetensors", dtype="bfloat16")
+    for k, t in floats.items():
+        assert got[k].dtype == np.uint16, k
+        np.testing.assert_array_equal(got[k], torch_bf16_bits(t), err_msg=k)
+
+
+def test_bf16_to_float32_widens_every_bit_pattern():
+    bits = np.arange(2**16, dtype=np.uint16)
+    theirs = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    theirs = theirs.view(torch.int32).numpy().view(np.uint32)          # bits: NaN payloads too
+    for given in (bits, bits.view(np.int16), bits.astype(">u2"), bits.reshape(256, 256)):
+        ours = bf16_to_float32(given)
+        assert ours.dtype == np.float32 and ours.shape == given.shape and ours.flags.c_contiguous
+        np.testing.assert_array_equal(ours.reshape(-1).view(np.uint32), theirs)
+    scalar = bf16_to_float32(np.array(0x3F80, np.uint16))
+    assert scalar.shape == () and scalar == 1.0
+    for wrong in (np.zeros(3, np.float32), np.zeros(3, np.uint32), np.zeros(3, np.float16)):
+        with pytest.raises(TypeError, match="16-bit"):
+            bf16_to_float32(wrong)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [None, "float32", "float64", "bfloat16"])
+def test_conversions_in_pieces_and_threads(tmp_path, monkeypatch, dtype, threads):
+    """Converted tensors are read _PIECE_BYTES at a time on _READ_THREADS threads. With 40-byte
+    pieces every case happens (a tensor in one piece, a piece ending inside a tensor, a short last
+    piece, many jobs in flight), and the result must still be torch's, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    sd = torch_zoo()
+    sd.update(rounding_cases())
+    sd.update({"big_bf16": torch.randn(37, 29, generator=g).to(torch.bfloat16),
+               "big_fp32": torch.randn(41, 7, generator=g),
+               "big_fp16": torch.randn(301, generator=g).half(),
+               "big_fp64": torch.randn(3, 33, generator=g, dtype=torch.float64),
+               "big_transposed": torch.randn(50, 9, generator=g).to(torch.bfloat16).t()})
+    path = tmp_path / "zoo.pth"
+    torch.save(sd, path)
+    monkeypatch.setattr(ck, "_PIECE_BYTES", 40)       # 5 float64s, 10 float32s, 20 bf16s
+    monkeypatch.setattr(ck, "_READ_THREADS", threads)
+    with np.errstate(over="ignore"):                  # 1e300 -> float32 is inf, as astype says
+        assert_same(read_checkpoint(path, dtype=dtype), torch_expected(sd, dtype))
+
+
+def test_conversions_do_not_map_the_file(tmp_path, monkeypatch):
+    """A tensor that must be converted is read with plain reads, never through np.memmap: mapped
+    source pages would stay in this process's memory next to the converted copy (measured in
+    test_peak_memory_of_a_conversion). A bf16-only file read as float32 must make no map at all."""
+    path = fixture_path("synthetic_L3_C256")
+    reference = torch_reference(path)
+
+    def no_memmap(*args, **kwargs):
+        raise AssertionError("a conversion went through np.memmap")
+    monkeypatch.setattr(np, "memmap", no_memmap)
+    for dtype in (None, "float32", "float64"):
+        got = read_checkpoint(path, dtype=dtype)
+        assert_same(got, {k: v.astype(dtype or np.float32) for k, v in reference.items()})
+        assert all(a.flags.owndata and a.flags.writeable for a in got.values())
+    with pytest.raises(AssertionError, match="np.memmap"):   # bf16 kept: views of a map
+        read_checkpoint(path, dtype="bfloat16")
+
+
+def test_bfloat16_from_big_endian_and_compressed_files(tmp_path):
+    """The copies that are not conversions (a byte swap, a deflated member) keep bf16 bits too."""
+    g = torch.Generator().manual_seed(6)
+    sd = {"bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16), "f32": torch.randn(7, generator=g),
+          "f16": torch.randn(4, generator=g).half(), "i64": torch.arange(-2, 4)}
+    little = tmp_path / "little.pth"
+    torch.save(sd, little)
+    expected = torch_expected(sd, "bfloat16")
+    big = big_endian_copy(little, tmp_path / "big.pth", sd)
+    deflated = rezip(little, tmp_path / "deflated.pth", compression=zipfile.ZIP_DEFLATED)
+    for path in (big, deflated):
+        got = read_checkpoint(path, dtype="bfloat16")
+        assert_same(got, expected)
+        assert all(a.dtype.isnative and not backed_by_memmap(a) for a in got.values())
+
+
+def test_file_shrinking_while_reading(tmp_path, monkeypatch):
+    """A file cut short after its directory was read (a download still running) is an error that
+    names the file, also when the short read happens on a read thread."""
+    path = tmp_path / "model.pth"
+    path.write_bytes(fixture_path("synthetic_L3_C256").read_bytes())
+    plan = ck._plan
+
+    def plan_then_truncate(p):
+        result = plan(p)
+        os.truncate(p, p.stat().st_size // 2)
+        return result
+    monkeypatch.setattr(ck, "_plan", plan_then_truncate)
+    assert "truncated or corrupt" in raises_checkpoint_error(path, dtype="float32")
+
+
+PEAK_RSS_CHILD = r"""
+import json, os, resource, sys
+# ru_maxrss survives exec: a child of pytest starts with pytest's peak (hundreds of MB, more than
+# this whole measurement). A forked process starts its own count, so measure in one.
+pid = os.fork()
+if pid:
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+import numpy as np
+from tinyrwkv.checkpoint import read_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: kB
+weights = read_checkpoint(sys.argv[1], dtype=sys.argv[2], progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "after": after,
+                  "nbytes": sum(a.nbytes for a in weights.values()),
+                  "dtypes": sorted({str(a.dtype) for a in weights.values()})}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in kB and os.fork: Linux")
+def test_peak_memory_of_a_conversion(tmp_path):
+    """The loading goal: no second copy. Reading a 192 MiB bf16 file as float32 may grow the peak
+    resident memory by the 384 MiB of returned arrays, +10%, +30 MiB (read buffers, allocator
+    slack): 452 MiB. Measured: +392 MiB. Converting through a memory map of the file, as before,
+    kept the 192 MiB of source pages resident too: +576 MiB, which fails here.
+    Kept as bf16 (views of the map), nothing is read: +0."""
+    g = torch.Generator().manual_seed(7)
+    path = tmp_path / "big.pth"
+    torch.save({f"blocks.{i}.w": torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
+                for i in range(6)}, path)                                      # 6 x 32 MiB
+    env = dict(os.environ, PYTHONPATH=str(Path(ck.__file__).parents[1]))
+    for dtype, dtypes, nbytes, allowed in (("float32", ["float32"], 6 * 2**26, 1.1 * 6 * 2**26),
+                                           ("bfloat16", ["uint16"], 6 * 2**25, 0)):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(path), dtype], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        assert got["dtypes"] == dtypes and got["nbytes"] == nbytes
+        assert got["before"] < 200 * 2**20, got            # the fork worked: our own baseline
+        growth = got["after"] - got["before"]
+        assert growth <= allowed + 30 * 2**20, (dtype, growth / 2**20, nbytes / 2**20)
+
+
 def test_state_dict_containers(tmp_path):
     sd = collections.OrderedDict([("b", torch.ones(2)), ("a", torch.zeros(3))])
     model = torch.nn.Linear(2, 2, bias=False)
@@ -301,13 +507,10 @@ def test_unsupported_element_type(tmp_path):
     assert "torch.ComplexFloatStorage" in text and "does not read" in text
 
 
-def test_big_endian_file(tmp_path):
-    """A file whose byteorder member says 'big' (e.g. from s390x) is byteswapped into native arrays."""
-    sd = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).to(torch.bfloat16),
-          "f16": torch.randn(4).half(), "i64": torch.arange(-2, 4)}
-    little = tmp_path / "little.pth"
-    torch.save(sd, little)
-    sizes = {str(i): t.element_size() for i, t in enumerate(sd.values())}   # storages 0,1,... in order
+def big_endian_copy(little, dst, sd):
+    """A copy of the torch-saved `little` whose byteorder member says 'big' and whose storages are
+    byteswapped (as a file from s390x); `sd` is what was saved (storages 0, 1, ... in its order)."""
+    sizes = {str(i): t.element_size() for i, t in enumerate(sd.values())}
 
     def to_big(name, data):
         if name.endswith("/byteorder"):
@@ -316,7 +519,16 @@ def test_big_endian_file(tmp_path):
         if "/data/" in name:
             return np.frombuffer(data, f"<u{sizes[key]}").byteswap().tobytes()
         return data
-    big = rezip(little, tmp_path / "big.pth", to_big)
+    return rezip(little, dst, to_big)
+
+
+def test_big_endian_file(tmp_path):
+    """A file whose byteorder member says 'big' (e.g. from s390x) is byteswapped into native arrays."""
+    sd = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).to(torch.bfloat16),
+          "f16": torch.randn(4).half(), "i64": torch.arange(-2, 4)}
+    little = tmp_path / "little.pth"
+    torch.save(sd, little)
+    big = big_endian_copy(little, tmp_path / "big.pth", sd)
     ref = {k: to_numpy(v) for k, v in sd.items()}
     assert_same(torch_reference(big), ref)                # torch agrees the file is well-formed
     got = read_checkpoint(big)

@@ -33,6 +33,7 @@ except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear m
     raise ImportError("the numba backend needs numba: pip install numba") from e
 
 from . import model as ref
+from .checkpoint import bf16_to_float32, to_bf16_bits
 
 FASTMATH = {"reassoc", "contract"}
 DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in the kernels
@@ -47,15 +48,13 @@ BIG_MATRICES = ("att.receptance.weight", "att.key.weight", "att.value.weight", "
 
 
 def bf16_bits(x):
-    """float32 -> bf16 bits (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+    """float32 -> bf16 bits (uint16), round to nearest even (as torch's .bfloat16())."""
+    return to_bf16_bits(np.asarray(x, dtype=np.float32))
 
 
 def widen(bits):
-    """bf16 bits (uint16) -> float32, exact."""
-    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    """bf16 bits (uint16) -> float32, exact (bf16 is the top half of a float32)."""
+    return bf16_to_float32(bits)
 
 
 def as_float32(w):

@@ -74,13 +74,9 @@ def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backe
         if np.dtype(dtype) != np.float32:
             raise ValueError("the numba backend computes in float32; for float64 use backend='numpy'")
     path = resolve_model_path(path)
-    read_as = "bfloat16" if weights == "bfloat16" else dtype
-    try:
-        tensors = read_checkpoint(path, dtype=read_as, progress=progress)
-    except (TypeError, ValueError) as e:
-        if read_as != "bfloat16" or isinstance(e, CheckpointError):
-            raise
-        tensors = read_checkpoint(path, dtype=None, progress=progress)   # reader without bf16
+    # bf16 storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits).
+    tensors = read_checkpoint(path, dtype="bfloat16" if weights == "bfloat16" else dtype,
+                              progress=progress)
     detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
     check_x070_keys(tensors)                # every key present with the right shape, no extras
     if backend == "numba":
