@@ -108,3 +108,10 @@ def test_pile_model_with_its_tokenizer(tmp_path):
     rc, out, err = run("generate", "--model", pile, "--tokenizer", TOKENIZER_20B, "hi", "-n", "5")
     assert rc == 0, err
     assert "20B_tokenizer" in err
+
+
+def test_bench_smoke():
+    """`tinyrwkv bench` runs end to end (speed itself is measured by the benchmark, not here)."""
+    rc, out, err = run("bench", "--quick", "--backends", "numpy", "--runs", "1")
+    assert rc == 0, err[-2000:]
+    assert "| numpy | float32 |" in out and "memory bandwidth" in out

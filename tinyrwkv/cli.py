@@ -227,6 +227,14 @@ def build_parser():
     c.add_argument("--system", metavar="TEXT", help="a 'System:' message before the first turn")
     c.set_defaults(func=cmd_chat)
 
+    b = sub.add_parser("bench", help="measure speed beside the official package", formatter_class=fmt,
+                       description="Benchmark tinyrwkv's backends and, when installed, the official "
+                                   "rwkv package on seeded synthetic checkpoints: decode and prefill "
+                                   "tok/s, load time, peak RSS, and the machine's limits.")
+    from . import bench
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+
     i = sub.add_parser("info", help="describe a checkpoint without loading it", formatter_class=fmt)
     i.add_argument("path", help="RWKV-7 checkpoint (.pth or .safetensors)")
     i.add_argument("--tokenizer", metavar="PATH", help="tokenizer to check against the vocabulary")
