@@ -8,6 +8,7 @@
 # 2. [Channel mixing](02_channel_mixing.ipynb): a two-layer MLP with a token shift
 # 3. [Parallel vs recurrent](03_parallel_vs_recurrent.ipynb): the same WKV, two ways
 # 4. [The whole model](04_whole_model.ipynb): from a checkpoint file to the next token
+# 5. [Fast kernels](05_fast_kernels.ipynb): the same math, compiled
 #
 # This notebook runs without downloads: if the environment variable `TINYRWKV_MODEL` points to an
 # official checkpoint (for example `RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth` from
