@@ -124,3 +124,16 @@ def test_backend_errors(tmp_path):
         tinyrwkv.load(path, backend="cuda")
     assert tinyrwkv.load(path).backend == "numba"               # the default where numba exists
     assert tinyrwkv.load(path, dtype="float64").backend == "numpy"
+
+
+def test_wkv_option_is_honoured():
+    """wkv="chunked" runs the NumPy chunked form inside the numba backend, not silently the kernel."""
+    from unittest import mock
+    w = make_weights(2, 128, 101, seed=2)
+    ids = np.random.default_rng(1).integers(0, 101, 20)
+    with mock.patch.object(M, "wkv_chunked", wraps=M.wkv_chunked) as spy:
+        chunked, _ = fast().RWKV7Numba(w, wkv="chunked").forward(ids, full_output=True)
+        assert spy.call_count == 2                                # once per layer
+        kernel, _ = fast().RWKV7Numba(w).forward(ids, full_output=True)
+        assert spy.call_count == 2                                # "auto": the compiled recurrence
+    assert rel_err(chunked, kernel) < TOL_F32

@@ -35,7 +35,9 @@ def test_greedy_and_seeded_sampling():
     logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
     assert sample_logits(logits, temperature=0) == 1
     assert sample_logits(logits, top_p=0) == 1
-    draws = lambda seed: [sample_logits(logits, 1.0, 1.0, 0, np.random.default_rng(seed)) for _ in range(1)]
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [sample_logits(logits, 1.0, 1.0, 0, rng) for _ in range(20)]
     assert draws(3) == draws(3)
     rng = np.random.default_rng(0)
     counts = np.bincount([sample_logits(logits, 1.0, 1.0, 0, rng) for _ in range(4000)], minlength=4)

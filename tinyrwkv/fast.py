@@ -302,13 +302,16 @@ class RWKV7Numba(ref.RWKV7):
     # ---- prefill: T tokens ----
 
     def forward_seq(self, ids, state):
+        # wkv="chunked" asks for the NumPy chunked form; "auto"/"recurrent" run the Numba kernel
+        # (the recurrence, with heads in parallel: as fast as the chunked form at these sizes).
+        wkv = ref.wkv_chunked if self.wkv == "chunked" else wkv_seq
         x0 = ref.layer_norm(as_float32(self.emb[ids]), *self.ln0)            # (T, C)
         x, v_first = x0, None
         for i, p in enumerate(self.blocks):
             s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
             # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
             p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
-            x, v_first = ref.block_seq(x, v_first, state, i, p32, self.config.n_head, s_emb, wkv_seq)
+            x, v_first = ref.block_seq(x, v_first, state, i, p32, self.config.n_head, s_emb, wkv)
         return x, state
 
     def logits(self, h):

@@ -45,8 +45,9 @@ def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backe
             path to a tokenizer.json (e.g. the Pile models' 20B_tokenizer.json)
         progress: None (a progress bar for large files on a terminal), False, or a callable
             progress(done_bytes, total_bytes)
-        wkv: "auto", "recurrent" or "chunked": how the NumPy sequence form runs the WKV operator
-            (see RWKV7; the same function either way)
+        wkv: "auto", "recurrent" or "chunked": how the sequence form runs the WKV operator
+            (see RWKV7; the same function either way). With backend "numba", "auto" and
+            "recurrent" use its compiled recurrence, "chunked" the NumPy chunked form.
         backend: "numpy" (the reference, model.py), "numba" (compiled kernels, fast.py), or None:
             numba where it is installed and dtype is float32, else numpy. `model.backend` says
             which one runs.

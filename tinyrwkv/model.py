@@ -321,6 +321,10 @@ def wkv_seq(S, r, w, k, v, kappa_hat, a):
     return S, y
 
 
+# e^{-g} over a chunk reaches e^{0.6065 * chunk_len}; float32 overflows past e^{88.7}.
+MAX_CHUNK_LEN = 144
+
+
 def wkv_chunked(S, r, w, k, v, kappa_hat, a, chunk_len=16):
     """The same function as `wkv_seq`, a chunk of tokens at a time with matrix products.
 
@@ -336,9 +340,6 @@ def wkv_chunked(S, r, w, k, v, kappa_hat, a, chunk_len=16):
         S, y[c] = wkv_chunk(S, r[c], w[c], k[c], v[c], kappa_hat[c], a[c])
     return S, y
 
-
-# e^{-g} over a chunk reaches e^{0.6065 * chunk_len}; float32 overflows past e^{88.7}.
-MAX_CHUNK_LEN = 144
 
 
 def wkv_chunk(S, r, w, k, v, kappa_hat, a):
