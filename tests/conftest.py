@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"                      # ../shared beside the checkout (and in CI)
+# ../shared beside the checkout (and in CI); TINYRWKV_SHARED points elsewhere (the GPU machine,
+# where only the repository travels: a copy is carried in a git-ignored folder).
+SHARED = Path(os.environ.get("TINYRWKV_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "reference" / "rwkv7_fixtures"
 TOKENIZER_20B = SHARED / "reference" / "tokenizers" / "20B_tokenizer.json"
 

@@ -65,7 +65,9 @@ def test_backend_and_weights_options(world_model):
         rc, out, err = run("generate", "--model", world_model, "Hi", "-n", "4", "--weights", "bfloat16")
         assert rc == 0 and "backend numba-bf16" in err, err
     rc, _, err = run("generate", "--model", world_model, "Hi", "--backend", "numpy", "--weights", "bfloat16")
-    assert rc == 1 and "needs the numba backend" in err
+    assert rc == 1 and "16-bit storage needs backend='numba'" in err, err
+    rc, _, err = run("generate", "--model", world_model, "Hi", "--strategy", "cpu fp16")
+    assert rc == 1 and "use 'cpu bf16' or 'cpu fp32'" in err, err
 
 
 def test_chat_keeps_state_between_turns(world_model):

@@ -31,15 +31,20 @@ def load_model(args):
     import tinyrwkv
     path = args.model or default_model()
     t0 = time.perf_counter()
-    model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer, backend=args.backend,
-                          weights=args.weights, threads=args.threads)
+    try:
+        model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer,
+                              backend=args.backend, weights=args.weights, threads=args.threads,
+                              strategy=args.strategy, device=args.device)
+    except ValueError as e:                     # a bad option combination, no GPU, ...
+        fail(str(e))
     if model.tokenizer is None:
         fail(str(model.tokenizer_error))
     c = model.config
     print(f"tinyrwkv: {model.path.name}: RWKV-7 {c.variant}, L{c.n_layer} C{c.n_embd} "
           f"H{c.n_head}x{c.head_size} V{c.vocab_size}, {model.n_params / 1e6:.1f}M params, "
           f"{model.dtype.name}, backend {model.backend}"
-          f"{f' ({model.threads} threads)' if getattr(model, 'threads', None) else ''}, "
+          f"{f' ({model.threads} threads)' if getattr(model, 'threads', None) else ''}"
+          f"{f' on {model.device_name}' if getattr(model, 'device_name', None) else ''}, "
           f"tokenizer {model.tokenizer.name} "
           f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
     return model
@@ -185,12 +190,16 @@ def build_parser():
                             "default: chosen from the vocabulary size")
         p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                        help="compute precision (float64 runs on the numpy backend)")
-        p.add_argument("--backend", choices=["numpy", "numba"],
-                       help="numba: compiled kernels (default where numba is installed); "
-                            "numpy: the readable reference")
-        p.add_argument("--weights", choices=["float32", "bfloat16"], default="float32",
-                       help="storage of the large matrices (numba backend); bfloat16 halves the "
-                            "bytes per token and is exact for bf16 checkpoints")
+        p.add_argument("--backend", choices=["numpy", "numba", "cupy"],
+                       help="numba: compiled CPU kernels (default where numba is installed); "
+                            "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
+        p.add_argument("--weights", choices=["float32", "bfloat16", "float16"],
+                       help="storage of the large matrices: numba float32 (default) or bfloat16; "
+                            "cupy float16 (default), bfloat16 or float32")
+        p.add_argument("--strategy", metavar="TEXT",
+                       help="the official package's strategy instead of --backend/--weights: "
+                            "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda:1 bf16', 'cuda fp32'")
+        p.add_argument("--device", type=int, help="CUDA device number for the cupy backend (default 0)")
         p.add_argument("--threads", type=int, help="threads for kernels and BLAS (default: all cores)")
 
     def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, check_x070_keys, detect_version, read_checkpoint
+from .checkpoint import (CheckpointError, check_x070_keys, detect_version, inspect_checkpoint,
+                         read_checkpoint)
 from .model import RWKV7
 from .tokenizer import TokenizerError, get_tokenizer
 
@@ -28,14 +30,55 @@ def resolve_model_path(path):
 
 
 def default_backend(dtype="float32"):
-    """"numba" where numba is installed and the dtype is float32; else the NumPy reference."""
+    """"numba" where numba is installed and the dtype is float32; else the NumPy reference.
+    (The GPU backend is never chosen silently: ask for backend="cupy" or a "cuda ..." strategy.)"""
     if np.dtype(dtype) != np.float32:
         return "numpy"
     return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
 
 
+BACKENDS = ("numpy", "numba", "cupy")
+STORAGE = {"numpy": ("float32",), "numba": ("float32", "bfloat16"),
+           "cupy": ("float16", "bfloat16", "float32")}   # the first is each backend's default
+_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_strategy(strategy):
+    """The official `rwkv` package's strategy string -> (backend, weights, device).
+
+    'cuda fp16' -> ("cupy", "float16", 0); 'cuda:1 bf16' -> ("cupy", "bfloat16", 1);
+    'cpu fp32' -> (the default CPU backend, "float32", None); 'cpu bf16' -> ("numba", "bfloat16").
+    What tinyrwkv does not do (layers split over devices, int8 weights, mps/dml) is refused by
+    name; so is 'cpu fp16' (the CPU backends store float32 or bfloat16).
+    """
+    s = " ".join(str(strategy).split())
+    if "->" in s or "*" in s:
+        raise ValueError(f"strategy {strategy!r}: splitting the layers across devices ('->', "
+                         "'*N') is not supported; tinyrwkv runs the whole model on one device, "
+                         "e.g. 'cuda fp16' or 'cpu fp32'")
+    m = re.fullmatch(r"(cuda(?::(\d+))?|cpu|mps|dml) (fp16|fp32|bf16)(i8|i4|i3)?", s)
+    if not m:
+        raise ValueError(f"strategy {strategy!r} is not '<device> <precision>' as the official "
+                         "package writes it: device cpu, cuda or cuda:N; precision fp16, bf16 "
+                         "or fp32 (e.g. 'cuda fp16')")
+    device, index, precision, quant = m.groups()
+    if quant:
+        raise ValueError(f"strategy {strategy!r}: {precision}{quant} (quantised weights) is not "
+                         f"supported; use '{device} {precision}'")
+    if device in ("mps", "dml"):
+        raise ValueError(f"strategy {strategy!r}: device {device} is not supported; tinyrwkv "
+                         "runs on 'cpu' (NumPy/Numba) and 'cuda' (CuPy)")
+    weights = _PRECISIONS[precision]
+    if device == "cpu":
+        if weights == "float16":
+            raise ValueError("strategy 'cpu fp16' is not supported: the CPU backends store "
+                             "weights as float32 or bfloat16; use 'cpu bf16' or 'cpu fp32'")
+        return ("numba" if weights == "bfloat16" else default_backend()), weights, None
+    return "cupy", weights, int(index or 0)
+
+
 def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backend=None,
-         weights="float32", threads=None):
+         weights=None, threads=None, strategy=None, device=None):
     """Load an RWKV-7 checkpoint (.pth or .safetensors, official key names) without torch.
 
     Args:
@@ -47,40 +90,68 @@ def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backe
             progress(done_bytes, total_bytes)
         wkv: "auto", "recurrent" or "chunked": how the sequence form runs the WKV operator
             (see RWKV7; the same function either way). With backend "numba", "auto" and
-            "recurrent" use its compiled recurrence, "chunked" the NumPy chunked form.
-        backend: "numpy" (the reference, model.py), "numba" (compiled kernels, fast.py), or None:
-            numba where it is installed and dtype is float32, else numpy. `model.backend` says
-            which one runs.
-        weights: how the numba backend stores the large matrices: "float32" or "bfloat16"
-            (half the bytes per token; exact for bf16 checkpoints, which released models are)
-        threads: threads for the kernels and BLAS (default: all cores)
+            "recurrent" use its compiled recurrence, "chunked" the NumPy chunked form; the cupy
+            backend always runs its recurrence kernel.
+        backend: "numpy" (the reference, model.py), "numba" (compiled CPU kernels, fast.py),
+            "cupy" (CUDA GPU, gpu.py; needs CuPy), or None: numba where it is installed and
+            dtype is float32, else numpy. `model.backend` says which one runs.
+        weights: how the large matrices are stored: numba "float32" (default) or "bfloat16";
+            cupy "float16" (default), "bfloat16" or "float32". Activations are float32 always.
+        threads: threads for the CPU kernels and BLAS (default: all cores)
+        strategy: instead of backend/weights, the official package's words: "cpu fp32",
+            "cpu bf16", "cuda fp16", "cuda:1 bf16", "cuda fp32" (see parse_strategy)
+        device: the CUDA device for backend "cupy" (default 0)
     Returns:
-        an RWKV7 model with `.tokenizer` set (None if it could not be chosen: then
-        `.tokenizer_error` says why, and generation raises it).
+        a model with `.tokenizer` set (None if it could not be chosen: then `.tokenizer_error`
+        says why, and generation raises it).
     """
+    if strategy is not None:
+        s_backend, s_weights, s_device = parse_strategy(strategy)
+        for name, given, implied in (("backend", backend, s_backend), ("weights", weights, s_weights),
+                                     ("device", device, s_device)):
+            if given is not None and given != implied:
+                raise ValueError(f"strategy {strategy!r} means {name}={implied!r}, but "
+                                 f"{name}={given!r} was also given; pass one or the other")
+        backend, weights, device = s_backend, s_weights, s_device
     backend = backend or default_backend(dtype)
-    if backend not in ("numpy", "numba"):
-        raise ValueError(f"backend must be 'numpy' or 'numba', not {backend!r}")
-    if weights not in ("float32", "bfloat16"):
-        raise ValueError(f"weights must be 'float32' or 'bfloat16', not {weights!r}")
-    if backend == "numpy" and weights != "float32":
-        raise ValueError("16-bit weight storage needs the numba backend (backend='numba'); "
-                         "the NumPy reference keeps weights in its compute dtype")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    weights = weights or STORAGE[backend][0]
+    if weights not in STORAGE[backend]:
+        raise ValueError(f"backend {backend!r} stores weights as {' or '.join(STORAGE[backend])}, "
+                         f"not {weights!r}"
+                         + ("; 16-bit storage needs backend='numba' (CPU) or 'cupy' (GPU)"
+                            if backend == "numpy" else ""))
+    if backend != "cupy" and device is not None:
+        raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
         try:
             from .fast import RWKV7Numba
         except ImportError as e:
             raise ValueError(f"backend 'numba' is not available: {e}. Install it with "
                              "pip install numba, or use backend='numpy'") from e
-        if np.dtype(dtype) != np.float32:
-            raise ValueError("the numba backend computes in float32; for float64 use backend='numpy'")
+    if backend in ("numba", "cupy") and np.dtype(dtype) != np.float32:
+        raise ValueError(f"the {backend} backend computes in float32; for float64 use "
+                         "backend='numpy'")
+    if backend == "cupy":
+        from .gpu import RWKV7CuPy, check_available
+        check_available(device or 0)         # before reading a large file: say so now
     path = resolve_model_path(path)
-    # bf16 storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits).
-    tensors = read_checkpoint(path, dtype="bfloat16" if weights == "bfloat16" else dtype,
-                              progress=progress)
+    # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
+    # GPU converts them to its storage type itself.
+    read_as = dtype
+    if weights == "bfloat16":
+        read_as = "bfloat16"
+    elif backend == "cupy":
+        stored = {dt for _, dt in inspect_checkpoint(path).values()}
+        read_as = "bfloat16" if stored == {"bf16"} else None
+    tensors = read_checkpoint(path, dtype=read_as, progress=progress)
     detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
     check_x070_keys(tensors)                # every key present with the right shape, no extras
-    if backend == "numba":
+    if backend == "cupy":
+        model = RWKV7CuPy(tensors, name=path.name, wkv=wkv, weight_dtype=weights,
+                          device=device or 0)
+    elif backend == "numba":
         model = RWKV7Numba(tensors, name=path.name, wkv=wkv, weight_dtype=weights, threads=threads)
     else:
         model = RWKV7(tensors, dtype=dtype, name=path.name, wkv=wkv)

@@ -175,10 +175,17 @@ class State:
         """The WKV state transposed to [layer][head][key][value], the layout fla kernels use."""
         return self.wkv.transpose(0, 1, 3, 2)
 
+    def to_host(self):
+        """This state with NumPy arrays (the GPU backend's states hold CuPy arrays, which have
+        `.get()`); a NumPy state is returned as it is."""
+        host = lambda a: a if isinstance(a, np.ndarray) else a.get()
+        return State(host(self.att_shift), host(self.wkv), host(self.ffn_shift))
+
     def save(self, path):
         """Save as .npz: att_shift, wkv ([head][value][key]), ffn_shift and a format tag."""
-        np.savez(path, format=np.array(self.FORMAT), att_shift=self.att_shift, wkv=self.wkv,
-                 ffn_shift=self.ffn_shift)
+        s = self.to_host()
+        np.savez(path, format=np.array(self.FORMAT), att_shift=s.att_shift, wkv=s.wkv,
+                 ffn_shift=s.ffn_shift)
 
     @classmethod
     def load(cls, path, config=None):

@@ -1,0 +1,262 @@
+"""The CuPy backend (tinyrwkv/gpu.py) against the float64 oracle and the official fixtures.
+
+GPU tests run where CuPy and a CUDA GPU exist and skip cleanly elsewhere (CI has no GPU); the
+strategy strings, the error without a GPU and "importing tinyrwkv never imports CuPy" are tested
+everywhere.
+
+Tolerances (max|d|/std, conftest.rel_err), all against float64 on the *same stored weights*
+(matrices rounded to the storage type first), so they measure the arithmetic, not the rounding
+of the weights:
+  * TOL_F32 (5e-5): float32 storage anywhere, and decode (one token at a time) in any storage:
+    every activation is float32 and 16-bit weights are widened exactly, so the GPU rounds like
+    the CPU backends. Measured on the GPU: 1e-7 to 8e-6.
+  * TOL_FP16_PREFILL (1e-2): the sequence form with float16 storage rounds the input of every
+    matrix product to float16 (tensor cores take 16-bit inputs; unit roundoff u = 2^-11 = 4.9e-4)
+    and about ten products a layer compound it. Measured on an H200: 1.5e-3 to 2.4e-3 (3-5 u);
+    the bound leaves 4x headroom, and a real bug (an index, a missing term) moves logits by O(1).
+  * TOL_BF16_PREFILL (6e-2): the same with bfloat16 inputs (u = 2^-8 = 3.9e-3, 8x float16's).
+    Measured: 1.0e-2 to 1.6e-2.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyrwkv
+from tinyrwkv.loader import parse_strategy
+from tinyrwkv.model import State
+from tinyrwkv.synthetic import make_weights
+
+from conftest import FIXTURES, ROOT, TOL_F32, rel_err
+
+TOL_FP16_PREFILL = 1e-2
+TOL_BF16_PREFILL = 6e-2
+
+
+def gpu_available():
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+HAVE_GPU = gpu_available()
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")
+
+# Matrices the GPU stores in the weight type (everything else is float32 there).
+MATRICES = ("receptance.weight", "key.weight", "value.weight", "output.weight", "head.weight",
+            "att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2",
+            "s_emb.weight", "s_emb_x.weight", "ffn.s1", "ffn.s2")
+
+
+# ---- everywhere ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy, expect", [
+    ("cuda fp16", ("cupy", "float16", 0)),
+    ("cuda:1 bf16", ("cupy", "bfloat16", 1)),
+    ("  cuda   fp32 ", ("cupy", "float32", 0)),
+    ("cpu bf16", ("numba", "bfloat16", None)),
+])
+def test_official_strategy_strings(strategy, expect):
+    assert parse_strategy(strategy) == expect
+
+
+def test_cpu_fp32_strategy_is_the_default_cpu_backend():
+    backend, weights, device = parse_strategy("cpu fp32")
+    assert weights == "float32" and device is None
+    assert backend == tinyrwkv.loader.default_backend("float32")
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("cuda fp16i8", "quantised weights"),
+    ("cuda fp16 *10 -> cpu fp32", "splitting the layers"),
+    ("mps fp32", "device mps is not supported"),
+    ("cpu fp16", "use 'cpu bf16' or 'cpu fp32'"),
+    ("gpu half", "not '<device> <precision>'"),
+])
+def test_unsupported_strategies_are_named(strategy, message):
+    with pytest.raises(ValueError, match=message.replace("*", r"\*")):
+        parse_strategy(strategy)
+
+
+def test_strategy_conflicting_with_backend_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="pass one or the other"):
+        tinyrwkv.load(tmp_path / "x.pth", strategy="cuda fp16", backend="numba")
+
+
+def test_importing_tinyrwkv_does_not_import_cupy():
+    code = "import sys, tinyrwkv, tinyrwkv.cli, tinyrwkv.loader; assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="this machine has a GPU")
+def test_cupy_backend_without_gpu_is_a_clear_error(tmp_path):
+    from tinyrwkv.checkpoint import save_safetensors
+    path = tmp_path / "m.safetensors"
+    save_safetensors(path, make_weights())
+    with pytest.raises(ValueError, match="(needs CuPy|needs a CUDA GPU)") as e:
+        tinyrwkv.load(path, backend="cupy")
+    assert "backend='numba'" in str(e.value)                # and says what to use instead
+    with pytest.raises(ValueError, match="(needs CuPy|needs a CUDA GPU)"):
+        tinyrwkv.load(path, strategy="cuda fp16")
+
+
+# ---- on a GPU --------------------------------------------------------------------------------
+
+def stored_like_gpu(weights, weight_dtype):
+    """float64 copies of the weights exactly as the GPU holds them: float32 everywhere, and the
+    matrices rounded to the storage type."""
+    from tinyrwkv.checkpoint import bf16_to_float32, to_bf16_bits
+    out = {}
+    for key, value in weights.items():
+        v = np.asarray(value, np.float32)
+        if key.endswith(MATRICES):
+            if weight_dtype == "float16":
+                v = v.astype(np.float16).astype(np.float32)
+            elif weight_dtype == "bfloat16":
+                v = bf16_to_float32(to_bf16_bits(v))
+        out[key] = v.astype(np.float64)
+    return out
+
+
+def random_state(config, seed):
+    rng = np.random.default_rng(seed)
+    s = State.zeros(config, np.float64)
+    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
+    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
+    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
+    return s
+
+
+def prefill_tol(weight_dtype):
+    return {"float32": TOL_F32, "float16": TOL_FP16_PREFILL, "bfloat16": TOL_BF16_PREFILL}[weight_dtype]
+
+
+# (L, C, N, V, F, deep): head sizes 64 and 32; an odd vocabulary; F=204 makes 16-bit rows of
+# 408 bytes (not a multiple of 16: gemv's scalar path); a DeepEmbed model; a one-layer model.
+SHAPES = [(2, 128, 64, 1001, None, False), (3, 96, 32, 257, 204, False),
+          (1, 64, 64, 97, None, False), (2, 128, 64, 301, None, True)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("L, C, N, V, F, deep", SHAPES)
+def test_gpu_matches_float64(L, C, N, V, F, deep, weight_dtype):
+    """Sequence form and token by token, from a random non-zero state, then continuing from the
+    returned (GPU) state, against the float64 oracle on the same stored weights."""
+    from tinyrwkv.gpu import RWKV7CuPy
+    w = make_weights(L, C, V, head_size=N, dim_ffn=F, deep_embed=deep, seed=L * C + V)
+    oracle = tinyrwkv.RWKV7(stored_like_gpu(w, weight_dtype), dtype="float64")
+    model = RWKV7CuPy(w, weight_dtype=weight_dtype)
+    init = random_state(oracle.config, seed=C + V)
+    ids = np.random.default_rng(V).integers(0, V, 41)
+    for mode, tol in (("sequence", prefill_tol(weight_dtype)), ("recurrent", TOL_F32)):
+        lr, sr = oracle.forward(ids[:29], init, full_output=True, mode=mode)
+        lg, sg = model.forward(ids[:29], init, full_output=True, mode=mode)
+        assert isinstance(lg, np.ndarray) and lg.dtype == np.float32
+        errs = {"logits": rel_err(lg, lr)}
+        lr2, sr2 = oracle.forward(ids[29:], sr, mode=mode)
+        lg2, sg2 = model.forward(ids[29:], sg, mode=mode)          # continue from a GPU state
+        errs["continued"] = rel_err(lg2, lr2)
+        host = sg2.to_host()
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            errs[name] = rel_err(getattr(host, name), getattr(sr2, name))
+        print(f"L{L} C{C} N{N} V{V} F{F} deep={deep} {weight_dtype} {mode}: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        assert max(errs.values()) < tol, errs
+
+
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["synthetic_L3_C256", "synthetic_de_L3_C256"])
+def test_gpu_on_the_official_fixtures(name, weight_dtype):
+    """The fixtures are bf16 checkpoints: float32 and bfloat16 storage hold the official weights
+    exactly, so decode meets the float32 tolerance against the official package's outputs."""
+    pth = FIXTURES / f"{name}.pth"
+    if not pth.exists():
+        pytest.skip(f"{pth} not found")
+    ref = np.load(FIXTURES / f"{name}_official_cpufp32.npz")
+    model = tinyrwkv.load(pth, backend="cupy", weights=weight_dtype)
+    assert model.backend.startswith("cupy")
+    toks = ref["toks"]
+    tol = prefill_tol(weight_dtype)
+    logits, state = model.forward(toks[:30], full_output=True)
+    errs = {"seq_logits": rel_err(logits, ref["seq_logits"])}
+    logits, state = model.forward(toks[30:], state)
+    errs["seq2_last"] = rel_err(logits, ref["seq2_last"])
+    errs["seq_state"] = rel_err(state.to_host().wkv, ref["seq_state_att"])
+    logits, state = model.forward(toks, full_output=True, mode="recurrent")
+    errs["one_logits"] = rel_err(logits, ref["one_logits"])
+    errs["one_state"] = rel_err(state.to_host().wkv, ref["one_state_att"])
+    print(f"{name} {weight_dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert errs["one_logits"] < TOL_F32 and errs["one_state"] < TOL_F32
+    assert max(errs.values()) < tol, errs
+
+
+@needs_gpu
+def test_cuda_graph_replay_equals_plain_launches():
+    """The captured graph runs exactly the launches of the plain path: bit-identical results."""
+    from tinyrwkv.gpu import RWKV7CuPy
+    w = make_weights(2, 128, 500, seed=5)
+    ids = np.random.default_rng(1).integers(0, 500, 9)
+    a = RWKV7CuPy(w, graphs=True).forward(ids, full_output=True, mode="recurrent")
+    b = RWKV7CuPy(w, graphs=False).forward(ids, full_output=True, mode="recurrent")
+    assert np.array_equal(a[0], b[0])
+    assert np.array_equal(a[1].to_host().wkv, b[1].to_host().wkv)
+
+
+@needs_gpu
+def test_gpu_state_round_trips_and_is_not_modified(tmp_path):
+    """A GPU state saves like any other, and the caller's state is never modified."""
+    from tinyrwkv.gpu import RWKV7CuPy
+    w = make_weights(2, 64, 100, seed=2)
+    model = RWKV7CuPy(w)
+    _, s = model.forward([1, 2, 3])
+    before = s.to_host()
+    model.forward([4, 5], s)
+    model.forward([6], s)
+    after = s.to_host()
+    assert all(np.array_equal(getattr(before, n), getattr(after, n)) for n in ("att_shift", "wkv", "ffn_shift"))
+    s.save(tmp_path / "s.npz")
+    loaded = State.load(tmp_path / "s.npz", model.config)
+    l1, _ = model.forward([7], s)
+    l2, _ = model.forward([7], loaded)
+    assert np.array_equal(l1, l2)
+
+
+@needs_gpu
+def test_generation_runs_on_the_gpu():
+    """The generation loop works unchanged on the GPU backend (NumPy logits, GPU state), and its
+    first next-token distribution is the CPU reference's."""
+    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.tokenizer import WorldTokenizer
+    w = make_weights(2, 64, 65536, seed=3)
+    cpu, gpu = tinyrwkv.RWKV7(w), RWKV7CuPy(w, weight_dtype="float32")
+    tok = WorldTokenizer()
+    sessions = [tinyrwkv.Session(m, tok, seed=1) for m in (cpu, gpu)]
+    first = [s.feed("Hello there") for s in sessions]
+    assert rel_err(first[1], first[0]) < TOL_F32
+    text = "".join(sessions[1].stream(8))
+    assert len(sessions[1].generated) >= 1 and isinstance(text, str)
+    assert all(0 < t <= tok.max_id for t in sessions[1].generated)
+
+
+@needs_gpu
+def test_gpu_errors():
+    from tinyrwkv.gpu import RWKV7CuPy
+    w = make_weights(1, 64, 50)
+    with pytest.raises(ValueError, match="float32"):
+        RWKV7CuPy(w, dtype="float64")
+    with pytest.raises(ValueError, match="CPU-only"):
+        RWKV7CuPy(w, wkv="chunked")
+    with pytest.raises(ValueError, match="weights must be"):
+        RWKV7CuPy(w, weight_dtype="int8")
+    model = RWKV7CuPy(w)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward([50])
