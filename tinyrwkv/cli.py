@@ -8,18 +8,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"   # the repo's weights/ folder
-
-
 def default_model():
     """The model shipped in weights/, if there is one."""
-    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in WEIGHTS_DIR.glob(ext))
-    if not found:
-        raise SystemExit(
-            "tinyrwkv: error: no --model given, and no shipped model was found in "
-            f"{WEIGHTS_DIR}.\n  Pass an RWKV-7 checkpoint, e.g. "
-            "--model RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth (see README: 'Official models').")
-    return found[0]
+    from .checkpoint import CheckpointError
+    from .loader import shipped_model_path
+    try:
+        return shipped_model_path()
+    except CheckpointError as e:
+        fail(str(e))
 
 
 def fail(message):
@@ -243,6 +239,15 @@ def build_parser():
     from . import bench
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+
+    t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
+                       formatter_class=fmt,
+                       description="Train an RWKV-7 from scratch on a UTF-8 text file: a BPE tokenizer, "
+                                   "RWKV-LM's initialisation, AdamW with warm-up and cosine decay, "
+                                   "validation, samples, checkpoints (--resume), and a model card.")
+    from . import trainer
+    trainer.add_arguments(t)
+    t.set_defaults(func=trainer.run)
 
     i = sub.add_parser("info", help="describe a checkpoint without loading it", formatter_class=fmt)
     i.add_argument("path", help="RWKV-7 checkpoint (.pth or .safetensors)")

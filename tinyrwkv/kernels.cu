@@ -418,3 +418,157 @@ extern "C" __global__ void time_mix_one(int C, float* S, const float* __restrict
     const float bonus = block_sum(on ? rs[i] * kt * r_k[c] : 0.f, red);
     if (on) out[c] = ((d / sqrtf(var + eps) * lnw[c] + lnb[c]) + bonus * vv) * g[c];
 }
+
+// ---- training: the WKV operator forward with checkpoints, and its backward (train.py) --------
+//
+// Layouts: inputs and y (B, T, H, NH); states (B, H, NH, NH) [value i][key j]; checkpoints
+// (n_chunks, B, H, NH, NH), the state before token c * chunk. Block (b, h), thread i.
+
+__device__ __forceinline__ size_t tok(int b, int t, int h, int T, int H) {
+    return (((size_t)b * T + t) * H + h) * NH;
+}
+
+extern "C" __global__ void wkv_train_forward(int B, int T, int H, int chunk,
+                                             const float* __restrict__ S0,
+                                             const float* __restrict__ r,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ k,
+                                             const float* __restrict__ v,
+                                             const float* __restrict__ alpha,
+                                             const float* __restrict__ beta,
+                                             float* __restrict__ y, float* __restrict__ S_out,
+                                             float* __restrict__ ckpt) {
+    __shared__ float rs[NH], ws[NH], ks[NH], as_[NH], bs[NH];
+    const int b = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
+    const bool on = i < NH;
+    const size_t sbase = ((size_t)b * H + h) * NH * NH + (size_t)(on ? i : 0) * NH;
+    float st[NH];
+#pragma unroll
+    for (int j = 0; j < NH; j++) st[j] = on ? S0[sbase + j] : 0.f;
+    for (int t = 0; t < T; t++) {
+        if (t % chunk == 0 && on) {
+            float* c = ckpt + (size_t)(t / chunk) * B * H * NH * NH + sbase;
+#pragma unroll
+            for (int j = 0; j < NH; j++) c[j] = st[j];
+        }
+        const size_t x = tok(b, t, h, T, H) + (on ? i : 0);
+        __syncthreads();
+        if (on) { rs[i] = r[x]; ws[i] = w[x]; ks[i] = k[x]; as_[i] = alpha[x]; bs[i] = beta[x]; }
+        const float vi = on ? v[x] : 0.f;
+        __syncthreads();
+        float sa = 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; j++) sa += st[j] * as_[j];
+        float yi = 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; j++) {
+            st[j] = st[j] * ws[j] + sa * bs[j] + vi * ks[j];
+            yi += st[j] * rs[j];
+        }
+        if (on) y[x] = yi;
+    }
+    if (on) {
+#pragma unroll
+        for (int j = 0; j < NH; j++) S_out[sbase + j] = st[j];
+    }
+}
+
+// Backward (train.wkv_backward). G = dL/dS_t lives in shared memory (rows padded to NH + 1 so
+// that both row and column walks are free of bank conflicts); the states of the current chunk
+// are recomputed from its checkpoint into `states` (global scratch, (B*H, chunk+1, NH, NH)).
+// Per token, going back: row phase (thread = row i), then column phase (thread = column j).
+extern "C" __global__ void wkv_train_backward(int B, int T, int H, int chunk,
+                                              const float* __restrict__ dy,
+                                              const float* __restrict__ dS_last,
+                                              const float* __restrict__ ckpt,
+                                              const float* __restrict__ r,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ k,
+                                              const float* __restrict__ v,
+                                              const float* __restrict__ alpha,
+                                              const float* __restrict__ beta,
+                                              float* __restrict__ states,
+                                              float* __restrict__ dr, float* __restrict__ dw,
+                                              float* __restrict__ dk, float* __restrict__ dv,
+                                              float* __restrict__ dalpha,
+                                              float* __restrict__ dbeta,
+                                              float* __restrict__ dS0) {
+    __shared__ float G[NH][NH + 1];
+    __shared__ float rs[NH], ws[NH], ks[NH], as_[NH], bs[NH], dys[NH], vs[NH], sas[NH], gbs[NH];
+    const int b = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
+    const bool on = i < NH;
+    const size_t sbase = ((size_t)b * H + h) * NH * NH;
+    float* St = states + (size_t)blockIdx.x * (chunk + 1) * NH * NH;
+    if (on)
+        for (int j = 0; j < NH; j++) G[i][j] = dS_last ? dS_last[sbase + (size_t)i * NH + j] : 0.f;
+    const int n_chunks = (T + chunk - 1) / chunk;
+    for (int c = n_chunks - 1; c >= 0; c--) {
+        const int t0 = c * chunk, t1 = min(t0 + chunk, T);
+        // recompute the chunk's states: row i by thread i
+        if (on) {
+            const float* src = ckpt + (size_t)c * B * H * NH * NH + sbase + (size_t)i * NH;
+            for (int j = 0; j < NH; j++) St[(size_t)i * NH + j] = src[j];
+        }
+        for (int t = t0; t < t1; t++) {
+            const size_t x = tok(b, t, h, T, H);
+            const float* Sp = St + (size_t)(t - t0) * NH * NH;
+            float* Sn = St + (size_t)(t - t0 + 1) * NH * NH;
+            __syncthreads();
+            if (on) { ws[i] = w[x + i]; ks[i] = k[x + i]; as_[i] = alpha[x + i]; bs[i] = beta[x + i]; }
+            __syncthreads();
+            if (on) {
+                float sa = 0.f;
+                for (int j = 0; j < NH; j++) sa += Sp[(size_t)i * NH + j] * as_[j];
+                const float vi = v[x + i];
+                for (int j = 0; j < NH; j++)
+                    Sn[(size_t)i * NH + j] = Sp[(size_t)i * NH + j] * ws[j] + sa * bs[j] + vi * ks[j];
+            }
+        }
+        for (int t = t1 - 1; t >= t0; t--) {
+            const size_t x = tok(b, t, h, T, H);
+            const float* Sp = St + (size_t)(t - t0) * NH * NH;
+            const float* Sc = St + (size_t)(t - t0 + 1) * NH * NH;
+            __syncthreads();
+            if (on) {
+                rs[i] = r[x + i]; ws[i] = w[x + i]; ks[i] = k[x + i]; as_[i] = alpha[x + i];
+                bs[i] = beta[x + i]; dys[i] = dy[x + i]; vs[i] = v[x + i];
+            }
+            __syncthreads();
+            if (on) {                                   // row phase: thread i, row i
+                const float dyi = dys[i];
+                float acc_dv = 0.f, acc_gb = 0.f, acc_sa = 0.f;
+                for (int j = 0; j < NH; j++) {
+                    const float g = G[i][j] + dyi * rs[j];
+                    G[i][j] = g;
+                    acc_dv += g * ks[j];
+                    acc_gb += g * bs[j];
+                    acc_sa += Sp[(size_t)i * NH + j] * as_[j];
+                }
+                dv[x + i] = acc_dv;
+                gbs[i] = acc_gb;
+                sas[i] = acc_sa;
+            }
+            __syncthreads();
+            if (on) {                                   // column phase: thread j = i, column j
+                const int j = i;
+                float a_dr = 0.f, a_dk = 0.f, a_dw = 0.f, a_db = 0.f, a_da = 0.f;
+                for (int row = 0; row < NH; row++) {
+                    const float g = G[row][j];
+                    const float sp = Sp[(size_t)row * NH + j];
+                    a_dr += Sc[(size_t)row * NH + j] * dys[row];
+                    a_dk += g * vs[row];
+                    a_dw += g * sp;
+                    a_db += g * sas[row];
+                    a_da += sp * gbs[row];
+                }
+                dr[x + j] = a_dr; dk[x + j] = a_dk; dw[x + j] = a_dw; dbeta[x + j] = a_db;
+                dalpha[x + j] = a_da;
+                // dL/dS_{t-1} = G diag(w) + (G beta) alpha^T, column j
+                for (int row = 0; row < NH; row++) G[row][j] = G[row][j] * ws[j] + gbs[row] * as_[j];
+            }
+        }
+    }
+    __syncthreads();
+    if (on)
+        for (int j = 0; j < NH; j++) dS0[sbase + (size_t)i * NH + j] = G[i][j];
+}

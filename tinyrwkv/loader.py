@@ -14,6 +14,19 @@ from .model import RWKV7
 from .tokenizer import TokenizerError, get_tokenizer
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"   # the repo's weights/ folder
+
+
+def shipped_model_path():
+    """The model shipped in weights/ (trained by `tinyrwkv train`, see weights/MODEL_CARD.md)."""
+    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in WEIGHTS_DIR.glob(ext))
+    if not found:
+        raise CheckpointError(
+            f"no model path given, and no shipped model was found in {WEIGHTS_DIR}: pass an "
+            "RWKV-7 checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
+    return found[0]
+
+
 def resolve_model_path(path):
     """The file to open. Like the official package, accept a path given without its '.pth'."""
     path = Path(path).expanduser()
@@ -77,12 +90,13 @@ def parse_strategy(strategy):
     return "cupy", weights, int(index or 0)
 
 
-def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backend=None,
+def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", backend=None,
          weights=None, threads=None, strategy=None, device=None):
     """Load an RWKV-7 checkpoint (.pth or .safetensors, official key names) without torch.
 
     Args:
-        path: the checkpoint file (the '.pth' may be left off, as with the official package)
+        path: the checkpoint file (the '.pth' may be left off, as with the official package);
+            None: the small model shipped in weights/ (with its own tokenizer)
         dtype: "float32" (default) or "float64" (the oracle mode, NumPy backend only)
         tokenizer: None to choose from the vocabulary size (65536 rows: World), "world", or a
             path to a tokenizer.json (e.g. the Pile models' 20B_tokenizer.json)
@@ -136,7 +150,7 @@ def load(path, dtype="float32", tokenizer=None, progress=None, wkv="auto", backe
     if backend == "cupy":
         from .gpu import RWKV7CuPy, check_available
         check_available(device or 0)         # before reading a large file: say so now
-    path = resolve_model_path(path)
+    path = shipped_model_path() if path is None else resolve_model_path(path)
     # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
     # GPU converts them to its storage type itself.
     read_as = dtype

@@ -22,11 +22,13 @@ def lora_ranks(n_embd):
 
 
 def make_weights(n_layer=2, n_embd=128, vocab_size=300, head_size=64, dim_ffn=None, ranks=None,
-                 deep_embed=False, d_deepembed=32, seed=0, dtype=np.float32):
+                 deep_embed=False, d_deepembed=32, seed=0, dtype=np.float32, training_init=False):
     """A dict official key -> array in the stored shapes ((1, 1, C) lerps, (H, N) r_k, ...).
 
     ranks: (Dw, Da, Dv, Dg), default `lora_ranks(n_embd)`. Layer 0 includes v0/v1/v2, as released
     files do (they are unused). deep_embed adds the DeepEmbed keys (rwkv7.md §5.2).
+    training_init: exactly RWKV-LM's initialisation, the start of training (no perturbation; w1,
+    a1, v1, g1, att.output and ffn.value are zero), instead of the test-friendly version.
     """
     L, C, V, N = n_layer, n_embd, vocab_size, head_size
     assert C % N == 0, "n_embd must be a multiple of head_size"
@@ -45,6 +47,9 @@ def make_weights(n_layer=2, n_embd=128, vocab_size=300, head_size=64, dim_ffn=No
 
     noise = lambda *shape, scale=0.02: scale * rng.standard_normal(shape)
     small = lambda rows, cols: rng.standard_normal((rows, cols)) * 0.3 / np.sqrt(rows)
+    if training_init:
+        noise = lambda *shape, scale=0.0: np.zeros(shape)
+        small = lambda rows, cols: np.zeros((rows, cols))
     vec = lambda a: a.reshape(1, 1, -1)                  # stored shape of per-channel vectors
 
     n = np.arange(C)
@@ -78,7 +83,7 @@ def make_weights(n_layer=2, n_embd=128, vocab_size=300, head_size=64, dim_ffn=No
             b + "att.k_a": vec(1.02 + noise(C)),
             b + "att.r_k": -0.04 + noise(H, N, scale=0.3),
             b + "att.receptance.weight": orthogonal(C, C, 1.0),
-            b + "att.key.weight": orthogonal(C, C, 0.1) + small(C, C) * 0.3,
+            b + "att.key.weight": orthogonal(C, C, 0.1) + small(C, C) * 0.3,   # small: 0 in training
             b + "att.value.weight": orthogonal(C, C, 1.0),
             b + "att.output.weight": small(C, C),
             b + "att.ln_x.weight": ((1 + i) / L) ** 0.7 + noise(C, scale=0.1),

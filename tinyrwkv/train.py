@@ -27,17 +27,36 @@ from . import model as ref
 WKV_CHUNK = 16
 
 
+def array_module(a):
+    """NumPy, or CuPy for CuPy arrays: the same code trains on a GPU (`tinyrwkv train --backend
+    cupy`). CuPy is imported only when a CuPy array is seen."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def scatter_add(a, index, values):
+    """a[index] += values, with repeated indices summed (np.add.at; cupyx.scatter_add on a GPU)."""
+    if array_module(a) is np:
+        np.add.at(a, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(a, index, values)
+
+
 # ----------------------------------------------------------------------------------------------
 # Small pieces and their gradients
 # ----------------------------------------------------------------------------------------------
 
 def norm_forward(x, weight, bias, groups, eps):
     """LayerNorm (groups=1) or GroupNorm over the last axis. Returns y and the cache."""
+    xp = array_module(x)
     shape = x.shape
     xg = x.reshape(*shape[:-1], groups, -1)
     mu = xg.mean(axis=-1, keepdims=True)
     var = ((xg - mu) ** 2).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = 1.0 / xp.sqrt(var + eps)
     xhat = ((xg - mu) * rstd).reshape(shape)
     return xhat * weight + bias, (xhat, rstd, weight, groups)
 
@@ -57,19 +76,22 @@ def norm_backward(dy, cache):
 
 def shift(x):
     """Token shift from a zero state: the previous token's vector, zeros for the first. (B, T, C)"""
-    out = np.zeros_like(x)
+    xp = array_module(x)
+    out = xp.zeros_like(x)
     out[:, 1:] = x[:, :-1]
     return out
 
 
 def shift_backward(d):
-    out = np.zeros_like(d)
+    xp = array_module(d)
+    out = xp.zeros_like(d)
     out[:, :-1] = d[:, 1:]
     return out
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    xp = array_module(x)
+    return 1.0 / (1.0 + xp.exp(-x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,17 +105,18 @@ def wkv_forward(S0, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
     Returns: y (B, T, H, N), the last state (B, H, N, N), checkpoints (n_chunks, B, H, N, N):
     the state before token c * chunk, for the backward.
     """
+    xp = array_module(r)
     B, T, H, N = r.shape
     S = S0.copy()
-    y = np.empty_like(r)
-    ckpt = np.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
+    y = xp.empty_like(r)
+    ckpt = xp.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
     for t in range(T):
         if t % chunk == 0:
             ckpt[t // chunk] = S
-        sa = np.einsum("bhij,bhj->bhi", S, alpha[:, t])                 # S alpha   (B, H, N)
+        sa = xp.einsum("bhij,bhj->bhi", S, alpha[:, t])                 # S alpha   (B, H, N)
         S = S * w[:, t, :, None, :] + sa[..., None] * beta[:, t, :, None, :] \
             + v[:, t, :, :, None] * k[:, t, :, None, :]
-        y[:, t] = np.einsum("bhij,bhj->bhi", S, r[:, t])
+        y[:, t] = xp.einsum("bhij,bhj->bhi", S, r[:, t])
     return y, S, ckpt
 
 
@@ -106,29 +129,30 @@ def wkv_backward(dy, dS_last, ckpt, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
         dalpha_t = S_{t-1}^T (G beta_t),  and  dL/dS_{t-1} = G diag(w_t) + (G beta_t) alpha_t^T.
     Returns dr, dw, dk, dv, dalpha, dbeta (B, T, H, N) and dS0 (B, H, N, N).
     """
+    xp = array_module(r)
     B, T, H, N = r.shape
-    grads = [np.zeros_like(r) for _ in range(6)]
+    grads = [xp.zeros_like(r) for _ in range(6)]
     dr, dw, dk, dv, dalpha, dbeta = grads
-    G = np.zeros((B, H, N, N), r.dtype) if dS_last is None else dS_last.copy()
+    G = xp.zeros((B, H, N, N), r.dtype) if dS_last is None else dS_last.copy()
     for c in reversed(range(len(ckpt))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
         states = [ckpt[c]]                                   # recompute S_{t0-1} .. S_{t1-1}
         for t in range(t0, t1):
             S = states[-1]
-            sa = np.einsum("bhij,bhj->bhi", S, alpha[:, t])
+            sa = xp.einsum("bhij,bhj->bhi", S, alpha[:, t])
             states.append(S * w[:, t, :, None, :] + sa[..., None] * beta[:, t, :, None, :]
                           + v[:, t, :, :, None] * k[:, t, :, None, :])
         for t in reversed(range(t0, t1)):
             S_prev, S_t = states[t - t0], states[t - t0 + 1]
             G = G + dy[:, t, :, :, None] * r[:, t, :, None, :]                    # + dy_t r_t^T
-            dr[:, t] = np.einsum("bhij,bhi->bhj", S_t, dy[:, t])
-            dv[:, t] = np.einsum("bhij,bhj->bhi", G, k[:, t])
-            dk[:, t] = np.einsum("bhij,bhi->bhj", G, v[:, t])
+            dr[:, t] = xp.einsum("bhij,bhi->bhj", S_t, dy[:, t])
+            dv[:, t] = xp.einsum("bhij,bhj->bhi", G, k[:, t])
+            dk[:, t] = xp.einsum("bhij,bhi->bhj", G, v[:, t])
             dw[:, t] = (G * S_prev).sum(axis=-2)
-            sa = np.einsum("bhij,bhj->bhi", S_prev, alpha[:, t])
-            dbeta[:, t] = np.einsum("bhij,bhi->bhj", G, sa)
-            Gb = np.einsum("bhij,bhj->bhi", G, beta[:, t])                       # G beta (B,H,N)
-            dalpha[:, t] = np.einsum("bhij,bhi->bhj", S_prev, Gb)
+            sa = xp.einsum("bhij,bhj->bhi", S_prev, alpha[:, t])
+            dbeta[:, t] = xp.einsum("bhij,bhi->bhj", G, sa)
+            Gb = xp.einsum("bhij,bhj->bhi", G, beta[:, t])                       # G beta (B,H,N)
+            dalpha[:, t] = xp.einsum("bhij,bhi->bhj", S_prev, Gb)
             G = G * w[:, t, :, None, :] + Gb[..., None] * alpha[:, t, :, None, :]
     return dr, dw, dk, dv, dalpha, dbeta, G
 
@@ -145,7 +169,7 @@ def _prepare(params):
     if any(key.endswith("ffn.s1") for key in params):
         raise ValueError("training supports plain x070 models, not DeepEmbed")
     config = ref.Config.from_weights(params)
-    dtype = np.result_type(*(np.asarray(p).dtype for p in params.values()))
+    dtype = np.result_type(*(p.dtype for p in params.values()))
     if dtype not in (np.float32, np.float64):
         dtype = np.dtype(np.float32)
     return config, dtype
@@ -153,6 +177,7 @@ def _prepare(params):
 
 def _block_forward(x, v_first, p, i, H, wkv_ops):
     """One layer over (B, T, C). p: this layer's params keyed like 'att.x_r' (squeezed)."""
+    xp = array_module(x)
     B, T, C = x.shape
     c = {}
     xa, c["ln1"] = norm_forward(x, p["ln1.weight"], p["ln1.bias"], 1, ref.LN_EPS)
@@ -162,14 +187,14 @@ def _block_forward(x, v_first, p, i, H, wkv_ops):
     r = xr @ p["att.receptance.weight"].T
     k = xk @ p["att.key.weight"].T
     v = xv @ p["att.value.weight"].T
-    hw = np.tanh(xw @ p["att.w1"])                                          # (B, T, Dw)
+    hw = xp.tanh(xw @ p["att.w1"])                                          # (B, T, Dw)
     w_pre = p["att.w0"] + hw @ p["att.w2"]
     ha = xa_ @ p["att.a1"]
     a = sigmoid(p["att.a0"] + ha @ p["att.a2"])
     hg = sigmoid(xg @ p["att.g1"])
     g = hg @ p["att.g2"]
     kk = (k * p["att.k_k"]).reshape(B, T, H, -1)
-    norm = np.maximum(np.sqrt((kk * kk).sum(axis=-1, keepdims=True)), ref.L2_EPS)
+    norm = xp.maximum(xp.sqrt((kk * kk).sum(axis=-1, keepdims=True)), ref.L2_EPS)
     kh = (kk / norm).reshape(B, T, C)
     kt = k * (1 + (a - 1) * p["att.k_a"])
     if i == 0:
@@ -179,9 +204,9 @@ def _block_forward(x, v_first, p, i, H, wkv_ops):
         vg = sigmoid(p["att.v0"] + hv @ p["att.v2"])
         v_raw, v = v, v + (v_first - v) * vg
     sw = sigmoid(w_pre)
-    w = np.exp(-ref.DECAY_SCALE * sw)
+    w = xp.exp(-ref.DECAY_SCALE * sw)
     heads = lambda u: u.reshape(B, T, H, -1)
-    S0 = np.zeros((B, H, C // H, C // H), x.dtype)
+    S0 = xp.zeros((B, H, C // H, C // H), x.dtype)
     y, _, ckpt = wkv_ops[0](S0, heads(r), heads(w), heads(kt), heads(v), heads(-kh),
                             heads(kh * a))
     y = y.reshape(B, T, C)
@@ -194,7 +219,7 @@ def _block_forward(x, v_first, p, i, H, wkv_ops):
     dxf = shift(xf) - xf
     xk2 = xf + dxf * p["ffn.x_k"]
     u = xk2 @ p["ffn.key.weight"].T
-    h = np.maximum(u, 0) ** 2
+    h = xp.maximum(u, 0) ** 2
     x = x + h @ p["ffn.value.weight"].T
     c.update(dxp=dxp, mixed=mixed, r=r, k=k, v=v, v_raw=v_raw, hw=hw, ha=ha, a=a, hg=hg, g=g,
              kk=kk, norm=norm, kh=kh, kt=kt, hv=hv, vg=vg, sw=sw, w=w, ckpt=ckpt, yn=yn, rk=rk,
@@ -206,13 +231,14 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     """Gradients of one layer. dx: dL/d(layer output) (B, T, C); dv_first: dL/dv_first from the
     layers above (None for the last). Returns dL/d(layer input), dL/dv_first (layer 0: None, it is
     folded into dv), and the param gradients keyed like p."""
+    xp = array_module(dx)
     B, T, C = dx.shape
     gp = {}
     heads = lambda u: u.reshape(B, T, H, -1)
     # channel mix: x_out = x_mid + relu(xk2 Wk^T)^2 Wv^T
     gp["ffn.value.weight"] = (dx.reshape(-1, dx.shape[-1]).T @ c["h"].reshape(-1, c["h"].shape[-1]))
     dh = dx @ p["ffn.value.weight"]
-    du = dh * 2 * np.maximum(c["u"], 0)
+    du = dh * 2 * xp.maximum(c["u"], 0)
     gp["ffn.key.weight"] = du.reshape(-1, du.shape[-1]).T @ c["xk2"].reshape(-1, C)
     dxk2 = du @ p["ffn.key.weight"]
     gp["ffn.x_k"] = (dxk2 * c["dxf"]).sum(axis=(0, 1))
@@ -229,7 +255,7 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     drk = (heads(dsum) * heads(c["v"])).sum(axis=-1, keepdims=True)         # (B, T, H, 1)
     dv = (heads(dsum) * c["rk"]).reshape(B, T, C)
     rkflat = p["att.r_k"].reshape(-1)
-    drk_c = np.broadcast_to(drk, (B, T, H, C // H)).reshape(B, T, C)
+    drk_c = xp.broadcast_to(drk, (B, T, H, C // H)).reshape(B, T, C)
     dr = drk_c * c["kt"] * rkflat
     dkt = drk_c * c["r"] * rkflat
     gp["att.r_k"] = (drk_c * c["r"] * c["kt"]).sum(axis=(0, 1)).reshape(p["att.r_k"].shape)
@@ -295,8 +321,8 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
         gp["att.v1"] = two(xv).T @ two(dhv)
         dmixed[3] = dmixed[3] + dhv @ p["att.v1"].T
     # lerps: m = xa + (prev - xa) * mix
-    dxa = np.zeros_like(dx)
-    dprev = np.zeros_like(dx)
+    dxa = xp.zeros_like(dx)
+    dprev = xp.zeros_like(dx)
     for name, dm in zip(LERPS, dmixed):
         mix = p["att." + name]
         gp["att." + name] = (dm * c["dxp"]).sum(axis=(0, 1))
@@ -314,23 +340,30 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
         params: dict official key -> array, stored shapes ((1, 1, C) lerps etc.), as
             read_checkpoint returns them. float64 gives a float64 computation, float32 float32.
         ids, targets: (B, T) integer arrays (a 1-D array is one sequence).
-        wkv_ops: (forward, backward) for the WKV operator; default this module's NumPy pair
-            (`tinyrwkv.train_fast.WKV_OPS` is the Numba pair).
+        wkv_ops: (forward, backward) for the WKV operator; default: this module's NumPy pair for
+            NumPy arrays, the CUDA kernels (`tinyrwkv.train_gpu.WKV_OPS`) for CuPy arrays
+            (`tinyrwkv.train_fast.WKV_OPS` is the Numba pair). Params as CuPy arrays run the
+            whole computation on the GPU and return CuPy gradients.
     Returns:
         loss (a Python float), grads: dict with the keys and shapes of params (layer 0's unused
         v0/v1/v2 get zeros).
     """
     config, dtype = _prepare(params)
-    ids, targets = np.atleast_2d(np.asarray(ids)), np.atleast_2d(np.asarray(targets))
+    xp = array_module(next(iter(params.values())))
+    ids, targets = xp.atleast_2d(xp.asarray(ids)), xp.atleast_2d(xp.asarray(targets))
     if ids.shape != targets.shape:
         raise ValueError(f"ids {ids.shape} and targets {targets.shape} must have the same shape")
     V = config.vocab_size
-    if ids.min() < 0 or ids.max() >= V or targets.min() < 0 or targets.max() >= V:
+    if int(ids.min()) < 0 or int(ids.max()) >= V or int(targets.min()) < 0 or int(targets.max()) >= V:
         raise ValueError(f"token ids must be in 0..{V - 1}")
-    wkv_ops = wkv_ops or (wkv_forward, wkv_backward)
+    if wkv_ops is None:
+        if xp is np:
+            wkv_ops = (wkv_forward, wkv_backward)
+        else:
+            from .train_gpu import WKV_OPS as wkv_ops
     H = config.n_head
-    P = {key: np.asarray(value, dtype).reshape(-1) if np.asarray(value).ndim == 3
-         else np.asarray(value, dtype) for key, value in params.items()}
+    P = {key: xp.asarray(value, dtype).reshape(-1) if value.ndim == 3
+         else xp.asarray(value, dtype) for key, value in params.items()}
     layers = [{key[len(f"blocks.{i}."):]: value for key, value in P.items()
                if key.startswith(f"blocks.{i}.")} for i in range(config.n_layer)]
 
@@ -344,17 +377,16 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     xo, c_out = norm_forward(x, P["ln_out.weight"], P["ln_out.bias"], 1, ref.LN_EPS)
     logits = xo @ P["head.weight"].T                                          # (B, T, V)
     m = logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits - m)
+    e = xp.exp(logits - m)
     z = e.sum(axis=-1, keepdims=True)
-    logp_target = np.take_along_axis(logits - m - np.log(z), targets[..., None], axis=-1)
+    logp_target = xp.take_along_axis(logits - m - xp.log(z), targets[..., None], axis=-1)
     n = targets.size
     loss = float(-logp_target.sum() / n)
 
     # backward
-    grads = {key: np.zeros_like(value) for key, value in P.items()}
+    grads = {key: xp.zeros_like(value) for key, value in P.items()}
     dlogits = e / z
-    np.put_along_axis(dlogits, targets[..., None],
-                      np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1, axis=-1)
+    dlogits.reshape(-1, V)[xp.arange(n), targets.reshape(-1)] -= 1         # softmax - one-hot
     dlogits /= n
     grads["head.weight"] = dlogits.reshape(-1, V).T @ xo.reshape(-1, xo.shape[-1])
     dxo = dlogits @ P["head.weight"]
@@ -365,8 +397,8 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
         for key, value in gp.items():
             grads[f"blocks.{i}.{key}"] = value
     demb, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = norm_backward(dx, c0)
-    np.add.at(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
+    scatter_add(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
     out = {}
     for key, value in params.items():
-        out[key] = grads[key].reshape(np.shape(value)).astype(dtype, copy=False)
+        out[key] = grads[key].reshape(value.shape).astype(dtype, copy=False)
     return loss, out

@@ -1,0 +1,410 @@
+"""`tinyrwkv train`: train an RWKV-7 on a text file with train.py's hand-written gradients.
+
+    tinyrwkv train --data ../shared/data/tinystories-subset/train.txt --out runs/ts
+
+What it does: trains a byte-level BPE tokenizer on the text (HF `tokenizers`; or `--tokenizer`),
+initialises the model as RWKV-LM does (rwkv7.md §4, `make_weights(training_init=True)`), and
+runs AdamW (weight decay on the 2-D `.weight` matrices only; `att.w0` at twice the learning rate,
+as RWKV-LM) with linear warm-up, cosine decay and gradient-norm clipping on random (B, T) windows
+of the text. Every `--eval-every` steps: validation loss and bits per byte on held-out windows,
+a checkpoint of everything needed to resume (parameters, Adam moments, step, random state), and
+the learning curve so far. Every `--sample-every` steps: a sample from "Once upon a time".
+At the end: the final model as DIR/model.safetensors (official key names; bf16 with
+`--save-dtype bfloat16`), its tokenizer as DIR/model.tokenizer.json (found by `tinyrwkv.load`),
+bits per byte over the whole validation file, and DIR/MODEL_CARD.md.
+
+Runs are deterministic for a given seed and machine (batches come from one seeded generator,
+restored on --resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import train
+from .checkpoint import read_checkpoint, save_safetensors
+from .synthetic import lora_ranks, make_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts, vocab_size, path):
+    """A byte-level BPE tokenizer (HF tokenizers) trained on `texts`, saved to `path`.
+    Id 0 is <|endoftext|> (the World tokenizer's end-of-text id too)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path))
+    return tok
+
+
+def encode_file(tok, path):
+    """Token ids (uint16 when they fit) of a text file; stories' <|endoftext|> lines become id 0."""
+    text = Path(path).read_text(encoding="utf-8")
+    pieces = text.split("<|endoftext|>")
+    ids = []
+    for n, piece in enumerate(pieces):
+        piece = piece.strip("\n")
+        if piece:
+            ids.extend(tok.encode(piece).ids)
+        if n < len(pieces) - 1:
+            ids.append(0)
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.int32
+    return np.array(ids, dtype), len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation
+# ---------------------------------------------------------------------------------------------
+
+def lr_at(step, args):
+    """Linear warm-up to --lr, then cosine decay to --lr * --min-lr-ratio at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    floor = args.lr * args.min_lr_ratio
+    return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_step(params, grads, opt, lr, args):
+    """One AdamW update in place. opt: {"m": {...}, "v": {...}, "t": int}."""
+    opt["t"] += 1
+    t, b1, b2 = opt["t"], args.beta1, args.beta2
+    for key, g in grads.items():
+        m, v = opt["m"][key], opt["v"][key]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        mhat, vhat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        key_lr = lr * (2.0 if key.endswith("att.w0") else 1.0)
+        p = params[key]
+        if key.endswith(".weight") and p.ndim == 2 and args.weight_decay:
+            p *= 1 - key_lr * args.weight_decay
+        p -= key_lr * mhat / (np.sqrt(vhat) + args.eps)
+
+
+def clip_(grads, max_norm):
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    if max_norm and norm > max_norm:
+        for g in grads.values():
+            g *= max_norm / norm
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+
+def nll_of_ids(model, ids, chunk=512):
+    """Total negative log-likelihood (nats) of ids[1:] given what precedes, read in chunks with
+    the state carried (the recurrent model sees the whole file as one text)."""
+    total, state = 0.0, None
+    for start in range(0, len(ids) - 1, chunk):
+        x = ids[start:start + chunk + 1]
+        logits, state = model.forward(x[:-1], state, full_output=True)
+        logits = logits.astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
+        total += float((logz - logits[np.arange(len(x) - 1), x[1:]]).sum())
+    return total
+
+
+def bits_per_byte(params, ids, n_bytes, backend="numba"):
+    """Bits per byte of a whole text: its total NLL (the first token is not predicted) in bits,
+    over its UTF-8 bytes. Uses the inference model (same function as training's forward)."""
+    from .loader import default_backend
+    if backend == "numba" and default_backend() == "numba":
+        from .fast import RWKV7Numba
+        model = RWKV7Numba(params)
+    else:
+        from .model import RWKV7
+        model = RWKV7(params)
+    return nll_of_ids(model, np.asarray(ids, np.int64)) / math.log(2) / n_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """One line on stderr, redrawn: step, loss, tokens/s, learning rate, ETA."""
+
+    def __init__(self, total):
+        self.total, self.start = total, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, step, loss, tok_s, lr, done_steps):
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / max(done_steps, 1) * (self.total - step)
+        line = (f"step {step}/{self.total} loss {loss:.3f} {tok_s:,.0f} tok/s lr {lr:.2e} "
+                f"eta {eta / 60:.1f} min")
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(78))
+        elif step % 50 == 0 or step == self.total:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def newline(self):
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def run(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "train_state.npz"
+    log_file = out / "log.jsonl"
+    wkv_ops = None                          # numpy: the reference; cupy: the CUDA kernels
+    if args.backend == "numba":
+        from .train_fast import WKV_OPS
+        wkv_ops = WKV_OPS
+    to_device = lambda a: a                 # where parameters and Adam moments live
+    if args.backend == "cupy":
+        from .gpu import check_available
+        check_available()
+        import cupy
+        to_device = lambda a: cupy.asarray(a)
+    dtype = np.dtype(args.dtype)
+
+    # tokenizer and data
+    tok_path = out / "model.tokenizer.json"
+    from tokenizers import Tokenizer
+    if args.tokenizer:
+        tok = Tokenizer.from_file(args.tokenizer)
+        tok.save(str(tok_path))
+    elif tok_path.exists():
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        print(f"tinyrwkv train: training a {args.vocab}-token BPE tokenizer on {args.data}",
+              file=sys.stderr)
+        text = Path(args.data).read_text(encoding="utf-8")
+        tok = train_tokenizer((s for s in text.split("<|endoftext|>")), args.vocab, tok_path)
+    train_ids, train_bytes = encode_file(tok, args.data)
+    valid_path = args.valid or str(Path(args.data).with_name("valid.txt"))
+    valid_ids, valid_bytes = encode_file(tok, valid_path)
+    V = tok.get_vocab_size()
+    print(f"tinyrwkv train: {len(train_ids):,} training tokens ({train_bytes / len(train_ids):.2f} "
+          f"bytes/token), {len(valid_ids):,} validation tokens, vocabulary {V}", file=sys.stderr)
+
+    # model, optimiser, random state
+    rng = np.random.default_rng(args.seed)
+    if args.resume and state_file.exists():
+        with np.load(state_file, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            params = {k[2:]: f[k] for k in f.files if k.startswith("p:")}
+            opt = {"m": {k[2:]: f[k] for k in f.files if k.startswith("m:")},
+                   "v": {k[2:]: f[k] for k in f.files if k.startswith("v:")}, "t": meta["t"]}
+        params = {k: to_device(v) for k, v in params.items()}
+        opt["m"] = {k: to_device(v) for k, v in opt["m"].items()}
+        opt["v"] = {k: to_device(v) for k, v in opt["v"].items()}
+        rng.bit_generator.state = meta["rng"]
+        step0, curve = meta["step"], meta["curve"]
+        print(f"tinyrwkv train: resumed from step {step0}", file=sys.stderr)
+    else:
+        L, C, N = args.layers, args.width, args.head_size
+        params = make_weights(L, C, V, head_size=N, seed=args.seed, dtype=dtype,
+                              training_init=True)
+        params = {k: to_device(v) for k, v in params.items()}
+        opt = {"m": {k: to_device(np.zeros(v.shape, v.dtype)) for k, v in params.items()},
+               "v": {k: to_device(np.zeros(v.shape, v.dtype)) for k, v in params.items()}, "t": 0}
+        step0, curve = 0, []
+    n_params = sum(v.size for v in params.values())
+    print(f"tinyrwkv train: L{args.layers} C{args.width} head {args.head_size} V{V}, "
+          f"{n_params / 1e6:.2f}M parameters, batch {args.batch}x{args.ctx}, {args.steps} steps, "
+          f"wkv {args.backend}", file=sys.stderr)
+
+    # fixed validation windows for the periodic estimate
+    vrng = np.random.default_rng(12345)
+    vstarts = vrng.integers(0, len(valid_ids) - args.ctx - 1, args.eval_windows)
+    vids = np.stack([valid_ids[s:s + args.ctx] for s in vstarts]).astype(np.int64)
+    vtgt = np.stack([valid_ids[s + 1:s + args.ctx + 1] for s in vstarts]).astype(np.int64)
+    bytes_per_token = valid_bytes / len(valid_ids)
+
+    def evaluate():
+        losses = [train.loss_and_grad(params, vids[i:i + args.batch], vtgt[i:i + args.batch],
+                                      wkv_ops)[0] for i in range(0, len(vids), args.batch)]
+        return float(np.mean(losses))
+
+    def save_state(step):
+        meta = {"step": step, "t": opt["t"], "rng": rng.bit_generator.state, "curve": curve,
+                "args": {k: v for k, v in vars(args).items() if k != "func"}}
+        arrays = {f"p:{k}": host(v) for k, v in params.items()}
+        arrays.update({f"m:{k}": host(v) for k, v in opt["m"].items()})
+        arrays.update({f"v:{k}": host(v) for k, v in opt["v"].items()})
+        tmp = out / "train_state.tmp.npz"
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        tmp.replace(state_file)                     # never a half-written checkpoint
+
+    progress = Progress(args.steps)
+    t_start = time.monotonic()
+    tokens_done = 0
+    stop = args.steps if not args.stop_after else min(args.steps, step0 + args.stop_after)
+    for step in range(step0, stop):
+        starts = rng.integers(0, len(train_ids) - args.ctx - 1, args.batch)
+        ids = np.stack([train_ids[s:s + args.ctx] for s in starts]).astype(np.int64)
+        tgt = np.stack([train_ids[s + 1:s + args.ctx + 1] for s in starts]).astype(np.int64)
+        loss, grads = train.loss_and_grad(params, ids, tgt, wkv_ops)
+        gnorm = clip_(grads, args.clip)
+        lr = lr_at(step, args)
+        adamw_step(params, grads, opt, lr, args)
+        tokens_done += ids.size
+        tok_s = tokens_done / max(time.monotonic() - t_start, 1e-9)
+        progress(step + 1, loss, tok_s, lr, step + 1 - step0)
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": gnorm, "lr": lr,
+                                "tok_s": tok_s}) + "\n")
+        last = step + 1 == args.steps
+        if (step + 1) % args.eval_every == 0 or last or step + 1 == stop:
+            vloss = evaluate()
+            curve.append({"step": step + 1, "train_loss": loss, "valid_loss": vloss,
+                          "valid_bpb": vloss / math.log(2) / bytes_per_token,
+                          "seconds": time.monotonic() - t_start, "tok_s": tok_s})
+            progress.newline()
+            print(f"tinyrwkv train: step {step + 1}: valid loss {vloss:.3f} nats/token, "
+                  f"~{curve[-1]['valid_bpb']:.3f} bits/byte", file=sys.stderr)
+            save_state(step + 1)
+        if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
+            progress.newline()
+            print("  sample: " + sample(params, tok, "Once upon a time", 60).replace("\n", " / "),
+                  file=sys.stderr)
+    wall = time.monotonic() - t_start
+    if stop < args.steps:
+        print(f"tinyrwkv train: stopped at step {stop} (--stop-after); continue with --resume",
+              file=sys.stderr)
+        return 0
+    return finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, len(train_ids))
+
+
+def host(a):
+    """A NumPy array (CuPy arrays are copied from the GPU)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+def sample(params, tok, prompt, n, seed=0):
+    from .model import RWKV7
+    from .sampling import sample_logits
+    model = RWKV7({k: host(v).astype(np.float32) for k, v in params.items()})
+    rng = np.random.default_rng(seed)
+    logits, state = model.forward(tok.encode(prompt).ids)
+    out = []
+    for _ in range(n):
+        t = sample_logits(logits, temperature=1.0, top_p=0.85, rng=rng)
+        if t == 0:
+            break
+        out.append(t)
+        logits, state = model.forward([t], state)
+    return prompt + tok.decode(out)
+
+
+def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_train_tokens):
+    out = Path(args.out)
+    final = {k: host(v).astype(np.float32) for k, v in params.items()}
+    path = out / "model.safetensors"
+    bf16 = final.keys() if args.save_dtype == "bfloat16" else ()
+    save_safetensors(path, final, metadata={"format": "tinyrwkv", "trained_by": "tinyrwkv train"},
+                     bf16_keys=bf16)
+    shipped = read_checkpoint(path, dtype="float32")            # exactly the saved numbers
+    bpb = bits_per_byte(shipped, valid_ids, valid_bytes)
+    samples = [sample(shipped, tok, p, 80, seed=s) for s, p in
+               enumerate(["Once upon a time", "The little dog", "One day, Lily"])]
+    result = {"valid_bits_per_byte": bpb, "wall_seconds": wall, "n_params": int(n_params),
+              "bytes": path.stat().st_size + (out / "model.tokenizer.json").stat().st_size}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_card(args, result, curve, samples, n_train_tokens, tok.get_vocab_size())
+    print(f"tinyrwkv train: done in {wall / 60:.1f} min; validation {bpb:.3f} bits/byte over "
+          f"the whole of {args.valid or 'valid.txt'}; model {path}", file=sys.stderr)
+    return 0
+
+
+def hardware(args):
+    import os
+    import platform
+    if args.backend == "cupy":
+        import cupy
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        return f"{name} (CuPy: cuBLAS and tinyrwkv's CUDA WKV kernels)"
+    what = "NumPy + Numba WKV kernels" if args.backend == "numba" else "NumPy"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {what}"
+
+
+def write_card(args, result, curve, samples, n_train_tokens, V):
+    out = Path(args.out)
+    rows = "\n".join(f"| {c['step']} | {c['train_loss']:.3f} | {c['valid_loss']:.3f} | "
+                     f"{c['valid_bpb']:.3f} | {c['seconds'] / 60:.1f} |" for c in curve)
+    hp = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", "resume")}
+    card = f"""# Model card: tinyrwkv's shipped RWKV-7
+
+A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's NumPy trainer
+with hand-written gradients. It writes simple children's stories; it knows nothing else.
+
+| | |
+|---|---|
+| architecture | RWKV-7 x070, L{args.layers} C{args.width} head size {args.head_size}, F {4 * args.width}, LoRA ranks {lora_ranks(args.width)} |
+| parameters | {result['n_params']:,} |
+| files | `model.safetensors` ({args.save_dtype}, official key names) + `model.tokenizer.json` (byte-level BPE, {V} tokens, id 0 = `<|endoftext|>`): {result['bytes'] / 1e6:.1f} MB |
+| data | `{args.data}` ({n_train_tokens:,} tokens): a TinyStories subset (CDLA-Sharing-1.0, see the data's PROVENANCE.md) |
+| training | {curve[-1]['step'] if curve else 0} steps of {args.batch} x {args.ctx} tokens, AdamW, lr {args.lr} (warm-up {args.warmup}, cosine to {args.lr * args.min_lr_ratio:g}), weight decay {args.weight_decay}, clip {args.clip}, seed {args.seed} |
+| wall time | {result['wall_seconds'] / 60:.1f} min on {hardware(args)} |
+| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** over the whole validation file, as shipped |
+
+Learning curve (validation loss on {args.eval_windows} fixed windows of {args.ctx} tokens;
+bits/byte there are estimated with the file's mean bytes per token):
+
+| step | train loss | valid loss | valid bits/byte | minutes |
+|---|---|---|---|---|
+{rows}
+
+Samples (temperature 1, top-p 0.85):
+
+""" + "\n".join(f"> {s}\n" for s in samples) + f"""
+Hyper-parameters: `{json.dumps(hp)}`
+"""
+    (out / "MODEL_CARD.md").write_text(card)
+
+
+def add_arguments(p):
+    p.add_argument("--data", required=True, metavar="FILE", help="training text (UTF-8)")
+    p.add_argument("--valid", metavar="FILE", help="validation text (default: valid.txt beside --data)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the model, tokenizer, card and checkpoints go")
+    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json to use instead of training one")
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size to train")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256, help="n_embd (C)")
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (B)")
+    p.add_argument("--ctx", type=int, default=128, help="tokens per sequence (T)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    p.add_argument("--sample-every", type=int, default=500, help="0: no samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--backend", choices=["numba", "numpy", "cupy"], default="numba",
+                   help="numba: CPU, Numba WKV kernels; numpy: CPU, the NumPy reference; "
+                        "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many steps of this run (checkpointed; --resume continues)")
