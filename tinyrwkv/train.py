@@ -36,15 +36,6 @@ def array_module(a):
     return np
 
 
-def scatter_add(a, index, values):
-    """a[index] += values, with repeated indices summed (np.add.at; cupyx.scatter_add on a GPU)."""
-    if array_module(a) is np:
-        np.add.at(a, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(a, index, values)
-
-
 # ----------------------------------------------------------------------------------------------
 # Small pieces and their gradients
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +388,8 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
         for key, value in gp.items():
             grads[f"blocks.{i}.{key}"] = value
     demb, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = norm_backward(dx, c0)
-    scatter_add(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
+    # emb[ids] read rows, some more than once: their gradients add up (np.add.at / cupy.add.at)
+    xp.add.at(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
     out = {}
     for key, value in params.items():
         out[key] = grads[key].reshape(value.shape).astype(dtype, copy=False)
