@@ -181,6 +181,8 @@ def run(args):
     dtype = np.dtype(args.dtype)
 
     # tokenizer and data
+    if not Path(args.data).is_file():
+        raise ValueError(f"no training text at {args.data}")
     tok_path = out / "model.tokenizer.json"
     from tokenizers import Tokenizer
     if args.tokenizer:
@@ -195,6 +197,9 @@ def run(args):
         tok = train_tokenizer((s for s in text.split("<|endoftext|>")), args.vocab, tok_path)
     train_ids, train_bytes = encode_file(tok, args.data)
     valid_path = args.valid or str(Path(args.data).with_name("valid.txt"))
+    if not Path(valid_path).is_file():
+        raise ValueError(f"no validation text at {valid_path}: pass --valid FILE (held-out text "
+                         "for the validation loss and the final bits per byte)")
     valid_ids, valid_bytes = encode_file(tok, valid_path)
     V = tok.get_vocab_size()
     print(f"tinyrwkv train: {len(train_ids):,} training tokens ({train_bytes / len(train_ids):.2f} "
