@@ -5,8 +5,11 @@
     logits, state = model.forward([1, 2, 3])
     for piece in tinyrwkv.generate(model, "Once upon a time", max_tokens=50):
         print(piece, end="")
+    model = tinyrwkv.load()                       # the small story model shipped in weights/
+    loss, grads = tinyrwkv.train.loss_and_grad(tinyrwkv.read_checkpoint("model.pth"), ids, targets)
 """
 
+from . import train  # tinyrwkv.train.loss_and_grad: the hand-written backward (NumPy only)
 from .checkpoint import CheckpointError, UnsupportedCheckpoint, read_checkpoint
 from .generate import Session, generate
 from .loader import load
@@ -19,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "read_checkpoint", "RWKV7", "Config", "State", "WorldTokenizer", "HFTokenizer",
     "get_tokenizer", "generate", "Session", "SamplingParams", "sample_logits",
-    "CheckpointError", "UnsupportedCheckpoint", "TokenizerError",
+    "CheckpointError", "UnsupportedCheckpoint", "TokenizerError", "train",
 ]
