@@ -170,6 +170,44 @@ def _prod(shape):
     return n
 
 
+def cmd_trace(args):
+    import numpy as np
+    import tinyrwkv
+    from . import oracle
+    model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy", tokenizer=args.tokenizer,
+                          progress=False)
+    if args.ids:
+        try:
+            ids = [int(t) for t in Path(args.ids).read_text().split()]
+        except ValueError as e:
+            fail(f"{args.ids}: token ids must be whitespace-separated integers ({e})")
+    else:
+        if model.tokenizer is None:
+            fail(str(model.tokenizer_error))
+        ids = model.tokenizer.encode(args.prompt)
+    tr = oracle.trace(model, ids)
+    oracle.save_trace(args.out, tr, meta={"model": str(model.path), "dtype": args.dtype,
+                                          "ids": [int(i) for i in ids]})
+    print(f"tinyrwkv: {len(tr)} tensors over {len(ids)} tokens -> {args.out}", file=sys.stderr)
+
+
+def cmd_compare(args):
+    from . import oracle
+    report = oracle.compare(oracle.load_trace(args.reference), oracle.load_trace(args.other),
+                            args.dtype, args.tol)
+    print(oracle.format_report(report))
+    if not report["rows"]:
+        fail("the traces have no tensor name in common")
+    raise SystemExit(0 if report["ok"] else 1)
+
+
+def cmd_golden(args):
+    from .golden import write_golden
+    manifest = write_golden(args.out)
+    print(f"tinyrwkv: {len(manifest['cases'])} golden cases -> {args.out}/manifest.json",
+          file=sys.stderr)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tinyrwkv",
@@ -239,6 +277,42 @@ def build_parser():
     from . import bench
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+
+    tr = sub.add_parser("trace", help="record every intermediate of the forward pass (.npz)",
+                        formatter_class=fmt,
+                        description="Run the recurrent form token by token and save every "
+                                    "intermediate under a stable name (see tinyrwkv/oracle.py), "
+                                    "for `tinyrwkv compare`.")
+    tr.add_argument("--model", "-m", metavar="PATH", help="checkpoint; default: the shipped model")
+    src = tr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text, encoded with the model's tokenizer")
+    src.add_argument("--ids", metavar="FILE", help="a text file of whitespace-separated token ids")
+    tr.add_argument("--out", required=True, metavar="FILE", help="the trace (.npz)")
+    tr.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                    help="float64: the oracle; float32: what a float32 implementation should match")
+    tr.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --prompt (default: the model's)")
+    tr.set_defaults(func=cmd_trace)
+
+    cp = sub.add_parser("compare", help="compare two traces; exit 1 where they disagree",
+                        formatter_class=fmt,
+                        description="One row per tensor in both traces (max|d|, max|d|/std, "
+                                    "relative RMS) and the first divergence (layer, op, token). "
+                                    "Exit status 1 when any tensor is beyond the tolerance of "
+                                    "--dtype, 0 when all agree.")
+    cp.add_argument("reference", help="the reference trace (float64, from tinyrwkv trace)")
+    cp.add_argument("other", help="the trace to check (any subset of the names)")
+    cp.add_argument("--dtype", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
+                    help="the other implementation's precision: sets the tolerance")
+    cp.add_argument("--tol", type=float, help="max|d|/std tolerance instead of the dtype's")
+    cp.set_defaults(func=cmd_compare)
+
+    gd = sub.add_parser("golden", help="write golden test vectors for other implementations",
+                        formatter_class=fmt,
+                        description="Deterministic synthetic checkpoints (.safetensors, and .pth "
+                                    "when torch is installed) with token ids, float64 expected "
+                                    "logits and states, traces and a JSON manifest.")
+    gd.add_argument("--out", required=True, metavar="DIR")
+    gd.set_defaults(func=cmd_golden)
 
     t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
                        formatter_class=fmt,

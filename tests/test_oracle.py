@@ -1,0 +1,173 @@
+"""The test oracle: traces, compare, planted bugs, golden vectors, the WKV operator adapters."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyrwkv
+from tinyrwkv import oracle, ops, train
+from tinyrwkv.model import DECAY_SCALE, layer_norm, group_norm, sigmoid, wkv_step
+from tinyrwkv.synthetic import make_weights
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def setup():
+    w = make_weights(2, 128, 211, head_size=32, seed=42)
+    model64 = tinyrwkv.RWKV7(w, dtype="float64")
+    ids = np.random.default_rng(5).integers(0, 211, 9)
+    return w, model64, ids, oracle.trace(model64, ids)
+
+
+def test_trace_is_the_model(setup):
+    """The trace's logits and final state are model.forward's (float64), every name is there."""
+    w, model, ids, tr = setup
+    logits, state = model.forward(ids, full_output=True, mode="recurrent")
+    assert np.abs(tr["logits"] - logits).max() < 1e-12 * np.abs(logits).max()
+    assert np.abs(tr["final.wkv"] - state.wkv).max() < 1e-12 * np.abs(state.wkv).max()
+    assert np.array_equal(tr["L1.state"][-1], tr["final.wkv"][1])
+    assert np.array_equal(model.trace(ids)["logits"], tr["logits"])          # the method
+    for name in ("ln0", "L0.ln1", "L0.xg", "L1.w", "L1.w_log", "L1.w_cuda", "L1.kk", "L1.k_tilde",
+                 "L1.v_res", "L1.state", "L1.wkv", "L1.gn", "L1.bonus", "L1.att",
+                 "L1.ffn_hidden", "L1.ffn", "L1.block", "logits"):
+        assert name in tr and len(tr[name]) == len(ids), name
+    assert np.allclose(np.exp(tr["L0.w_log"]), tr["L0.w"])
+    assert np.allclose(np.exp(-np.exp(tr["L0.w_cuda"])), tr["L0.w"])
+
+
+def test_float32_trace_is_within_the_fp32_tolerance(setup):
+    w, model, ids, tr = setup
+    tr32 = oracle.trace(tinyrwkv.RWKV7(w, dtype="float32"), ids)
+    report = oracle.compare(tr, tr32, "fp32")
+    worst = max(r["max_rel"] for r in report["rows"])
+    print(f"float32 trace against float64: worst max|d|/std {worst:.1e} over {len(report['rows'])} tensors")
+    assert report["ok"] and report["first"] is None and not report["missing"]
+
+
+# Each bug: a copy of the model with one piece changed, and where compare must say it starts.
+BUGS = {
+    "group norm eps 1e-5 instead of 64e-5": (
+        "group_norm", lambda x, w, b, H: group_norm(x, w, b, H, eps=1e-5), (0, "gn")),
+    "token shift lerp from the wrong side": (
+        "lerps", lambda x, xp, p: {c: xp + (x - xp) * p[f"att.x_{c[1]}"]
+                                   for c in ("xr", "xw", "xk", "xv", "xa", "xg")}, (0, "xr")),
+    "state used transposed": (
+        "wkv_step", lambda S, r, w, k, v, kh, a: wkv_step(S.swapaxes(-1, -2), r, w, k, v, kh, a),
+        (0, "state")),
+    "value residual missing": ("value_residual", lambda v, vf, g: v, (1, "v_res")),
+    "decay without the e^-0.5 scale": ("decay", lambda u: np.exp(-sigmoid(u)), (0, "w")),
+    "kappa not normalised": ("kappa_hat", lambda k, p, H: k * p["att.k_k"], (0, "kk")),
+    "bonus term dropped": ("bonus", lambda r, k, v, p, H: 0 * v.reshape(H, -1), (0, "bonus")),
+    "ln0 skipped": ("ln0", lambda x, w, b: x, (None, "ln0")),
+    "relu instead of squared relu": ("ffn_act", lambda u: np.maximum(u, 0), (0, "ffn_hidden")),
+    "k_tilde = k * a (k_a ignored)": ("k_tilde", lambda k, a, p: k * a, (0, "k_tilde")),
+    "a through tanh instead of sigmoid": ("a", np.tanh, (0, "a")),
+    "gate not applied": ("gate", lambda y, g: y, (0, "att")),
+    "output read before the state update": (
+        "wkv_step", lambda S, r, w, k, v, kh, a: (wkv_step(S, r, w, k, v, kh, a)[0],
+                                                  (S @ r[:, :, None])[:, :, 0]), (0, "wkv")),
+    "layer norm eps 1e-3": ("layer_norm", lambda x, w, b: layer_norm(x, w, b, eps=1e-3), (0, "ln1")),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_compare_catches_planted_bug_and_names_where(setup, bug):
+    w, model, ids, tr = setup
+    op, fn, (layer, where) = BUGS[bug]
+    buggy = oracle.trace(model, ids, ops=dict(oracle.OPS, **{op: fn}))
+    report = oracle.compare(tr, buggy, "fp32")
+    assert not report["ok"], bug
+    first = report["first"]
+    print(f"{bug}: first divergence layer {first['layer']} op {first['op']} token {first['token']}")
+    assert (first["layer"], first["op"]) == (layer, where), (bug, first)
+
+
+def test_subset_and_key_value_layout(setup, tmp_path):
+    """An implementation exposing only logits and states, stored [key][value], passes; the same
+    states declared [value][key] fail (a layout mistake is not silently forgiven)."""
+    w, model, ids, tr = setup
+    part = {k: v for k, v in tr.items() if k == "logits" or k.endswith(".state")}
+    kv = {k: (np.swapaxes(v, -1, -2) if k.endswith(".state") else v) for k, v in part.items()}
+    oracle.save_trace(tmp_path / "kv.npz", kv, state_layout="KV")
+    oracle.save_trace(tmp_path / "wrong.npz", kv, state_layout="VK")
+    ok = oracle.compare(tr, oracle.load_trace(tmp_path / "kv.npz"))
+    assert ok["ok"] and "L0.gn" in ok["missing"]
+    bad = oracle.compare(tr, oracle.load_trace(tmp_path / "wrong.npz"))
+    assert not bad["ok"] and bad["first"]["op"] == "state"
+
+
+def test_trace_and_compare_commands(tmp_path):
+    w = make_weights(1, 64, 97, seed=3)
+    from tinyrwkv.checkpoint import save_safetensors
+    save_safetensors(tmp_path / "m.safetensors", w)
+    (tmp_path / "ids.txt").write_text("1 5 9\n12 3")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tinyrwkv", *a], capture_output=True,
+                                    text=True, cwd=ROOT)
+    for dtype, name in (("float64", "ref"), ("float32", "f32")):
+        p = run("trace", "--model", str(tmp_path / "m.safetensors"), "--ids",
+                str(tmp_path / "ids.txt"), "--out", str(tmp_path / f"{name}.npz"), "--dtype", dtype)
+        assert p.returncode == 0, p.stderr
+    p = run("compare", str(tmp_path / "ref.npz"), str(tmp_path / "f32.npz"))
+    assert p.returncode == 0 and "all tensors within tolerance" in p.stdout, p.stdout
+    p = run("compare", str(tmp_path / "ref.npz"), str(tmp_path / "f32.npz"), "--tol", "1e-12")
+    assert p.returncode == 1 and "FIRST DIVERGENCE" in p.stdout
+    (tmp_path / "bad.txt").write_text("1 x 3")
+    p = run("trace", "--model", str(tmp_path / "m.safetensors"), "--ids", str(tmp_path / "bad.txt"),
+            "--out", str(tmp_path / "b.npz"))
+    assert p.returncode == 1 and "whitespace-separated integers" in p.stderr
+
+
+def test_golden_vectors(tmp_path):
+    import hashlib
+    from tinyrwkv.golden import write_golden
+    manifest = write_golden(tmp_path)
+    assert len(manifest["cases"]) >= 4 and json.loads((tmp_path / "manifest.json").read_text())
+    for case in manifest["cases"]:
+        for f in case["files"].values():
+            assert hashlib.sha256((tmp_path / f["path"]).read_bytes()).hexdigest() == f["sha256"]
+        model = tinyrwkv.load(tmp_path / case["files"]["safetensors"]["path"], dtype="float64")
+        exp = np.load(tmp_path / case["files"]["expected"]["path"])
+        logits, state = model.forward(exp["ids"], full_output=True)
+        assert np.abs(logits - exp["logits"]).max() < 1e-9 * exp["logits"].std()
+        raw = np.fromfile(tmp_path / case["files"]["logits.bin"]["path"], "<f8")
+        assert np.array_equal(raw.reshape(case["shapes"]["logits"]), exp["logits"])
+
+
+def wkv_inputs(rng, B=2, T=19, H=3, N=8):
+    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
+    decay = np.exp(-DECAY_SCALE * rng.uniform(size=(B, T, H, N)))
+    kh = rng.standard_normal((B, T, H, N))
+    kh /= np.linalg.norm(kh, axis=-1, keepdims=True)
+    return r, decay, k, v, -kh, kh * rng.uniform(size=(B, T, H, N)), rng.standard_normal((B, H, N, N))
+
+
+def test_wkv7_conventions_agree():
+    """The same operator called in tinyrwkv's, the official CUDA kernel's and fla's conventions
+    (with fla's head-first layout too) gives the same outputs, states and gradients."""
+    rng = np.random.default_rng(11)
+    r, decay, k, v, a, b, S = wkv_inputs(rng)
+    y0, S0 = ops.wkv7(r, decay, k, v, a, b, S, **ops.TINYRWKV)
+    y1, S1 = ops.wkv7(r, np.log(-np.log(decay)), k, v, a, b, S, **ops.OFFICIAL_CUDA)
+    hf = lambda x: x.transpose(0, 2, 1, 3)
+    y2, S2 = ops.wkv7(hf(r), hf(np.log(decay)), hf(k), hf(v), hf(a), hf(b), S.swapaxes(-1, -2),
+                      w_form="log", state_layout="KV", head_first=True)
+    assert np.allclose(y0, y1) and np.allclose(S0, S1)
+    assert np.allclose(y0, hf(y2)) and np.allclose(S0, S2.swapaxes(-1, -2))
+    dy, dS = rng.standard_normal(y0.shape), rng.standard_normal(S0.shape)
+    g0 = ops.wkv7_backward(dy, dS, r, decay, k, v, a, b, S, **ops.TINYRWKV)
+    u = np.log(-np.log(decay))
+    g1 = ops.wkv7_backward(dy, dS, r, u, k, v, a, b, S, **ops.OFFICIAL_CUDA)
+    assert np.allclose(g0["r"], g1["r"]) and np.allclose(g0["state"], g1["state"])
+    # the w gradient in the CUDA form is the chain rule through decay = exp(-exp(u))
+    assert np.allclose(g1["w"], g0["w"] * decay * -np.exp(u))
+    # and numerically, one entry of u
+    idx = (1, 4, 2, 3)
+    h = 1e-6
+    up, um = u.copy(), u.copy()
+    up[idx] += h
+    um[idx] -= h
+    f = lambda uu: sum((x * d).sum() for x, d in zip(ops.wkv7(r, uu, k, v, a, b, S, **ops.OFFICIAL_CUDA), (dy, dS)))
+    assert abs((f(up) - f(um)) / (2 * h) - g1["w"][idx]) < 1e-6 * max(1, abs(g1["w"][idx]))
