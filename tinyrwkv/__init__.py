@@ -9,6 +9,7 @@
     loss, grads = tinyrwkv.train.loss_and_grad(tinyrwkv.read_checkpoint("model.pth"), ids, targets)
 """
 
+from . import oracle  # traces and compare; also gives every model its .trace(ids) method
 from . import train  # tinyrwkv.train.loss_and_grad: the hand-written backward (NumPy only)
 from .checkpoint import CheckpointError, UnsupportedCheckpoint, read_checkpoint
 from .generate import Session, generate
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "read_checkpoint", "RWKV7", "Config", "State", "WorldTokenizer", "HFTokenizer",
     "get_tokenizer", "generate", "Session", "SamplingParams", "sample_logits",
-    "CheckpointError", "UnsupportedCheckpoint", "TokenizerError", "train",
+    "CheckpointError", "UnsupportedCheckpoint", "TokenizerError", "train", "oracle",
 ]

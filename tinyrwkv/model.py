@@ -610,12 +610,6 @@ class RWKV7:
     def zero_state(self):
         return State.zeros(self.config, self.dtype)
 
-    def trace(self, ids, state=None):
-        """Every intermediate of the forward pass by name (tinyrwkv/oracle.py records it; the
-        test oracle, for `tinyrwkv compare`). Use a float64 model for the reference."""
-        from .oracle import trace          # at call time: this file itself imports NumPy only
-        return trace(self, ids, state)
-
     @property
     def n_params(self):
         """Numbers the forward pass reads (layer-0 v0/v1/v2 are not counted: they are never used)."""

@@ -285,3 +285,13 @@ def format_report(report):
     elif report["ok"]:
         lines.append("all tensors within tolerance")
     return "\n".join(lines)
+
+
+def _model_trace(self, ids, state=None):
+    """model.trace(ids): every intermediate by name (see tinyrwkv.oracle). Use a float64 model
+    for the reference."""
+    return trace(self, ids, state)
+
+
+# `model.trace(ids)` for every model class. Attached here, so that model.py imports NumPy only.
+ref.RWKV7.trace = _model_trace
