@@ -208,6 +208,52 @@ def cmd_golden(args):
           file=sys.stderr)
 
 
+def cmd_convert(args):
+    import numpy as np
+    from .checkpoint import read_checkpoint, save_safetensors
+    from .loader import resolve_model_path
+    from .tokenizer import TokenizerError, get_tokenizer
+    src, out = resolve_model_path(args.input), Path(args.output)
+    with open(src, "rb") as f:
+        if f.read(4) == b"GGUF":
+            from .gguf_io import read_gguf
+            weights, tok = read_gguf(src)
+        else:
+            weights, tok = read_checkpoint(src, dtype="float32"), None
+    if tok is None:
+        try:
+            tok = get_tokenizer(weights["emb.weight"].shape[0], None, model_path=src)
+        except TokenizerError:
+            tok = None
+    suffix = out.suffix.lower()
+    if suffix == ".gguf":
+        if args.type == "bf16":
+            fail("GGUF output takes --type f32, f16 or q8_0")
+        from .gguf_io import write_gguf
+        write_gguf(out, weights, args.type, tokenizer=tok, name=src.stem)
+    elif suffix in (".safetensors", ".pth"):
+        if args.type == "q8_0":
+            fail("q8_0 is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
+        if suffix == ".pth":
+            try:
+                import torch
+            except ImportError:
+                fail("writing .pth needs torch (pip install torch); .safetensors does not")
+            dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.type]
+            torch.save({k: torch.tensor(np.asarray(v)).to(dt) for k, v in weights.items()}, out)
+        else:
+            cast = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}[args.type]
+            save_safetensors(out, {k: np.asarray(v, cast) for k, v in weights.items()},
+                             bf16_keys=weights.keys() if args.type == "bf16" else ())
+        from .tokenizer import HFTokenizer
+        if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
+            tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
+    else:
+        fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix")
+    print(f"tinyrwkv: {src.name} -> {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)",
+          file=sys.stderr)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tinyrwkv",
@@ -313,6 +359,18 @@ def build_parser():
                                     "logits and states, traces and a JSON manifest.")
     gd.add_argument("--out", required=True, metavar="DIR")
     gd.set_defaults(func=cmd_golden)
+
+    cv = sub.add_parser("convert", help="convert between .pth, .safetensors and GGUF",
+                        formatter_class=fmt,
+                        description="Read any checkpoint tinyrwkv loads (.pth, .safetensors, "
+                                    "llama.cpp RWKV7 .gguf) and write it as OUT's suffix says: "
+                                    ".gguf (llama.cpp's RWKV7 layout, with the vocabulary), "
+                                    ".safetensors (official key names) or .pth (needs torch).")
+    cv.add_argument("input", help="the checkpoint to read")
+    cv.add_argument("output", help="OUT.gguf, OUT.safetensors or OUT.pth")
+    cv.add_argument("--type", choices=["f32", "f16", "q8_0", "bf16"], default="f16",
+                    help="matrix storage: GGUF f32/f16/q8_0; safetensors and .pth f32/f16/bf16")
+    cv.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
                        formatter_class=fmt,

@@ -32,7 +32,7 @@ def resolve_model_path(path):
     path = Path(path).expanduser()
     if path.is_file():
         return path
-    for suffix in (".pth", ".safetensors"):
+    for suffix in (".pth", ".safetensors", ".gguf"):
         candidate = path.with_name(path.name + suffix)
         if candidate.is_file():
             return candidate
@@ -153,6 +153,14 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
     path = shipped_model_path() if path is None else resolve_model_path(path)
     # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
     # GPU converts them to its storage type itself.
+    gguf_tokenizer = None
+    with open(path, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF"
+    if is_gguf:                             # llama.cpp's format: dequantised to float32
+        from .gguf_io import read_gguf
+        tensors, gguf_tokenizer = read_gguf(path)
+        return _build(tensors, path, backend, dtype, wkv, weights, threads, device,
+                      tokenizer, gguf_tokenizer)
     read_as = dtype
     if weights == "bfloat16":
         read_as = "bfloat16"
@@ -160,18 +168,29 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         stored = {dt for _, dt in inspect_checkpoint(path).values()}
         read_as = "bfloat16" if stored == {"bf16"} else None
     tensors = read_checkpoint(path, dtype=read_as, progress=progress)
+    return _build(tensors, path, backend, dtype, wkv, weights, threads, device, tokenizer, None)
+
+
+def _build(tensors, path, backend, dtype, wkv, weights, threads, device, tokenizer, own_tokenizer):
+    """The model object for the tensors of `path`, checked, with its tokenizer (`own_tokenizer`:
+    one the file carried, e.g. a GGUF's vocabulary; an explicit `tokenizer` wins)."""
     detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
     check_x070_keys(tensors)                # every key present with the right shape, no extras
     if backend == "cupy":
+        from .gpu import RWKV7CuPy
         model = RWKV7CuPy(tensors, name=path.name, wkv=wkv, weight_dtype=weights,
                           device=device or 0)
     elif backend == "numba":
+        from .fast import RWKV7Numba
         model = RWKV7Numba(tensors, name=path.name, wkv=wkv, weight_dtype=weights, threads=threads)
     else:
         model = RWKV7(tensors, dtype=dtype, name=path.name, wkv=wkv)
         if threads is not None:
             _blas_threads(threads)
     model.path = path
+    if own_tokenizer is not None and tokenizer is None:
+        model.tokenizer, model.tokenizer_error = own_tokenizer, None
+        return model
     try:
         model.tokenizer = get_tokenizer(model.config.vocab_size, tokenizer, model_path=path)
         model.tokenizer_error = None
