@@ -60,6 +60,58 @@ def rate(n, seconds):
     return f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s)" if seconds > 0 else f"{n} tokens"
 
 
+def load_state(path, config):
+    """--state: a tinyrwkv state (.npz, --save-state) or a state-tuning checkpoint (.pth or
+    .safetensors with blocks.{i}.att.time_state, RWKV-PEFT)."""
+    from .model import State
+    if str(path).endswith(".npz"):
+        return State.load(path, config)
+    from .adapters import initial_state
+    from .checkpoint import read_checkpoint
+    return initial_state(read_checkpoint(path, dtype="float32"), config)
+
+
+def cmd_merge_lora(args):
+    from .adapters import merge_lora
+    from .checkpoint import read_checkpoint
+    from .loader import resolve_model_path
+    base = read_checkpoint(resolve_model_path(args.base), dtype="float32")
+    merged = merge_lora(base, read_checkpoint(args.lora, dtype="float32"), args.alpha)
+    write_weights(Path(args.output), merged, args.type)
+    print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
+
+
+def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
+    """Write official-keyed weights as out's suffix says (.gguf, .safetensors, .pth)."""
+    import numpy as np
+    from .checkpoint import save_safetensors
+    suffix = out.suffix.lower()
+    if suffix == ".gguf":
+        if out_type == "bf16":
+            fail("GGUF output takes --type f32, f16 or q8_0")
+        from .gguf_io import write_gguf
+        write_gguf(out, weights, out_type, tokenizer=tok, name=name)
+    elif suffix in (".safetensors", ".pth"):
+        if out_type == "q8_0":
+            fail("q8_0 is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
+        if suffix == ".pth":
+            try:
+                import torch
+            except ImportError:
+                fail("writing .pth needs torch (pip install torch); .safetensors does not")
+            dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[out_type]
+            torch.save({k: torch.tensor(np.asarray(v)).to(dt) for k, v in weights.items()}, out)
+        else:
+            cast = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}[out_type]
+            save_safetensors(out, {k: np.asarray(v, cast) for k, v in weights.items()},
+                             bf16_keys=weights.keys() if out_type == "bf16" else ())
+        from .tokenizer import HFTokenizer
+        if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
+            tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
+    else:
+        fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix")
+
+
 def cmd_generate(args):
     from .generate import Session
     prompt = args.prompt
@@ -70,8 +122,7 @@ def cmd_generate(args):
     model = load_model(args)
     session = Session(model, model.tokenizer, seed=None if args.seed < 0 else args.seed)
     if args.state:
-        from .model import State
-        session.state = State.load(args.state, model.config)
+        session.state = load_state(args.state, model.config)
     session.feed(prompt)
     if args.echo:
         sys.stdout.write(prompt)
@@ -209,8 +260,7 @@ def cmd_golden(args):
 
 
 def cmd_convert(args):
-    import numpy as np
-    from .checkpoint import read_checkpoint, save_safetensors
+    from .checkpoint import read_checkpoint
     from .loader import resolve_model_path
     from .tokenizer import TokenizerError, get_tokenizer
     src, out = resolve_model_path(args.input), Path(args.output)
@@ -225,31 +275,7 @@ def cmd_convert(args):
             tok = get_tokenizer(weights["emb.weight"].shape[0], None, model_path=src)
         except TokenizerError:
             tok = None
-    suffix = out.suffix.lower()
-    if suffix == ".gguf":
-        if args.type == "bf16":
-            fail("GGUF output takes --type f32, f16 or q8_0")
-        from .gguf_io import write_gguf
-        write_gguf(out, weights, args.type, tokenizer=tok, name=src.stem)
-    elif suffix in (".safetensors", ".pth"):
-        if args.type == "q8_0":
-            fail("q8_0 is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
-        if suffix == ".pth":
-            try:
-                import torch
-            except ImportError:
-                fail("writing .pth needs torch (pip install torch); .safetensors does not")
-            dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.type]
-            torch.save({k: torch.tensor(np.asarray(v)).to(dt) for k, v in weights.items()}, out)
-        else:
-            cast = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}[args.type]
-            save_safetensors(out, {k: np.asarray(v, cast) for k, v in weights.items()},
-                             bf16_keys=weights.keys() if args.type == "bf16" else ())
-        from .tokenizer import HFTokenizer
-        if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
-            tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
-    else:
-        fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix")
+    write_weights(out, weights, args.type, tok, name=src.stem)
     print(f"tinyrwkv: {src.name} -> {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)",
           file=sys.stderr)
 
@@ -304,7 +330,9 @@ def build_parser():
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    g.add_argument("--state", metavar="FILE", help="start from a state saved with --save-state")
+    g.add_argument("--state", metavar="FILE",
+                   help="start from a state: one saved with --save-state (.npz), or a state-tuning "
+                        "checkpoint with blocks.N.att.time_state (.pth/.safetensors)")
     g.add_argument("--save-state", metavar="FILE", help="save the final state (.npz)")
     g.set_defaults(func=cmd_generate)
 
@@ -371,6 +399,18 @@ def build_parser():
     cv.add_argument("--type", choices=["f32", "f16", "q8_0", "bf16"], default="f16",
                     help="matrix storage: GGUF f32/f16/q8_0; safetensors and .pth f32/f16/bf16")
     cv.set_defaults(func=cmd_convert)
+
+    ml = sub.add_parser("merge-lora", help="merge an RWKV-PEFT LoRA into a base model",
+                        formatter_class=fmt,
+                        description="W + (B @ A) * alpha / r for every X.lora_A / X.lora_B pair, "
+                                    "after copying the LoRA file's other trained tensors, as "
+                                    "RWKV-PEFT's merge_lora.py does.")
+    ml.add_argument("base", help="the base checkpoint")
+    ml.add_argument("lora", help="the LoRA checkpoint (.pth or .safetensors)")
+    ml.add_argument("output", help="OUT.safetensors, OUT.pth or OUT.gguf")
+    ml.add_argument("--alpha", type=float, required=True, help="the lora_alpha used in training")
+    ml.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    ml.set_defaults(func=cmd_merge_lora)
 
     t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
                        formatter_class=fmt,
