@@ -88,3 +88,35 @@ def test_convert_refuses_what_it_cannot_write(tmp_path):
     assert p.returncode == 1 and ".gguf, .safetensors or .pth" in p.stderr
     p = run(str(tmp_path / "m.safetensors"), str(tmp_path / "x.safetensors"), "--type", "q8_0")
     assert p.returncode == 1 and "q8_0 is a GGUF type" in p.stderr
+
+
+def test_hugging_face_fla_format_round_trip(tmp_path):
+    """Official -> fla names (config.json + safetensors) -> official: the same numbers; the
+    folder and the single file both load, with fla's names and shapes as fla 0.6.0 declares
+    them (fla/layers/rwkv7.py: r_proj, w_lora.lora.0/2, no v_lora in layer 0, ffn.x_k (C,))."""
+    import json
+    from tinyrwkv.hf_format import read_hf, write_hf
+    w = make_weights(2, 128, 301, head_size=64, seed=8)
+    write_hf(tmp_path / "hf", w)
+    t = read_checkpoint(tmp_path / "hf" / "model.safetensors")
+    C, Dw = 128, w["blocks.0.att.w1"].shape[1]
+    assert t["model.layers.1.attn.r_proj.weight"].shape == (C, C)
+    assert t["model.layers.1.attn.w_lora.lora.0.weight"].shape == (Dw, C)
+    assert t["model.layers.1.attn.w_lora.lora.2.weight"].shape == (C, Dw)
+    assert t["model.layers.1.attn.w_lora.lora.2.bias"].shape == (C,)
+    assert "model.layers.0.attn.v_lora.lora.0.weight" not in t
+    assert "model.layers.1.attn.g_lora.lora.2.bias" not in t
+    assert t["model.layers.0.ffn.x_k"].shape == (C,) and t["model.layers.0.attn.x_r"].shape == (1, 1, C)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["RWKV7ForCausalLM"] and config["head_dim"] == 64
+    back = read_hf(tmp_path / "hf")
+    assert all(np.array_equal(back[k], w[k]) for k in back)
+    assert set(w) - set(back) == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    ids = np.arange(1, 20)
+    ref = tinyrwkv.RWKV7(w).forward(ids)[0]
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
+        assert np.array_equal(tinyrwkv.load(path, backend="numpy").forward(ids)[0], ref)
+    del t["model.layers.1.attn.k_proj.weight"]
+    save_safetensors(tmp_path / "broken.safetensors", t)
+    with pytest.raises(CheckpointError, match="k_proj"):
+        tinyrwkv.load(tmp_path / "broken.safetensors")

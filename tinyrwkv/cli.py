@@ -86,7 +86,10 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
     import numpy as np
     from .checkpoint import save_safetensors
     suffix = out.suffix.lower()
-    if suffix == ".gguf":
+    if suffix == "":                             # a folder: Hugging Face / fla format
+        from .hf_format import write_hf
+        write_hf(out, weights, tok)
+    elif suffix == ".gguf":
         if out_type == "bf16":
             fail("GGUF output takes --type f32, f16 or q8_0")
         from .gguf_io import write_gguf
@@ -109,7 +112,8 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
         if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
             tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
     else:
-        fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix")
+        fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix, or no suffix for a "
+             "Hugging Face / fla model folder")
 
 
 def cmd_generate(args):
@@ -263,20 +267,30 @@ def cmd_convert(args):
     from .checkpoint import read_checkpoint
     from .loader import resolve_model_path
     from .tokenizer import TokenizerError, get_tokenizer
+    from .hf_format import from_hf, is_hf, read_hf
     src, out = resolve_model_path(args.input), Path(args.output)
-    with open(src, "rb") as f:
-        if f.read(4) == b"GGUF":
+    tok = None
+    if src.is_dir():
+        weights = read_hf(src, dtype="float32")
+        if (src / "tokenizer.json").is_file():
+            from .tokenizer import HFTokenizer
+            tok = HFTokenizer(src / "tokenizer.json")
+    else:
+        with open(src, "rb") as f:
+            gguf_file = f.read(4) == b"GGUF"
+        if gguf_file:
             from .gguf_io import read_gguf
             weights, tok = read_gguf(src)
         else:
-            weights, tok = read_checkpoint(src, dtype="float32"), None
+            weights = read_checkpoint(src, dtype="float32")
+            weights = from_hf(weights) if is_hf(weights) else weights
     if tok is None:
         try:
             tok = get_tokenizer(weights["emb.weight"].shape[0], None, model_path=src)
         except TokenizerError:
             tok = None
     write_weights(out, weights, args.type, tok, name=src.stem)
-    print(f"tinyrwkv: {src.name} -> {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)",
+    print(f"tinyrwkv: {src.name} -> {out} ({args.type if out.suffix else 'HF/fla float32'})",
           file=sys.stderr)
 
 
@@ -391,11 +405,13 @@ def build_parser():
     cv = sub.add_parser("convert", help="convert between .pth, .safetensors and GGUF",
                         formatter_class=fmt,
                         description="Read any checkpoint tinyrwkv loads (.pth, .safetensors, "
-                                    "llama.cpp RWKV7 .gguf) and write it as OUT's suffix says: "
-                                    ".gguf (llama.cpp's RWKV7 layout, with the vocabulary), "
-                                    ".safetensors (official key names) or .pth (needs torch).")
+                                    "llama.cpp RWKV7 .gguf, Hugging Face / fla folders) and write "
+                                    "it as OUT says: .gguf (llama.cpp's RWKV7 layout, with the "
+                                    "vocabulary), .safetensors (official key names), .pth (needs "
+                                    "torch), or a folder (config.json + safetensors, fla names).")
     cv.add_argument("input", help="the checkpoint to read")
-    cv.add_argument("output", help="OUT.gguf, OUT.safetensors or OUT.pth")
+    cv.add_argument("output", help="OUT.gguf, OUT.safetensors, OUT.pth, or a folder (no suffix): "
+                                   "Hugging Face / fla format")
     cv.add_argument("--type", choices=["f32", "f16", "q8_0", "bf16"], default="f16",
                     help="matrix storage: GGUF f32/f16/q8_0; safetensors and .pth f32/f16/bf16")
     cv.set_defaults(func=cmd_convert)

@@ -37,8 +37,11 @@ def resolve_model_path(path):
         if candidate.is_file():
             return candidate
     if path.is_dir():
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return path                     # a Hugging Face / fla model folder
         raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it "
-                              "(a .pth or .safetensors file)")
+                              "(a .pth, .safetensors or .gguf file), or a Hugging Face model "
+                              "folder (config.json and .safetensors files)")
     raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
@@ -154,6 +157,13 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
     # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
     # GPU converts them to its storage type itself.
     gguf_tokenizer = None
+    if path.is_dir():                       # Hugging Face / fla folder
+        from .hf_format import read_hf
+        hf_tok = path / "tokenizer.json"
+        from .tokenizer import HFTokenizer
+        own = HFTokenizer(hf_tok) if hf_tok.is_file() and tokenizer is None else None
+        return _build(read_hf(path, dtype="float32"), path, backend, dtype, wkv, weights, threads,
+                      device, tokenizer, own)
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if is_gguf:                             # llama.cpp's format: dequantised to float32
@@ -168,6 +178,9 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         stored = {dt for _, dt in inspect_checkpoint(path).values()}
         read_as = "bfloat16" if stored == {"bf16"} else None
     tensors = read_checkpoint(path, dtype=read_as, progress=progress)
+    from .hf_format import from_hf, is_hf
+    if is_hf(tensors.keys()):               # one safetensors file with fla's names
+        tensors = from_hf(tensors)
     return _build(tensors, path, backend, dtype, wkv, weights, threads, device, tokenizer, None)
 
 
