@@ -90,13 +90,11 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
         from .hf_format import write_hf
         write_hf(out, weights, tok)
     elif suffix == ".gguf":
-        if out_type == "bf16":
-            fail("GGUF output takes --type f32, f16 or q8_0")
         from .gguf_io import write_gguf
         write_gguf(out, weights, out_type, tokenizer=tok, name=name)
     elif suffix in (".safetensors", ".pth"):
-        if out_type == "q8_0":
-            fail("q8_0 is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
+        if out_type not in ("f32", "f16", "bf16"):
+            fail(f"{out_type} is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
         if suffix == ".pth":
             try:
                 import torch
@@ -412,8 +410,9 @@ def build_parser():
     cv.add_argument("input", help="the checkpoint to read")
     cv.add_argument("output", help="OUT.gguf, OUT.safetensors, OUT.pth, or a folder (no suffix): "
                                    "Hugging Face / fla format")
-    cv.add_argument("--type", choices=["f32", "f16", "q8_0", "bf16"], default="f16",
-                    help="matrix storage: GGUF f32/f16/q8_0; safetensors and .pth f32/f16/bf16")
+    cv.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q5_0", "q4_1", "q4_0"],
+                    default="f16", help="matrix storage: GGUF any of these; safetensors and .pth "
+                                        "f32/f16/bf16")
     cv.set_defaults(func=cmd_convert)
 
     ml = sub.add_parser("merge-lora", help="merge an RWKV-PEFT LoRA into a base model",

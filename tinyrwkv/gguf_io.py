@@ -110,16 +110,17 @@ def _always_f32(name, array):
 
 
 def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
-    """Write official-keyed weights as a llama.cpp RWKV7 GGUF. out_type: "f32", "f16" or "q8_0"
-    for the matrices (1-D tensors, w1/w2 and the fused lerps stay F32, as llama.cpp's converter
+    """Write official-keyed weights as a llama.cpp RWKV7 GGUF. out_type: "f32", "f16", "bf16",
+    "q8_0", "q4_0", "q4_1" or "q5_0" (gguf's quantisers) for the matrices (1-D tensors, w1/w2 and the fused lerps stay F32, as llama.cpp's converter
     does). tokenizer: a WorldTokenizer or HFTokenizer to embed (vocabulary metadata)."""
     gguf = _gguf()
     from .model import Config
     if any(k.endswith("ffn.s1") for k in weights):
         raise CheckpointError("DeepEmbed models have no GGUF mapping in llama.cpp's RWKV7 architecture")
     cfg = Config.from_weights(weights)
-    types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    Q = gguf.GGMLQuantizationType
+    types = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
+             "q4_1": Q.Q4_1, "q5_0": Q.Q5_0}
     if out_type not in types:
         raise ValueError(f"out_type must be one of {', '.join(types)}, not {out_type!r}")
     w32 = {k: np.asarray(v, np.float32) if v.dtype != np.uint16 else _bf16(v) for k, v in weights.items()}
@@ -136,7 +137,8 @@ def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
     wr.add_gate_lora_rank(cfg.d_gate)
     wr.add_feed_forward_length(cfg.dim_ffn)
     wr.add_head_count(0)
-    wr.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[out_type])
+    wr.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8,
+                      "bf16": 32}[out_type])
     if tokenizer is not None:
         _add_tokenizer(wr, tokenizer, cfg.vocab_size, gguf)
     for gname, arr in to_gguf_tensors(w32, cfg.n_layer, cfg.n_head).items():
@@ -146,11 +148,12 @@ def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
         elif out_type == "f16":
             wr.add_tensor(gname, arr.astype(np.float16))
         else:
-            if arr.shape[-1] % 32:
-                wr.add_tensor(gname, arr.astype(np.float16))   # Q8_0 needs rows of 32s
+            block = gguf.GGML_QUANT_SIZES[types[out_type]][0]
+            if arr.shape[-1] % block:
+                wr.add_tensor(gname, arr.astype(np.float16))   # blocks need whole rows
             else:
-                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                wr.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                q = gguf.quants.quantize(arr, types[out_type])
+                wr.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=types[out_type])
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
