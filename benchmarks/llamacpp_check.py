@@ -36,6 +36,7 @@ def llama_logits(path, ids, threads):
 
 
 def timed(fn, runs=3):
+    fn()                                      # warm-up: JIT compilation, caches, first allocations
     ts = []
     for _ in range(runs):
         t0 = time.perf_counter()
