@@ -165,7 +165,7 @@ def run_shape(name, args):
     import numpy as np
     import torch
     sys.path.insert(0, str(ROOT))
-    from tinyrwkv.gpu import RWKV7CuPy, _module
+    from tinyrwkv.gpu import RWKV7CuPy
     L, C = SHAPES[name]
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, VOCAB, 64).tolist()
@@ -309,7 +309,7 @@ def wkv_operator(H, args, T=4096, N=64):
         S = cp(S0.clone())
         kern((H,), (N,), (np.int32(T), np.int32(C), S, cp(r), cp(w), cp(k), cp(v), cp(kh), cp(a), y))
         return S
-    S_ours = ours()
+    ours()
     y_ref = torch.as_tensor(y, device="cuda").clone()
     t, _ = timed(ours, args.runs + 2)
     out["tinyrwkv fp32"] = {"ms": t * 1e3}

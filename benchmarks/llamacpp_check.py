@@ -69,11 +69,11 @@ def main():
         got, llm = llama_logits(path, prompt, args.threads)
         row = {"type": t, "logits_dev": float(np.abs(got - want).max() / want.std())}
         # speed: llama.cpp
-        def ll_decode():
+        def ll_decode(llm=llm):
             llm.reset()
             for tok in ids[:args.decode]:
                 llm.eval([int(tok)])
-        def ll_prefill():
+        def ll_prefill(llm=llm):
             llm.reset()
             llm.eval(list(map(int, ids[:args.prefill])))
         row["llama_decode_tok_s"] = args.decode / timed(ll_decode)

@@ -32,6 +32,20 @@ def rel_err(got, ref):
     return float(np.abs(got - ref).max() / ref.std())
 
 
+def random_wkv_inputs(rng, B, T, H, N, dtype=np.float64):
+    """Inputs of the WKV operator with a real layer's ranges, each (B, T, H, N): r, k, v normal;
+    the decay in (e^-0.6, 1); alpha = -kappa_hat (unit length per head); beta = kappa_hat * a with
+    a in (0, 1); and a non-zero initial state (B, H, N, N), [value][key]. Returns
+    r, w, k, v, alpha, beta, S0 in `dtype`."""
+    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
+    w = np.exp(-0.6 * rng.uniform(size=(B, T, H, N)))
+    kh = rng.standard_normal((B, T, H, N))
+    kh /= np.linalg.norm(kh, axis=-1, keepdims=True)
+    alpha, beta = -kh, kh * rng.uniform(size=(B, T, H, N))
+    S0 = 0.5 * rng.standard_normal((B, H, N, N))
+    return tuple(np.asarray(x, dtype) for x in (r, w, k, v, alpha, beta, S0))
+
+
 def have(module):
     return importlib.util.find_spec(module) is not None
 

@@ -30,7 +30,6 @@ def test_merged_weights_compute_the_lora_forward():
     w = make_weights(2, 64, 50, seed=1)
     lora = lora_file(w, rng)
     merged = merge_lora(w, lora, alpha=8)
-    x = rng.standard_normal((5, 64))
     for stem, width in (("blocks.0.att.key", 64), ("blocks.1.ffn.value", 256)):
         xi = rng.standard_normal((5, width))
         A, B = lora[f"model.{stem}.lora_A"], lora[f"model.{stem}.lora_B"]

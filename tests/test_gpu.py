@@ -18,7 +18,6 @@ of the weights:
     Measured: 1.0e-2 to 1.6e-2.
 """
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -30,7 +29,7 @@ from tinyrwkv.loader import parse_strategy
 from tinyrwkv.model import State
 from tinyrwkv.synthetic import make_weights
 
-from conftest import FIXTURES, ROOT, TOL_F32, rel_err
+from conftest import FIXTURES, ROOT, TOL_F32, random_wkv_inputs, rel_err
 
 TOL_FP16_PREFILL = 1e-2
 TOL_BF16_PREFILL = 6e-2
@@ -273,12 +272,7 @@ def test_gpu_wkv_training_kernels_match_float64():
     from tinyrwkv import train, train_gpu
     rng = np.random.default_rng(7)
     B, T, H, N = 2, 37, 3, 64
-    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
-    w = np.exp(-0.6 * rng.uniform(size=(B, T, H, N)))
-    kh = rng.standard_normal((B, T, H, N))
-    kh /= np.linalg.norm(kh, axis=-1, keepdims=True)
-    alpha, beta = -kh, kh * rng.uniform(size=(B, T, H, N))
-    S0 = 0.5 * rng.standard_normal((B, H, N, N))
+    r, w, k, v, alpha, beta, S0 = random_wkv_inputs(rng, B, T, H, N)
     dy, dS = rng.standard_normal((B, T, H, N)), rng.standard_normal((B, H, N, N))
     ins = (r, w, k, v, alpha, beta)
     ref_f = train.wkv_forward(S0, *ins)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv import oracle, ops, train
-from tinyrwkv.model import DECAY_SCALE, layer_norm, group_norm, sigmoid, wkv_step
+from tinyrwkv import oracle, ops
+from tinyrwkv.model import layer_norm, group_norm, sigmoid, wkv_step
 from tinyrwkv.synthetic import make_weights
 
-from conftest import ROOT
+from conftest import ROOT, random_wkv_inputs
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +136,11 @@ def test_golden_vectors(tmp_path):
         assert np.array_equal(raw.reshape(case["shapes"]["logits"]), exp["logits"])
 
 
-def wkv_inputs(rng, B=2, T=19, H=3, N=8):
-    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
-    decay = np.exp(-DECAY_SCALE * rng.uniform(size=(B, T, H, N)))
-    kh = rng.standard_normal((B, T, H, N))
-    kh /= np.linalg.norm(kh, axis=-1, keepdims=True)
-    return r, decay, k, v, -kh, kh * rng.uniform(size=(B, T, H, N)), rng.standard_normal((B, H, N, N))
-
-
 def test_wkv7_conventions_agree():
     """The same operator called in tinyrwkv's, the official CUDA kernel's and fla's conventions
     (with fla's head-first layout too) gives the same outputs, states and gradients."""
     rng = np.random.default_rng(11)
-    r, decay, k, v, a, b, S = wkv_inputs(rng)
+    r, decay, k, v, a, b, S = random_wkv_inputs(rng, 2, 19, 3, 8)
     y0, S0 = ops.wkv7(r, decay, k, v, a, b, S, **ops.TINYRWKV)
     y1, S1 = ops.wkv7(r, np.log(-np.log(decay)), k, v, a, b, S, **ops.OFFICIAL_CUDA)
     hf = lambda x: x.transpose(0, 2, 1, 3)

@@ -3,7 +3,6 @@ the size budget, it meets its model card's bits per byte, and it is a real RWKV-
 package loads it (as a .pth) and computes the same logits."""
 import json
 
-import numpy as np
 import pytest
 
 import tinyrwkv

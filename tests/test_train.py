@@ -17,7 +17,7 @@ import tinyrwkv
 from tinyrwkv import train
 from tinyrwkv.synthetic import make_weights
 
-from conftest import have
+from conftest import have, random_wkv_inputs
 
 FD_STEP = 1e-4
 TOL_FD = 1e-5
@@ -54,12 +54,7 @@ def test_wkv_backward_matches_finite_differences():
     """The operator alone, from a non-zero initial state, T spanning several checkpoint chunks."""
     rng = np.random.default_rng(1)
     B, T, H, N = 2, 21, 2, 4
-    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
-    w = np.exp(-0.6 * rng.uniform(size=(B, T, H, N)))
-    kh = rng.standard_normal((B, T, H, N))
-    kh /= np.linalg.norm(kh, axis=-1, keepdims=True)
-    alpha, beta = -kh, kh * rng.uniform(size=(B, T, H, N))
-    S0 = 0.5 * rng.standard_normal((B, H, N, N))
+    r, w, k, v, alpha, beta, S0 = random_wkv_inputs(rng, B, T, H, N)
     Ry, RS = rng.standard_normal((B, T, H, N)), rng.standard_normal((B, H, N, N))
 
     def loss(S0, *inputs):
@@ -211,12 +206,7 @@ def test_numba_wkv_kernels_match_numpy(dtype):
     from tinyrwkv import train_fast
     rng = np.random.default_rng(7)
     B, T, H, N = 2, 37, 3, 16
-    r, k, v = (rng.standard_normal((B, T, H, N)).astype(dtype) for _ in range(3))
-    w = np.exp(-0.6 * rng.uniform(size=(B, T, H, N))).astype(dtype)
-    kh = rng.standard_normal((B, T, H, N))
-    kh = (kh / np.linalg.norm(kh, axis=-1, keepdims=True)).astype(dtype)
-    alpha, beta = -kh, (kh * rng.uniform(size=(B, T, H, N))).astype(dtype)
-    S0 = (0.5 * rng.standard_normal((B, H, N, N))).astype(dtype)
+    r, w, k, v, alpha, beta, S0 = random_wkv_inputs(rng, B, T, H, N, dtype)
     dy, dS = rng.standard_normal((B, T, H, N)).astype(dtype), rng.standard_normal((B, H, N, N)).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else 1e-5      # float32: rounding of N-long sums, T steps
     ref_f = train.wkv_forward(S0, r, w, k, v, alpha, beta)

@@ -224,7 +224,6 @@ def _prod(shape):
 
 
 def cmd_trace(args):
-    import numpy as np
     import tinyrwkv
     from . import oracle
     model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy", tokenizer=args.tokenizer,

@@ -143,7 +143,7 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
         try:
-            from .fast import RWKV7Numba
+            from . import fast  # noqa: F401  (is numba there? say so before reading the file)
         except ImportError as e:
             raise ValueError(f"backend 'numba' is not available: {e}. Install it with "
                              "pip install numba, or use backend='numpy'") from e
@@ -151,7 +151,7 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         raise ValueError(f"the {backend} backend computes in float32; for float64 use "
                          "backend='numpy'")
     if backend == "cupy":
-        from .gpu import RWKV7CuPy, check_available
+        from .gpu import check_available
         check_available(device or 0)         # before reading a large file: say so now
     path = shipped_model_path() if path is None else resolve_model_path(path)
     # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the

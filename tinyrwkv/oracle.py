@@ -40,7 +40,6 @@ model with one thing changed (tests/test_oracle.py plants bugs that way).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -83,7 +82,7 @@ def trace(model, ids, state=None, ops=None):
     state after the last token as `final.att_shift`, `final.wkv`, `final.ffn_shift`."""
     ops = ops or OPS
     cfg = model.config
-    H, L = cfg.n_head, cfg.n_layer
+    H = cfg.n_head
     ids = model._check_ids(ids)
     st = model._check_state(state)
     rows = {}
