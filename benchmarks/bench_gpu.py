@@ -165,7 +165,7 @@ def run_shape(name, args):
     import numpy as np
     import torch
     sys.path.insert(0, str(ROOT))
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     L, C = SHAPES[name]
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, VOCAB, 64).tolist()
@@ -231,7 +231,7 @@ def run_shape(name, args):
     pool = cupy.get_default_memory_pool()
     for wd in args.weights:
         pool.free_all_blocks()
-        model = RWKV7CuPy(weights, weight_dtype=wd)
+        model = RWKV7CuPy(weights, storage=wd)
         logits, _ = model.forward(prompt)
 
         def decode(n, model=model):
@@ -290,7 +290,7 @@ def wkv_operator(H, args, T=4096, N=64):
     import cupy
     import numpy as np
     import torch
-    from tinyrwkv.gpu import _module
+    from tinyrwkv.backends.cupy_gpu import _module
     C = H * N
     g = torch.Generator(device="cuda").manual_seed(1)
     rnd = lambda: torch.randn(T, C, generator=g, device="cuda")

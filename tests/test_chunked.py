@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv.model import DECAY_SCALE, l2_normalize, sigmoid, wkv_chunked, wkv_seq
+from tinyrwkv import model as M
+from tinyrwkv.model import l2_normalize, sigmoid, wkv_chunked, wkv_seq
 from tinyrwkv.synthetic import make_weights
 
 from conftest import rel_err
@@ -17,21 +18,22 @@ TOL_CHUNKED_F64 = 1e-12
 
 
 def wkv_inputs(T, H, N, dtype, seed, decay="realistic"):
-    """Inputs as the model makes them: unit removal keys, a in (0, 1), decays in (0.545, 1)."""
+    """Inputs as the model makes them: unit removal keys, a in (0, 1), decays in (0.545, 1).
+    Returns S, r, w, k, v, alpha = -kappa_hat, beta = kappa_hat * a (the operator's signature)."""
     rng = np.random.default_rng(seed)
-    if decay == "realistic":       # w0 of the trained init spans about [-8, 3] (rwkv7.md §4)
+    if decay == "realistic":       # w0 of the trained init spans about [-8, 3] (docs/architecture.md §7)
         w_pre = rng.uniform(-8, 3, (T, H, N)) + rng.standard_normal((T, H, N))
     elif decay == "fastest":       # every channel at the strongest decay the clamp allows
         w_pre = np.full((T, H, N), 30.0)
     else:                          # no decay at all, to rounding
         w_pre = np.full((T, H, N), -30.0)
-    w = np.exp(-DECAY_SCALE * sigmoid(w_pre))
+    w = M.decay(w_pre)
     r, v = rng.standard_normal((2, T, H, N))
     k = 0.3 * rng.standard_normal((T, H, N))
     kappa_hat = l2_normalize(rng.standard_normal((T, H, N)))
     a = sigmoid(rng.standard_normal((T, H, N)))
     S = 0.3 * rng.standard_normal((H, N, N))                      # a non-zero initial state
-    return tuple(x.astype(dtype) for x in (S, r, w, k, v, kappa_hat, a))
+    return tuple(x.astype(dtype) for x in (S, r, w, k, v, -kappa_hat, kappa_hat * a))
 
 
 LENGTHS = [1, 2, 15, 16, 17, 31, 97, 128]          # 1, chunk-1, chunk, chunk+1, primes, several chunks
@@ -67,9 +69,9 @@ def test_extreme_decays(decay):
 
 def test_a_wrong_term_is_caught():
     """Dropping the removal (z) terms changes the result far beyond the tolerances."""
-    S0, r, w, k, v, kh, a = wkv_inputs(20, 2, 64, np.float64, seed=9)
-    S_ref, y_ref = wkv_seq(S0, r, w, k, v, kh, a)
-    _, y = wkv_chunked(S0, r, w, k, v, kh, np.zeros_like(a))      # a = 0: nothing is removed
+    S0, r, w, k, v, alpha, beta = wkv_inputs(20, 2, 64, np.float64, seed=9)
+    S_ref, y_ref = wkv_seq(S0, r, w, k, v, alpha, beta)
+    _, y = wkv_chunked(S0, r, w, k, v, alpha, np.zeros_like(beta))   # beta = 0: nothing removed
     assert rel_err(y, y_ref) > 1e3 * TOL_CHUNKED_F32
 
 
@@ -87,10 +89,10 @@ def test_model_with_chunked_wkv_equals_recurrent(deep_embed):
     ids = np.random.default_rng(0).integers(0, 101, 45)
     outs = {}
     for form in ("recurrent", "chunked", "auto"):
-        model = tinyrwkv.RWKV7(w, dtype="float64", wkv=form)
+        model = tinyrwkv.RWKV7(w, dtype="float64", wkv_method=form)
         outs[form] = model.forward(ids[:20], full_output=True)[0], model.forward(ids)[1]
     for form in ("chunked", "auto"):
         assert rel_err(outs[form][0], outs["recurrent"][0]) < TOL_CHUNKED_F64
         assert rel_err(outs[form][1].wkv, outs["recurrent"][1].wkv) < TOL_CHUNKED_F64
-    with pytest.raises(ValueError, match="wkv must be"):
-        tinyrwkv.RWKV7(w, wkv="parallel")
+    with pytest.raises(ValueError, match="wkv_method must be"):
+        tinyrwkv.RWKV7(w, wkv_method="parallel")

@@ -1,4 +1,4 @@
-"""The Numba backend (tinyrwkv/fast.py) against the NumPy reference and the official outputs."""
+"""The Numba backend (tinyrwkv/backends/numba_cpu.py) against the NumPy reference and the official outputs."""
 import numpy as np
 import pytest
 
@@ -18,8 +18,8 @@ TOL_BF16_OF_F32 = 5e-2
 
 
 def fast():
-    from tinyrwkv import fast
-    return fast
+    from tinyrwkv.backends import numba_cpu
+    return numba_cpu
 
 
 @pytest.mark.parametrize("T, H, N", [(1, 1, 64), (2, 3, 64), (17, 2, 32), (64, 3, 16), (5, 4, 24)])
@@ -90,7 +90,7 @@ def test_numba_on_the_official_fixtures(name, weights):
     if not pth.exists():
         pytest.skip(f"{pth} not found")
     ref = np.load(FIXTURES / f"{name}_official_cpufp32.npz")
-    model = tinyrwkv.load(pth, backend="numba", weights=weights)
+    model = tinyrwkv.load(pth, backend="numba", storage=weights)
     assert model.backend == ("numba-bf16" if weights == "bfloat16" else "numba")
     toks = ref["toks"]
     logits, state = model.forward(toks[:30], full_output=True)
@@ -108,7 +108,7 @@ def test_bf16_storage_cost_on_float32_weights():
     w = make_weights(3, 256, 512, seed=11)
     ids = np.random.default_rng(3).integers(0, 512, 40)
     l32, _ = fast().RWKV7Numba(w).forward(ids, full_output=True)
-    l16, _ = fast().RWKV7Numba(w, weight_dtype="bfloat16").forward(ids, full_output=True)
+    l16, _ = fast().RWKV7Numba(w, storage="bfloat16").forward(ids, full_output=True)
     err = rel_err(l16, l32)
     print(f"bf16 storage of float32 weights: max|dlogit|/std = {err:.2e}")
     assert 1e-4 < err < TOL_BF16_OF_F32          # > 1e-4: the weights really were rounded
@@ -127,13 +127,22 @@ def test_backend_errors(tmp_path):
 
 
 def test_wkv_option_is_honoured():
-    """wkv="chunked" runs the NumPy chunked form inside the numba backend, not silently the kernel."""
-    from unittest import mock
+    """wkv_method="chunked" runs the NumPy chunked form inside the numba backend, not silently
+    the kernel; "auto" runs the kernel. Seen through the steps the backend passes to model.block."""
+    from dataclasses import replace
     w = make_weights(2, 128, 101, seed=2)
     ids = np.random.default_rng(1).integers(0, 101, 20)
-    with mock.patch.object(M, "wkv_chunked", wraps=M.wkv_chunked) as spy:
-        chunked, _ = fast().RWKV7Numba(w, wkv="chunked").forward(ids, full_output=True)
-        assert spy.call_count == 2                                # once per layer
-        kernel, _ = fast().RWKV7Numba(w).forward(ids, full_output=True)
-        assert spy.call_count == 2                                # "auto": the compiled recurrence
+    chunked_model, kernel_model = fast().RWKV7Numba(w, wkv_method="chunked"), fast().RWKV7Numba(w)
+    assert chunked_model.sequence_wkv is M.wkv_chunked
+    assert kernel_model.sequence_wkv is fast().wkv_seq
+    chunked, _ = chunked_model.forward(ids, full_output=True)
+    kernel, _ = kernel_model.forward(ids, full_output=True)
     assert rel_err(chunked, kernel) < TOL_F32
+    used = []                                  # an operator passed in steps is the one that runs
+
+    def spy(*args):
+        used.append(1)
+        return M.wkv_seq(*args)
+    kernel_model.forward_seq(kernel_model.check_ids(ids), kernel_model.zero_state(),
+                             steps=replace(M.STEPS, wkv=spy))
+    assert len(used) == 2                      # once per layer

@@ -1,4 +1,4 @@
-"""The CuPy backend (tinyrwkv/gpu.py) against the float64 oracle and the official fixtures.
+"""The CuPy backend (tinyrwkv/backends/cupy_gpu.py) against the float64 oracle and the official fixtures.
 
 GPU tests run where CuPy and a CUDA GPU exist and skip cleanly elsewhere (CI has no GPU); the
 strategy strings, the error without a GPU and "importing tinyrwkv never imports CuPy" are tested
@@ -149,10 +149,10 @@ SHAPES = [(2, 128, 64, 1001, None, False), (3, 96, 32, 257, 204, False),
 def test_gpu_matches_float64(L, C, N, V, F, deep, weight_dtype):
     """Sequence form and token by token, from a random non-zero state, then continuing from the
     returned (GPU) state, against the float64 oracle on the same stored weights."""
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     w = make_weights(L, C, V, head_size=N, dim_ffn=F, deep_embed=deep, seed=L * C + V)
     oracle = tinyrwkv.RWKV7(stored_like_gpu(w, weight_dtype), dtype="float64")
-    model = RWKV7CuPy(w, weight_dtype=weight_dtype)
+    model = RWKV7CuPy(w, storage=weight_dtype)
     init = random_state(oracle.config, seed=C + V)
     ids = np.random.default_rng(V).integers(0, V, 41)
     for mode, tol in (("sequence", prefill_tol(weight_dtype)), ("recurrent", TOL_F32)):
@@ -181,7 +181,7 @@ def test_gpu_on_the_official_fixtures(name, weight_dtype):
     if not pth.exists():
         pytest.skip(f"{pth} not found")
     ref = np.load(FIXTURES / f"{name}_official_cpufp32.npz")
-    model = tinyrwkv.load(pth, backend="cupy", weights=weight_dtype)
+    model = tinyrwkv.load(pth, backend="cupy", storage=weight_dtype)
     assert model.backend.startswith("cupy")
     toks = ref["toks"]
     tol = prefill_tol(weight_dtype)
@@ -199,9 +199,28 @@ def test_gpu_on_the_official_fixtures(name, weight_dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+def test_trace_of_a_gpu_model_is_of_its_stored_weights(storage):
+    """tinyrwkv.trace on a cupy model runs the reference on the numbers the GPU holds (16-bit
+    weights widened exactly, LoRA matrices back in file layout): within float32 rounding (1e-4,
+    tests/test_backends.py) of the float64 model on those numbers, which equal stored_like_gpu."""
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
+    w = make_weights(2, 256, 1003, ranks=(64, 64, 32, 128), seed=9)
+    model = RWKV7CuPy(w, storage=storage)
+    stored = model.stored_tensors()
+    expect = stored_like_gpu(w, storage)
+    for key in stored:
+        assert np.array_equal(stored[key].reshape(-1), np.asarray(expect[key], np.float32).reshape(-1)), key
+    ids = np.random.default_rng(2).integers(0, 1003, 21)
+    tr = tinyrwkv.trace(model, ids)
+    logits64, _ = tinyrwkv.RWKV7(stored, dtype="float64").forward(ids, full_output=True)
+    assert rel_err(tr["logits"], logits64) < 1e-4
+
+
+@needs_gpu
 def test_cuda_graph_replay_equals_plain_launches():
     """The captured graph runs exactly the launches of the plain path: bit-identical results."""
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     w = make_weights(2, 128, 500, seed=5)
     ids = np.random.default_rng(1).integers(0, 500, 9)
     a = RWKV7CuPy(w, graphs=True).forward(ids, full_output=True, mode="recurrent")
@@ -213,7 +232,7 @@ def test_cuda_graph_replay_equals_plain_launches():
 @needs_gpu
 def test_gpu_state_round_trips_and_is_not_modified(tmp_path):
     """A GPU state saves like any other, and the caller's state is never modified."""
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     w = make_weights(2, 64, 100, seed=2)
     model = RWKV7CuPy(w)
     _, s = model.forward([1, 2, 3])
@@ -233,10 +252,10 @@ def test_gpu_state_round_trips_and_is_not_modified(tmp_path):
 def test_generation_runs_on_the_gpu():
     """The generation loop works unchanged on the GPU backend (NumPy logits, GPU state), and its
     first next-token distribution is the CPU reference's."""
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     from tinyrwkv.tokenizer import WorldTokenizer
     w = make_weights(2, 64, 65536, seed=3)
-    cpu, gpu = tinyrwkv.RWKV7(w), RWKV7CuPy(w, weight_dtype="float32")
+    cpu, gpu = tinyrwkv.RWKV7(w), RWKV7CuPy(w, storage="float32")
     tok = WorldTokenizer()
     sessions = [tinyrwkv.Session(m, tok, seed=1) for m in (cpu, gpu)]
     first = [s.feed("Hello there") for s in sessions]
@@ -248,14 +267,14 @@ def test_generation_runs_on_the_gpu():
 
 @needs_gpu
 def test_gpu_errors():
-    from tinyrwkv.gpu import RWKV7CuPy
+    from tinyrwkv.backends.cupy_gpu import RWKV7CuPy
     w = make_weights(1, 64, 50)
     with pytest.raises(ValueError, match="float32"):
         RWKV7CuPy(w, dtype="float64")
     with pytest.raises(ValueError, match="CPU-only"):
-        RWKV7CuPy(w, wkv="chunked")
-    with pytest.raises(ValueError, match="weights must be"):
-        RWKV7CuPy(w, weight_dtype="int8")
+        RWKV7CuPy(w, wkv_method="chunked")
+    with pytest.raises(ValueError, match="stores weights as"):
+        RWKV7CuPy(w, storage="int8")
     model = RWKV7CuPy(w)
     with pytest.raises(ValueError, match="out of range"):
         model.forward([50])
@@ -269,17 +288,18 @@ def test_gpu_wkv_training_kernels_match_float64():
     non-zero state, T not a multiple of the checkpoint chunk. float32 tolerance: the same 5e-5
     (max|d|/std) as inference; measured values are printed."""
     import cupy as cp
-    from tinyrwkv import train, train_gpu
+    from tinyrwkv import train
+    from tinyrwkv.backends import cupy_train as train_gpu
     rng = np.random.default_rng(7)
     B, T, H, N = 2, 37, 3, 64
     r, w, k, v, alpha, beta, S0 = random_wkv_inputs(rng, B, T, H, N)
     dy, dS = rng.standard_normal((B, T, H, N)), rng.standard_normal((B, H, N, N))
     ins = (r, w, k, v, alpha, beta)
     ref_f = train.wkv_forward(S0, *ins)
-    ref_b = train.wkv_backward(dy, dS, ref_f[2], *ins)
+    ref_b = train.wkv_backward(dS, dy, ref_f[2], *ins)
     g = lambda a: cp.asarray(a, cp.float32)
     got_f = train_gpu.wkv_forward(g(S0), *map(g, ins))
-    got_b = train_gpu.wkv_backward(g(dy), g(dS), got_f[2], *map(g, ins))
+    got_b = train_gpu.wkv_backward(g(dS), g(dy), got_f[2], *map(g, ins))
     errs = [rel_err(b.get(), a) for a, b in zip(ref_f[:2] + ref_b, got_f[:2] + got_b)]
     print("GPU WKV training kernels, max|d|/std:", " ".join(f"{e:.1e}" for e in errs))
     assert max(errs) < TOL_F32

@@ -25,7 +25,7 @@ def fixture(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_fixture_matches_official(name, dtype, wkv):
     pth, ref = fixture(name)
-    model = tinyrwkv.load(pth, dtype=dtype, wkv=wkv, backend="numpy")
+    model = tinyrwkv.load(pth, dtype=dtype, wkv_method=wkv, backend="numpy")
     toks = ref["toks"]
     logits, state = model.forward(toks[:30], full_output=True)
     errors = {"seq_logits": rel_err(logits, ref["seq_logits"])}
@@ -41,14 +41,32 @@ def test_fixture_matches_official(name, dtype, wkv):
     assert max(errors.values()) < TOL_F32, errors
 
 
-def test_tolerance_catches_a_small_bug(monkeypatch):
-    """The tolerance is tight enough to fail on a subtle bug: GroupNorm eps 1e-5 instead of 64e-5."""
+def test_tolerance_catches_a_small_bug():
+    """The tolerance is tight enough to fail on a subtle bug: GroupNorm eps 1e-5 instead of 64e-5
+    (the model with that one step replaced, model.Steps)."""
+    from dataclasses import replace
     pth, ref = fixture("synthetic_L3_C256")
-    model = tinyrwkv.load(pth, backend="numpy")
-    monkeypatch.setattr(M, "GN_EPS", 1e-5)
-    monkeypatch.setattr(M.group_norm, "__defaults__", (1e-5,))
+    tensors = tinyrwkv.read_checkpoint(pth, dtype="float32")
+    wrong_eps = lambda x, w, b, n: M.group_norm(x, w, b, n, eps=1e-5)
+    model = tinyrwkv.RWKV7(tensors, steps=replace(M.STEPS, group_norm=wrong_eps))
     logits, _ = model.forward(ref["toks"][:30], full_output=True)
     assert rel_err(logits, ref["seq_logits"]) > 10 * TOL_F32
+    right, _ = tinyrwkv.RWKV7(tensors).forward(ref["toks"][:30], full_output=True)
+    assert rel_err(right, ref["seq_logits"]) < TOL_F32
+
+
+def test_old_keyword_names_still_work_with_a_warning(tmp_path):
+    """load(weights=, wkv=) are the old names of storage= and wkv_method= (one more release)."""
+    from tinyrwkv.checkpoint import save_safetensors
+    path = tmp_path / "m.safetensors"
+    save_safetensors(path, make_weights(1, 64, 97, seed=1))
+    with pytest.warns(DeprecationWarning, match="storage"):
+        old = tinyrwkv.load(path, backend="numpy", weights="float32")
+    with pytest.warns(DeprecationWarning, match="wkv_method"):
+        assert tinyrwkv.load(path, backend="numpy", wkv="chunked").wkv_method == "chunked"
+    with pytest.raises(ValueError, match="disagree"):
+        tinyrwkv.load(path, backend="numpy", wkv="chunked", wkv_method="recurrent")
+    assert old.storage == "float32"
 
 
 # ---- live parity with the official package on fresh synthetic checkpoints ----

@@ -6,12 +6,14 @@ import sys
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 import tinyrwkv
 from tinyrwkv import oracle, ops
-from tinyrwkv.model import layer_norm, group_norm, sigmoid, wkv_step
+from tinyrwkv.model import STEPS, group_norm, layer_norm, sigmoid, wkv_step
 from tinyrwkv.synthetic import make_weights
 
-from conftest import ROOT, random_wkv_inputs
+from conftest import ROOT, TOL_F32, have, needs_official, random_wkv_inputs, rel_err, run_official
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,9 @@ def test_trace_is_the_model(setup):
     assert np.abs(tr["logits"] - logits).max() < 1e-12 * np.abs(logits).max()
     assert np.abs(tr["final.wkv"] - state.wkv).max() < 1e-12 * np.abs(state.wkv).max()
     assert np.array_equal(tr["L1.state"][-1], tr["final.wkv"][1])
-    assert np.array_equal(model.trace(ids)["logits"], tr["logits"])          # the method
+    assert np.array_equal(tinyrwkv.trace(model, ids)["logits"], tr["logits"])
     for name in ("ln0", "L0.ln1", "L0.xg", "L1.w", "L1.w_log", "L1.w_cuda", "L1.kk", "L1.k_tilde",
-                 "L1.v_res", "L1.state", "L1.wkv", "L1.gn", "L1.bonus", "L1.att",
+                 "L1.v_res", "L1.state", "L1.y", "L1.gn", "L1.bonus", "L1.att",
                  "L1.ffn_hidden", "L1.ffn", "L1.block", "logits"):
         assert name in tr and len(tr[name]) == len(ids), name
     assert np.allclose(np.exp(tr["L0.w_log"]), tr["L0.w"])
@@ -47,37 +49,38 @@ def test_float32_trace_is_within_the_fp32_tolerance(setup):
     assert report["ok"] and report["first"] is None and not report["missing"]
 
 
-# Each bug: a copy of the model with one piece changed, and where compare must say it starts.
+# Each bug: the model with one of its steps (model.Steps) replaced, and where compare must say it
+# starts. These are the same functions the model runs; nothing here re-derives the layer.
 BUGS = {
     "group norm eps 1e-5 instead of 64e-5": (
         "group_norm", lambda x, w, b, H: group_norm(x, w, b, H, eps=1e-5), (0, "gn")),
     "token shift lerp from the wrong side": (
-        "lerps", lambda x, xp, p: {c: xp + (x - xp) * p[f"att.x_{c[1]}"]
-                                   for c in ("xr", "xw", "xk", "xv", "xa", "xg")}, (0, "xr")),
+        "lerp", lambda x, x_prev, mix: x_prev + (x - x_prev) * mix, (0, "xr")),
     "state used transposed": (
-        "wkv_step", lambda S, r, w, k, v, kh, a: wkv_step(S.swapaxes(-1, -2), r, w, k, v, kh, a),
-        (0, "state")),
+        "wkv_step", lambda S, *vs: wkv_step(S.swapaxes(-1, -2), *vs), (0, "state")),
     "value residual missing": ("value_residual", lambda v, vf, g: v, (1, "v_res")),
     "decay without the e^-0.5 scale": ("decay", lambda u: np.exp(-sigmoid(u)), (0, "w")),
-    "kappa not normalised": ("kappa_hat", lambda k, p, H: k * p["att.k_k"], (0, "kk")),
-    "bonus term dropped": ("bonus", lambda r, k, v, p, H: 0 * v.reshape(H, -1), (0, "bonus")),
-    "ln0 skipped": ("ln0", lambda x, w, b: x, (None, "ln0")),
-    "relu instead of squared relu": ("ffn_act", lambda u: np.maximum(u, 0), (0, "ffn_hidden")),
-    "k_tilde = k * a (k_a ignored)": ("k_tilde", lambda k, a, p: k * a, (0, "k_tilde")),
-    "a through tanh instead of sigmoid": ("a", np.tanh, (0, "a")),
-    "gate not applied": ("gate", lambda y, g: y, (0, "att")),
+    "kappa not normalised": ("removal_key", lambda k, k_k, H: k * k_k, (0, "kk")),
+    "bonus term dropped": ("bonus", lambda r, k, v, r_k, H: 0 * v, (0, "bonus")),
+    "layer norm without the mean (RMS norm)": (
+        "layer_norm", lambda x, w, b: x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w + b,
+        (None, "ln0")),
+    "relu instead of squared relu": ("squared_relu", lambda u: np.maximum(u, 0), (0, "ffn_hidden")),
+    "k_tilde = k * a (k_a ignored)": ("replacement_key", lambda k, a, k_a: k * a, (0, "k_tilde")),
+    "a through tanh instead of sigmoid": ("learning_rate", np.tanh, (0, "a")),
+    "gate not applied": ("output_gate", lambda y, g: y, (0, "att")),
     "output read before the state update": (
-        "wkv_step", lambda S, r, w, k, v, kh, a: (wkv_step(S, r, w, k, v, kh, a)[0],
-                                                  (S @ r[:, :, None])[:, :, 0]), (0, "wkv")),
-    "layer norm eps 1e-3": ("layer_norm", lambda x, w, b: layer_norm(x, w, b, eps=1e-3), (0, "ln1")),
+        "wkv_step", lambda S, r, *vs: (wkv_step(S, r, *vs)[0], (S @ r[..., None])[..., 0]),
+        (0, "y")),
+    "layer norm eps 1e-3": ("layer_norm", lambda x, w, b: layer_norm(x, w, b, eps=1e-3), (None, "ln0")),
 }
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_compare_catches_planted_bug_and_names_where(setup, bug):
     w, model, ids, tr = setup
-    op, fn, (layer, where) = BUGS[bug]
-    buggy = oracle.trace(model, ids, ops=dict(oracle.OPS, **{op: fn}))
+    step, fn, (layer, where) = BUGS[bug]
+    buggy = oracle.trace(model, ids, steps=replace(STEPS, **{step: fn}))
     report = oracle.compare(tr, buggy, "fp32")
     assert not report["ok"], bug
     first = report["first"]
@@ -134,6 +137,27 @@ def test_golden_vectors(tmp_path):
         assert np.abs(logits - exp["logits"]).max() < 1e-9 * exp["logits"].std()
         raw = np.fromfile(tmp_path / case["files"]["logits.bin"]["path"], "<f8")
         assert np.array_equal(raw.reshape(case["shapes"]["logits"]), exp["logits"])
+    ranks = next(c for c in manifest["cases"] if c["name"] == "official_ranks_L2_C256")["config"]
+    assert (ranks["d_decay"], ranks["d_aaa"], ranks["d_mv"], ranks["d_gate"]) == (64, 64, 32, 128)
+
+
+@needs_official
+def test_golden_with_official_ranks_matches_the_official_package(tmp_path):
+    """The unequal-rank golden case against something we did not write: the official package's
+    cpu fp32 logits for the same .pth and ids (float32 against our float64 expectation)."""
+    pytest.importorskip("torch")
+    from tinyrwkv.golden import write_golden
+    manifest = write_golden(tmp_path)
+    case = next(c for c in manifest["cases"] if c["name"] == "official_ranks_L2_C256")
+    exp = np.load(tmp_path / case["files"]["expected"]["path"])
+    ids = exp["ids"].tolist()
+    job = {"pth": str(tmp_path / case["files"]["pth"]["path"]), "ids": ids, "split": len(ids) - 1,
+           "init_state": None, "out": str(tmp_path / "official.npz")}
+    official = run_official([job], tmp_path)[0]
+    err = max(rel_err(official["seq_logits"], exp["logits"][:-1]),
+              rel_err(official["cont_logits"], exp["logits"][-1]))
+    print(f"golden official_ranks_L2_C256: official cpu fp32 vs golden float64 {err:.1e}")
+    assert err < TOL_F32
 
 
 def test_wkv7_conventions_agree():

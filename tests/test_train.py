@@ -58,13 +58,13 @@ def test_wkv_backward_matches_finite_differences():
     Ry, RS = rng.standard_normal((B, T, H, N)), rng.standard_normal((B, H, N, N))
 
     def loss(S0, *inputs):
-        y, S, _ = train.wkv_forward(S0, *inputs, chunk=8)
+        S, y, _ = train.wkv_forward(S0, *inputs, chunk=8)
         return (y * Ry).sum() + (S * RS).sum()
 
     inputs = [r, w, k, v, alpha, beta]
-    _, _, ckpt = train.wkv_forward(S0, *inputs, chunk=8)
-    grads = train.wkv_backward(Ry, RS, ckpt, *inputs, chunk=8)
-    for n, (x, g) in enumerate(zip(inputs + [S0], list(grads[:6]) + [grads[6]])):
+    _, _, saved = train.wkv_forward(S0, *inputs, chunk=8)
+    grads = train.wkv_backward(RS, Ry, saved, *inputs, chunk=8)     # dS0, dr, dw, dk, dv, da, db
+    for n, (x, g) in enumerate(zip(inputs + [S0], list(grads[1:]) + [grads[0]])):
         for idx in map(tuple, rng.integers(0, x.shape, (6, x.ndim))):
             xp, xm = x.copy(), x.copy()
             xp[idx] += FD_STEP
@@ -202,8 +202,8 @@ def test_float32_in_float32_out_and_bad_input():
 @pytest.mark.skipif(not have("numba"), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_numba_wkv_kernels_match_numpy(dtype):
-    """train_fast's WKV forward/backward = train's, from a non-zero state, T not a chunk multiple."""
-    from tinyrwkv import train_fast
+    """The Numba WKV forward/backward = train's, from a non-zero state, T not a chunk multiple."""
+    from tinyrwkv.backends import numba_train as train_fast
     rng = np.random.default_rng(7)
     B, T, H, N = 2, 37, 3, 16
     r, w, k, v, alpha, beta, S0 = random_wkv_inputs(rng, B, T, H, N, dtype)
@@ -213,8 +213,8 @@ def test_numba_wkv_kernels_match_numpy(dtype):
     got_f = train_fast.wkv_forward(S0, r, w, k, v, alpha, beta)
     for a, b in zip(ref_f, got_f):
         assert np.abs(a - b).max() <= tol * np.abs(a).max()
-    ref_b = train.wkv_backward(dy, dS, ref_f[2], r, w, k, v, alpha, beta)
-    got_b = train_fast.wkv_backward(dy, dS, got_f[2], r, w, k, v, alpha, beta)
+    ref_b = train.wkv_backward(dS, dy, ref_f[2], r, w, k, v, alpha, beta)
+    got_b = train_fast.wkv_backward(dS, dy, got_f[2], r, w, k, v, alpha, beta)
     for a, b in zip(ref_b, got_b):
         assert b.dtype == dtype
         assert np.abs(a - b).max() <= tol * np.abs(a).max()

@@ -25,11 +25,14 @@ def fail(message):
 
 def load_model(args):
     import tinyrwkv
+    if "--weights" in sys.argv:
+        print("tinyrwkv: note: --weights is now --storage; the old name goes in the next release",
+              file=sys.stderr)
     path = args.model or default_model()
     t0 = time.perf_counter()
     try:
         model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer,
-                              backend=args.backend, weights=args.weights, threads=args.threads,
+                              backend=args.backend, storage=args.storage, threads=args.threads,
                               strategy=args.strategy, device=args.device)
     except ValueError as e:                     # a bad option combination, no GPU, ...
         fail(str(e))
@@ -310,11 +313,13 @@ def build_parser():
         p.add_argument("--backend", choices=["numpy", "numba", "cupy"],
                        help="numba: compiled CPU kernels (default where numba is installed); "
                             "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
-        p.add_argument("--weights", choices=["float32", "bfloat16", "float16"],
-                       help="storage of the large matrices: numba float32 (default) or bfloat16; "
-                            "cupy float16 (default), bfloat16 or float32")
+        p.add_argument("--storage", "--weights", dest="storage",
+                       choices=["float32", "bfloat16", "float16"],
+                       help="how the large matrices are kept: numba float32 (default) or "
+                            "bfloat16; cupy float16 (default), bfloat16 or float32 "
+                            "(--weights is the old name of this option)")
         p.add_argument("--strategy", metavar="TEXT",
-                       help="the official package's strategy instead of --backend/--weights: "
+                       help="the official package's strategy instead of --backend/--storage: "
                             "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda:1 bf16', 'cuda fp32'")
         p.add_argument("--device", type=int, help="CUDA device number for the cupy backend (default 0)")
         p.add_argument("--threads", type=int, help="threads for kernels and BLAS (default: all cores)")

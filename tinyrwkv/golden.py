@@ -22,12 +22,15 @@ from .checkpoint import save_safetensors
 from .model import RWKV7
 from .synthetic import make_weights
 
-# name, (layers, width, vocab, head size, DeepEmbed), tokens
+# name, (layers, width, vocab, head size, DeepEmbed, LoRA ranks Dw/Da/Dv/Dg or None), tokens
 CASES = [
-    ("tiny_L1_C64", (1, 64, 97, 64, False), 13),
-    ("small_L2_C128_V1001", (2, 128, 1001, 64, False), 24),
-    ("heads32_L3_C96", (3, 96, 257, 32, False), 17),
-    ("deepembed_L2_C128", (2, 128, 301, 64, True), 19),
+    ("tiny_L1_C64", (1, 64, 97, 64, False, None), 13),
+    ("small_L2_C128_V1001", (2, 128, 1001, 64, False, None), 24),
+    ("heads32_L3_C96", (3, 96, 257, 32, False, None), 17),
+    ("deepembed_L2_C128", (2, 128, 301, 64, True, None), 19),
+    # the released 0.1B model's unequal ranks (docs/architecture.md §8): a reader that assumes
+    # one rank for all four LoRAs, or takes Dv from layer 0, fails here
+    ("official_ranks_L2_C256", (2, 256, 1001, 64, False, (64, 64, 32, 128)), 33),
 ]
 SEED = 20261126
 
@@ -49,8 +52,8 @@ def write_golden(out):
                 "tolerances_max_abs_over_std": oracle.TOLERANCES,
                 "metric": "max|yours - expected| / std(expected), per tensor",
                 "cases": []}
-    for n, (name, (L, C, V, N, deep), T) in enumerate(CASES):
-        w = make_weights(L, C, V, head_size=N, deep_embed=deep, seed=SEED + n)
+    for n, (name, (L, C, V, N, deep, ranks), T) in enumerate(CASES):
+        w = make_weights(L, C, V, head_size=N, deep_embed=deep, ranks=ranks, seed=SEED + n)
         ids = np.random.default_rng(SEED + n).integers(0, V, T)
         model = RWKV7(w, dtype="float64")
         logits, state = model.forward(ids, full_output=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import (CheckpointError, check_x070_keys, detect_version, inspect_checkpoint,
                          read_checkpoint)
+from .backends import NAMES as BACKENDS, STORAGE
 from .model import RWKV7
 from .tokenizer import TokenizerError, get_tokenizer
 
@@ -53,14 +55,11 @@ def default_backend(dtype="float32"):
     return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
 
 
-BACKENDS = ("numpy", "numba", "cupy")
-STORAGE = {"numpy": ("float32",), "numba": ("float32", "bfloat16"),
-           "cupy": ("float16", "bfloat16", "float32")}   # the first is each backend's default
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_strategy(strategy):
-    """The official `rwkv` package's strategy string -> (backend, weights, device).
+    """The official `rwkv` package's strategy string -> (backend, storage, device).
 
     'cuda fp16' -> ("cupy", "float16", 0); 'cuda:1 bf16' -> ("cupy", "bfloat16", 1);
     'cpu fp32' -> (the default CPU backend, "float32", None); 'cpu bf16' -> ("numba", "bfloat16").
@@ -84,17 +83,29 @@ def parse_strategy(strategy):
     if device in ("mps", "dml"):
         raise ValueError(f"strategy {strategy!r}: device {device} is not supported; tinyrwkv "
                          "runs on 'cpu' (NumPy/Numba) and 'cuda' (CuPy)")
-    weights = _PRECISIONS[precision]
+    storage = _PRECISIONS[precision]
     if device == "cpu":
-        if weights == "float16":
+        if storage == "float16":
             raise ValueError("strategy 'cpu fp16' is not supported: the CPU backends store "
                              "weights as float32 or bfloat16; use 'cpu bf16' or 'cpu fp32'")
-        return ("numba" if weights == "bfloat16" else default_backend()), weights, None
-    return "cupy", weights, int(index or 0)
+        return ("numba" if storage == "bfloat16" else default_backend()), storage, None
+    return "cupy", storage, int(index or 0)
 
 
-def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", backend=None,
-         weights=None, threads=None, strategy=None, device=None):
+def _renamed(old, old_value, new, new_value, default=None):
+    """A keyword under its old name still works for one release, with a DeprecationWarning."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"tinyrwkv.load({old}=...) is now {new}=...; the old name goes in the next "
+                  "release", DeprecationWarning, stacklevel=3)
+    if new_value not in (None, default, old_value):
+        raise ValueError(f"{old}= (the old name of {new}=) and {new}= disagree; pass {new}= only")
+    return old_value
+
+
+def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="auto",
+         backend=None, storage=None, threads=None, strategy=None, device=None, *, weights=None,
+         wkv=None):
     """Load an RWKV-7 checkpoint (.pth or .safetensors, official key names) without torch.
 
     Args:
@@ -105,45 +116,50 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
             path to a tokenizer.json (e.g. the Pile models' 20B_tokenizer.json)
         progress: None (a progress bar for large files on a terminal), False, or a callable
             progress(done_bytes, total_bytes)
-        wkv: "auto", "recurrent" or "chunked": how the sequence form runs the WKV operator
-            (see RWKV7; the same function either way). With backend "numba", "auto" and
+        wkv_method: "auto", "recurrent" or "chunked": how the sequence form runs the WKV
+            operator (see RWKV7; the same function either way). With backend "numba", "auto" and
             "recurrent" use its compiled recurrence, "chunked" the NumPy chunked form; the cupy
             backend always runs its recurrence kernel.
-        backend: "numpy" (the reference, model.py), "numba" (compiled CPU kernels, fast.py),
-            "cupy" (CUDA GPU, gpu.py; needs CuPy), or None: numba where it is installed and
-            dtype is float32, else numpy. `model.backend` says which one runs.
-        weights: how the large matrices are stored: numba "float32" (default) or "bfloat16";
+        backend: "numpy" (the reference, model.py), "numba" (compiled CPU kernels,
+            backends/numba_cpu.py), "cupy" (CUDA GPU, backends/cupy_gpu.py; needs CuPy), or
+            None: numba where it is installed and dtype is float32, else numpy. `model.backend`
+            says which one runs.
+        storage: how the large matrices are kept: numba "float32" (default) or "bfloat16";
             cupy "float16" (default), "bfloat16" or "float32". Activations are float32 always.
         threads: threads for the CPU kernels and BLAS (default: all cores)
-        strategy: instead of backend/weights, the official package's words: "cpu fp32",
+        strategy: instead of backend/storage, the official package's words: "cpu fp32",
             "cpu bf16", "cuda fp16", "cuda:1 bf16", "cuda fp32" (see parse_strategy)
         device: the CUDA device for backend "cupy" (default 0)
+        weights, wkv: the old names of storage and wkv_method (deprecated: they still work, with
+            a DeprecationWarning, until the next release)
     Returns:
         a model with `.tokenizer` set (None if it could not be chosen: then `.tokenizer_error`
         says why, and generation raises it).
     """
+    storage = _renamed("weights", weights, "storage", storage)
+    wkv_method = _renamed("wkv", wkv, "wkv_method", wkv_method, default="auto")
     if strategy is not None:
-        s_backend, s_weights, s_device = parse_strategy(strategy)
-        for name, given, implied in (("backend", backend, s_backend), ("weights", weights, s_weights),
+        s_backend, s_storage, s_device = parse_strategy(strategy)
+        for name, given, implied in (("backend", backend, s_backend), ("storage", storage, s_storage),
                                      ("device", device, s_device)):
             if given is not None and given != implied:
                 raise ValueError(f"strategy {strategy!r} means {name}={implied!r}, but "
                                  f"{name}={given!r} was also given; pass one or the other")
-        backend, weights, device = s_backend, s_weights, s_device
+        backend, storage, device = s_backend, s_storage, s_device
     backend = backend or default_backend(dtype)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    weights = weights or STORAGE[backend][0]
-    if weights not in STORAGE[backend]:
+    storage = storage or STORAGE[backend][0]
+    if storage not in STORAGE[backend]:
         raise ValueError(f"backend {backend!r} stores weights as {' or '.join(STORAGE[backend])}, "
-                         f"not {weights!r}"
+                         f"not {storage!r}"
                          + ("; 16-bit storage needs backend='numba' (CPU) or 'cupy' (GPU)"
                             if backend == "numpy" else ""))
     if backend != "cupy" and device is not None:
         raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
         try:
-            from . import fast  # noqa: F401  (is numba there? say so before reading the file)
+            from .backends import numba_cpu  # noqa: F401  (is numba there? say so before reading)
         except ImportError as e:
             raise ValueError(f"backend 'numba' is not available: {e}. Install it with "
                              "pip install numba, or use backend='numpy'") from e
@@ -151,7 +167,7 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         raise ValueError(f"the {backend} backend computes in float32; for float64 use "
                          "backend='numpy'")
     if backend == "cupy":
-        from .gpu import check_available
+        from .backends.cupy_gpu import check_available
         check_available(device or 0)         # before reading a large file: say so now
     path = shipped_model_path() if path is None else resolve_model_path(path)
     # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
@@ -162,17 +178,17 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
         hf_tok = path / "tokenizer.json"
         from .tokenizer import HFTokenizer
         own = HFTokenizer(hf_tok) if hf_tok.is_file() and tokenizer is None else None
-        return _build(read_hf(path, dtype="float32"), path, backend, dtype, wkv, weights, threads,
+        return _build(read_hf(path, dtype="float32"), path, backend, dtype, wkv_method, storage, threads,
                       device, tokenizer, own)
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if is_gguf:                             # llama.cpp's format: dequantised to float32
         from .gguf_io import read_gguf
         tensors, gguf_tokenizer = read_gguf(path)
-        return _build(tensors, path, backend, dtype, wkv, weights, threads, device,
+        return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device,
                       tokenizer, gguf_tokenizer)
     read_as = dtype
-    if weights == "bfloat16":
+    if storage == "bfloat16":
         read_as = "bfloat16"
     elif backend == "cupy":
         stored = {dt for _, dt in inspect_checkpoint(path).values()}
@@ -181,23 +197,24 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
     from .hf_format import from_hf, is_hf
     if is_hf(tensors.keys()):               # one safetensors file with fla's names
         tensors = from_hf(tensors)
-    return _build(tensors, path, backend, dtype, wkv, weights, threads, device, tokenizer, None)
+    return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device, tokenizer, None)
 
 
-def _build(tensors, path, backend, dtype, wkv, weights, threads, device, tokenizer, own_tokenizer):
+def _build(tensors, path, backend, dtype, wkv_method, storage, threads, device, tokenizer, own_tokenizer):
     """The model object for the tensors of `path`, checked, with its tokenizer (`own_tokenizer`:
     one the file carried, e.g. a GGUF's vocabulary; an explicit `tokenizer` wins)."""
     detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
     check_x070_keys(tensors)                # every key present with the right shape, no extras
     if backend == "cupy":
-        from .gpu import RWKV7CuPy
-        model = RWKV7CuPy(tensors, name=path.name, wkv=wkv, weight_dtype=weights,
+        from .backends.cupy_gpu import RWKV7CuPy
+        model = RWKV7CuPy(tensors, name=path.name, wkv_method=wkv_method, storage=storage,
                           device=device or 0)
     elif backend == "numba":
-        from .fast import RWKV7Numba
-        model = RWKV7Numba(tensors, name=path.name, wkv=wkv, weight_dtype=weights, threads=threads)
+        from .backends.numba_cpu import RWKV7Numba
+        model = RWKV7Numba(tensors, name=path.name, wkv_method=wkv_method, storage=storage,
+                           threads=threads)
     else:
-        model = RWKV7(tensors, dtype=dtype, name=path.name, wkv=wkv)
+        model = RWKV7(tensors, dtype=dtype, name=path.name, wkv_method=wkv_method)
         if threads is not None:
             _blas_threads(threads)
     model.path = path

@@ -1,72 +1,44 @@
 """RWKV-7 "Goose" (architecture x070) in NumPy: the readable reference forward pass.
 
-This file is the whole model. It imports NumPy only, reads top to bottom in the order of the
-architecture (primitives, time mix, channel mix, block, model) and has two forms that compute
-the same function:
+This file is the model, written once, importing NumPy only. It reads top to bottom in the order
+of the architecture, with docs/architecture.md numbering the same steps: 1. primitives; 2. the
+steps of a layer, one small function each, gathered in `Steps`; 3. the WKV operator over a
+sequence, recurrent (`wkv_seq`) and chunked (`wkv_chunked`); 4. the time mix and channel mix,
+composed of those steps; 5. the block, the state and the model (`RWKV7`).
 
-  * the recurrent form, `forward_one`: one token at a time, exactly the paper's recurrence;
-  * the sequence form, `forward_seq`: T tokens at once; token shift and every projection are
-    matrix products over the whole sequence, and only the WKV recurrence steps token by token.
+Every composition works on arrays of shape (..., T, C): one token is T = 1, a batch of sequences
+(B, T, C) (the trainer's forward, tinyrwkv/train.py, calls these same functions). Each can fill an
+`acts` dict with its named intermediates: that is how the oracle's traces and the trainer's
+backward see inside the layer without a second copy of the math.
 
-Both take an explicit `State` in and return a new one (the state passed in is never modified).
-float32 by default; float64 on request (the oracle mode). Loading files, tokenizers, sampling and
-the command line live in other modules.
-
-Sources: the RWKV-7 paper (arXiv:2503.14456); the official pip package `rwkv` 0.8.32
-(rwkv/model.py: `RWKV_x070`, `RWKV_x070_TMix_one`, `RWKV_x070_TMix_seq`, `RWKV_x070_CMix_one`);
-BlinkDL/RWKV-LM RWKV-v7/rwkv_v7_demo_rnn.py and rwkv_v7a_demo.py (DeepEmbed). Equation numbers
-below ("§2.3 step 7") refer to the facts sheet these were checked against (rwkv7.md).
-
-Glossary (each letter is used for one thing only)
-    T  tokens in the sequence            L  layers (n_layer)
-    C  channels, model width (n_embd)    H  heads (n_head) = C / N
-    N  head size (64 in released models) V  vocabulary rows of emb.weight
-    F  channel-mix width (dim_ffn, 4C)   Dw, Da, Dv, Dg  LoRA ranks of w, a, v, g
-    D  DeepEmbed rank (32: a 32x32 matrix per token)
-    S  WKV state of one layer, (H, N, N), S[h, i, j] with i = value index, j = key index
-    r  receptance (the paper's query)    w  decay (the multiplicative d_t of the recurrence)
-    k  key                               v  value
-    a  in-context learning rate          g  output gate
-    kappa_hat  the normalised "removal" key (paper: kappa-hat); k_tilde  the key that is written
-
-Checkpoint key (per layer, prefix blocks.{i}.)  ->  symbol  ->  shape as used here
-    ln1.weight/bias, ln2.weight/bias            pre-norms              (C,)
-    att.x_r x_w x_k x_v x_a x_g                 token-shift lerps      (C,)   stored (1, 1, C)
-    att.receptance/key/value/output.weight      W_r W_k W_v W_o        (C, C) stored (out, in)
-    att.w0, att.w1, att.w2                      decay bias and LoRA    (C,), (C, Dw), (Dw, C)
-    att.a0, att.a1, att.a2                      a bias and LoRA        (C,), (C, Da), (Da, C)
-    att.v0, att.v1, att.v2                      value-residual gate    (C,), (C, Dv), (Dv, C)
-    att.g1, att.g2                              gate LoRA              (C, Dg), (Dg, C)
-    att.k_k                                     kappa scale            (C,)
-    att.k_a                                     k_tilde mix            (C,)
-    att.r_k                                     bonus weights          (H, N)
-    att.ln_x.weight/bias                        group norm affine      (C,)
-    ffn.x_k                                     channel-mix lerp       (C,)
-    ffn.key.weight, ffn.value.weight            W_key, W_value         (F, C), (C, F)
-    ffn.s_emb.weight, ffn.s_emb_x.weight        DeepEmbed tables       (V, D*D), (D*D, C)
-    ffn.s0, ffn.s1, ffn.s2                      DeepEmbed gate         (F,), (C, D), (D, F)
-  and once: emb.weight (V, C), blocks.0.ln0.weight/bias (C,), ln_out.weight/bias (C,), head.weight (V, C).
-Vectors are rows; a stored Linear weight W (out, in) is applied as x @ W.T, the LoRA matrices
-(w1, w2, ...) as x @ w1 @ w2 without transposes, exactly as in the checkpoint.
+Glossary (one letter, one meaning)
+    T tokens   C channels (n_embd)   H heads   N head size (C = H N)   L layers   V vocabulary
+    F channel-mix width (4C)   Dw, Da, Dv, Dg LoRA ranks of w, a, v, g   D DeepEmbed rank
+    r receptance   w decay   k key   v value   a in-context learning rate   g output gate
+    kk = kappa_hat, the unit-length removal key   k_tilde, the key that is written
+    S the WKV state of a layer, (H, N, N), S[h, i, j]: i = value channel, j = key channel
+Checkpoint keys and shapes: docs/architecture.md §7. A stored Linear weight W (out, in) is applied
+as x @ W.T, the LoRA matrices as x @ w1 @ w2, as stored. Checked against the official `rwkv`
+package 0.8.32 (tests/test_model.py); the paper is arXiv:2503.14456.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
-# Primitives
+# 1. Primitives
 # ----------------------------------------------------------------------------------------------
 
 LN_EPS = 1e-5       # every LayerNorm (ln0, ln1, ln2, ln_out), as torch's default
 GN_EPS = 64e-5      # GroupNorm ln_x: 1e-5 * 8**2, the old "head_size_divisor 8" folded in. Not 1e-5!
 L2_EPS = 1e-12      # torch F.normalize: u / max(|u|, 1e-12)
-DECAY_SCALE = float(np.exp(-0.5))  # w = exp(-e^-0.5 * sigmoid(.)): log w in (-0.6065, 0).
-# (A Python float, not np.float64: under NumPy 2 a float64 scalar would promote float32 arrays.)
-# The official RNN code writes this constant as 0.606531; we use exact e^-0.5 like its CUDA kernel,
-# fla and llama.cpp (a 3.4e-7 difference in the constant, far below float32 agreement).
+DECAY_SCALE = float(np.exp(-0.5))  # log w = -e^-0.5 * sigmoid(w_pre), in (-0.6065, 0)
+# (A Python float: under NumPy 2 a float64 scalar would promote float32 arrays.) The official RNN
+# code writes 0.606531; exact e^-0.5 is what its CUDA kernel, fla and llama.cpp use (3.4e-7 apart).
 
 
 def layer_norm(x, weight, bias, eps=LN_EPS):
@@ -77,7 +49,7 @@ def layer_norm(x, weight, bias, eps=LN_EPS):
 
 
 def group_norm(x, weight, bias, n_groups, eps=GN_EPS):
-    """GroupNorm with one group per head, applied to each token separately. (..., C) -> (..., C)"""
+    """GroupNorm with one group per head, for each token separately. (..., C) -> (..., C)"""
     shape = x.shape
     x = x.reshape(*shape[:-1], n_groups, -1)                     # (..., H, N)
     mu = x.mean(axis=-1, keepdims=True)
@@ -96,13 +68,283 @@ def l2_normalize(x, eps=L2_EPS):
 
 
 def token_shift(x, x_prev):
-    """The previous token's input for every position: x_prev for the first. (T, C), (C,) -> (T, C)"""
-    return np.concatenate([x_prev[None, :], x[:-1]], axis=0)
+    """The previous token's vector at every position; x_prev before the first.
+    (..., T, C), (..., C) -> (..., T, C)"""
+    return np.concatenate([x_prev[..., None, :], x[..., :-1, :]], axis=-2)
+
+
+def heads(u, n_head):
+    """(..., C) -> (..., H, N): channels split into heads."""
+    return u.reshape(*u.shape[:-1], n_head, -1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration and state
+# 2. The steps of a layer (docs/architecture.md §3), each on (..., C) arrays
 # ----------------------------------------------------------------------------------------------
+
+def lerp(x, x_prev, mix):
+    """Token-shift interpolation: mix = 0 keeps this token, mix = 1 takes the previous one."""
+    return x + (x_prev - x) * mix
+
+
+def log_decay(w_pre):
+    """log w from the decay pre-activation: a soft clamp into (-e^-0.5, 0)."""
+    return -DECAY_SCALE * sigmoid(w_pre)
+
+
+def decay(w_pre):
+    """The per-channel decay w in (e^-e^-0.5, 1) = (0.545, 1) that multiplies the state."""
+    return np.exp(log_decay(w_pre))
+
+
+def learning_rate(a_pre):
+    """The in-context learning rate a in (0, 1): how much of the old value is replaced."""
+    return sigmoid(a_pre)
+
+
+def removal_key(k, k_k, n_head):
+    """kappa_hat (kk): k scaled per channel, then unit length per head. (..., C) -> (..., C)"""
+    return l2_normalize(heads(k * k_k, n_head)).reshape(k.shape)
+
+
+def replacement_key(k, a, k_a):
+    """k_tilde, the key written into the state: k where k_a = 0, k * a where k_a = 1."""
+    return k * (1 + (a - 1) * k_a)
+
+
+def value_residual(v, v_first, gate):
+    """Every layer after the first mixes in layer 0's value, gated per channel."""
+    return v + (v_first - v) * gate
+
+
+def wkv_step(S, r, w, k, v, alpha, beta):
+    """One token of the WKV recurrence, the generalised delta rule, for every head:
+
+        S <- S (diag(w) + alpha beta^T) + v k^T        y <- S r  (read out from the new state)
+
+    In the model alpha = -kappa_hat and beta = kappa_hat * a, so S alpha is what the state holds
+    under the removal key, and adding (S alpha) beta^T removes a share a of it before v k^T
+    writes the new association. S[h] is (value, key): the decay w scales columns (key channels).
+
+    Args: S (..., H, N, N); r, w, k, v, alpha, beta (..., H, N).  Returns S_new, y (..., H, N).
+    This signature, (S, r, w, k, v, alpha, beta) -> (S, y) with S [value][key], is every WKV
+    operator's in tinyrwkv: the sequence forms take (..., T, H, N) vectors instead.
+    """
+    s_alpha = (S @ alpha[..., :, None])[..., 0]                          # (..., H, N)
+    S = S * w[..., None, :] + s_alpha[..., :, None] * beta[..., None, :] + v[..., :, None] * k[..., None, :]
+    y = (S @ r[..., :, None])[..., 0]                                    # (..., H, N)
+    return S, y
+
+
+def bonus(r, k, v, r_k, n_head):
+    """The current token's own value, weighted per head by r.(k r_k) (u in RWKV-4..6). (..., C)"""
+    rk = (heads(r, n_head) * heads(k, n_head) * r_k).sum(axis=-1, keepdims=True)   # (..., H, 1)
+    return (rk * heads(v, n_head)).reshape(v.shape)
+
+
+def output_gate(y, g):
+    return y * g
+
+
+def squared_relu(u):
+    return np.maximum(u, 0) ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The WKV operator over a sequence
+# ----------------------------------------------------------------------------------------------
+
+def wkv_seq(S, r, w, k, v, alpha, beta, step=wkv_step):
+    """The WKV recurrence over T tokens, one `step` at a time.
+    Args: S (..., H, N, N); r, w, k, v, alpha, beta (..., T, H, N). Returns S_T, y (..., T, H, N).
+    """
+    y = np.empty_like(r)
+    for t in range(r.shape[-3]):
+        S, y[..., t, :, :] = step(S, *(u[..., t, :, :] for u in (r, w, k, v, alpha, beta)))
+    return S, y
+
+
+# e^{-g} over a chunk reaches e^{0.6065 * chunk_len}; float32 overflows past e^{88.7}.
+MAX_CHUNK_LEN = 144
+
+
+def wkv_chunked(S, r, w, k, v, alpha, beta, chunk_len=16):
+    """The same function as `wkv_seq`, a chunk of tokens at a time with matrix products (the
+    parallel form, docs/architecture.md §6): only the state at each chunk's end is formed."""
+    if not 1 <= chunk_len <= MAX_CHUNK_LEN:
+        raise ValueError(f"chunk_len must be 1..{MAX_CHUNK_LEN}, got {chunk_len}: longer chunks "
+                         "overflow float32 in the factored decays (see wkv_chunk)")
+    y = np.empty_like(r)                                                  # (..., T, H, N)
+    for start in range(0, r.shape[-3], chunk_len):
+        c = (..., slice(start, start + chunk_len), slice(None), slice(None))
+        S, y[c] = wkv_chunk(S, r[c], w[c], k[c], v[c], alpha[c], beta[c])
+    return S, y
+
+
+def wkv_chunk(S, r, w, k, v, alpha, beta):
+    """One chunk of T tokens of the WKV recurrence in closed form (the WY / DPLR formulation).
+
+    Per head the transition is diag(w_t) + alpha_t beta_t^T. Let z_t = S_{t-1} alpha_t and
+    g_t = sum_{tau <= t} log w_tau (cumulative log decay per key channel). Unrolling gives
+        S_t = S_0 diag(e^{g_t}) + sum_{s <= t} (v_s k_s^T + z_s beta_s^T) diag(e^{g_t - g_s}),
+    so z_t, y_t = S_t r_t and S_T are sums over earlier tokens weighted by e^{g_t - g_s} =
+    e^{g_t} e^{-g_s}: matrix products, with the z_t tied by one unit lower-triangular system.
+    Safe in float32 because log w >= -0.6065 per token: e^{-g} <= e^{9.7} over 16 tokens, and
+    chunks past MAX_CHUNK_LEN would overflow (§6.4). Chapter 03 derives this step by step.
+    Args: S (..., H, N, N); r, w, k, v, alpha, beta (..., T, H, N). Returns S_T, y (..., T, H, N).
+    """
+    mT = lambda u: np.swapaxes(u, -1, -2)
+    r, w, k, v, alpha, beta = (np.swapaxes(u, -3, -2) for u in (r, w, k, v, alpha, beta))  # (..., H, T, N)
+    T = r.shape[-2]
+    log_w = np.log(w)
+    g = np.cumsum(log_w, axis=-2)                                         # g_t
+    a_out, r_out = alpha * np.exp(g - log_w), r * np.exp(g)               # decayed from the start
+    k_in, b_in = k * np.exp(-g), beta * np.exp(-g)                        # brought back to it
+    before, upto = np.tril(np.ones((T, T), bool), -1), np.tril(np.ones((T, T), bool))  # s<t, s<=t
+    A_ak, A_ab = np.where(before, a_out @ mT(k_in), 0), np.where(before, a_out @ mT(b_in), 0)
+    A_rk, A_rb = np.where(upto, r_out @ mT(k_in), 0), np.where(upto, r_out @ mT(b_in), 0)
+    S0_t = mT(S)                                                          # (..., H, key, value)
+    # z_t = (alpha_t e^{g_{t-1}}) S_0^T + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] z_s, all t at once:
+    z = np.linalg.solve(np.eye(T, dtype=r.dtype) - A_ab, a_out @ S0_t + A_ak @ v)
+    y = r_out @ S0_t + A_rk @ v + A_rb @ z                                # y_t = S_t r_t
+    to_end = np.exp(g[..., -1:, :] - g)                                   # e^{g_T - g_s} <= 1
+    S = S * np.exp(g[..., -1, :])[..., None, :] + mT(v) @ (k * to_end) + mT(z) @ (beta * to_end)
+    return S, np.swapaxes(y, -3, -2)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The steps by name. The forward pass calls each one through this table, so a copy with one
+    replaced, `replace(STEPS, decay=my_decay)`, is the model with one thing changed (the oracle's
+    planted bugs); `wkv` is the sequence operator (recurrent, chunked, or a backend's kernel)."""
+    layer_norm: Callable = layer_norm
+    group_norm: Callable = group_norm
+    lerp: Callable = lerp
+    decay: Callable = decay
+    learning_rate: Callable = learning_rate
+    removal_key: Callable = removal_key
+    replacement_key: Callable = replacement_key
+    value_residual: Callable = value_residual
+    wkv_step: Callable = wkv_step
+    wkv: Callable = wkv_seq
+    bonus: Callable = bonus
+    output_gate: Callable = output_gate
+    squared_relu: Callable = squared_relu
+
+
+STEPS = Steps()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Time mix and channel mix (docs/architecture.md §3, §4)
+# ----------------------------------------------------------------------------------------------
+
+def time_mix_inputs(x, x_prev, v_first, p, layer_id, n_head, steps=STEPS, acts=None):
+    """Everything of the time mix that is position-wise (docs/architecture.md §3.1-3.10).
+
+    Args:
+        x, x_prev: (..., C) LN1 output of the token(s) and of the token(s) before them
+        v_first:   (..., C) layer 0's value for the same token(s); ignored in layer 0
+        p:         this layer's weights, keyed by checkpoint name without 'blocks.{i}.'
+    Returns: r, w, k_tilde, v (after the value residual), kk, a, g, v_first: each (..., C)
+    """
+    xr, xw, xk, xv, xa, xg = (steps.lerp(x, x_prev, p[f"att.x_{c}"]) for c in "rwkvag")
+    r = xr @ p["att.receptance.weight"].T                              # (..., C)
+    k = xk @ p["att.key.weight"].T
+    v = xv @ p["att.value.weight"].T
+    w_lora = np.tanh(xw @ p["att.w1"])                                 # (..., Dw)
+    w_pre = p["att.w0"] + w_lora @ p["att.w2"]                         # (..., C)
+    w = steps.decay(w_pre)
+    a_lora = xa @ p["att.a1"]                                          # (..., Da)
+    a = steps.learning_rate(p["att.a0"] + a_lora @ p["att.a2"])
+    g_lora = sigmoid(xg @ p["att.g1"])                                 # (..., Dg)
+    g = g_lora @ p["att.g2"]                                           # sigmoid between g1 and g2
+    kk = steps.removal_key(k, p["att.k_k"], n_head)                    # uses k before k_tilde
+    k_tilde = steps.replacement_key(k, a, p["att.k_a"])
+    v_lora = v_gate = None
+    if layer_id == 0:
+        v_first, v_res = v, v
+    else:
+        v_lora = xv @ p["att.v1"]                                      # (..., Dv)
+        v_gate = sigmoid(p["att.v0"] + v_lora @ p["att.v2"])
+        v_res = steps.value_residual(v, v_first, v_gate)
+    if acts is not None:
+        acts.update(xr=xr, xw=xw, xk=xk, xv=xv, xa=xa, xg=xg, r=r, k=k, v=v, w_lora=w_lora,
+                    w_pre=w_pre, w=w, a_lora=a_lora, a=a, g_lora=g_lora, g=g, kk=kk,
+                    k_tilde=k_tilde, v_lora=v_lora, v_gate=v_gate, v_res=v_res)
+    return r, w, k_tilde, v_res, kk, a, g, v_first
+
+
+def time_mix_output(y, r, k, v, g, p, n_head, steps=STEPS, acts=None):
+    """Group norm, bonus, gate and output projection (§3.13-3.15). y, r, k (k_tilde), v (after
+    the value residual), g: (..., C). Returns (..., C)."""
+    gn = steps.group_norm(y, p["att.ln_x.weight"], p["att.ln_x.bias"], n_head)
+    b = steps.bonus(r, k, v, p["att.r_k"], n_head)
+    out = steps.output_gate(gn + b, g) @ p["att.output.weight"].T
+    if acts is not None:
+        acts.update(y=y, gn=gn, bonus=b, att=out)
+    return out
+
+
+def time_mix(x, x_prev, S, v_first, p, layer_id, n_head, steps=STEPS, acts=None):
+    """The time mix over T tokens. x, v_first: (..., T, C); x_prev: (..., C), the LN1 output of
+    the token before the first; S: (..., H, N, N). Returns out (..., T, C), S_T, v_first."""
+    x_shift = token_shift(x, x_prev)
+    r, w, k, v, kk, a, g, v_first = time_mix_inputs(x, x_shift, v_first, p, layer_id, n_head,
+                                                    steps, acts)
+    split = lambda u: heads(u, n_head)                                 # (..., T, C) -> (..., T, H, N)
+    S, y = steps.wkv(S, split(r), split(w), split(k), split(v), split(-kk), split(kk * a))
+    out = time_mix_output(y.reshape(x.shape), r, k, v, g, p, n_head, steps, acts)
+    if acts is not None:
+        acts["x_shift"] = x_shift
+    return out, S, v_first
+
+
+def channel_mix(x, x_prev, p, s_emb=None, steps=STEPS, acts=None):
+    """A two-layer MLP with squared ReLU, fed a lerp of this token and the previous one (§4.1).
+    x, x_prev: (..., C) LN2 output of the token(s) and of the ones before; s_emb: (..., D*D)
+    DeepEmbed rows of the token(s) (§4.2), None for plain x070. Returns (..., C)."""
+    xk = steps.lerp(x, x_prev, p["ffn.x_k"])                           # (..., C)
+    u = xk @ p["ffn.key.weight"].T                                     # (..., F)
+    h = steps.squared_relu(u)
+    if s_emb is not None:
+        # DeepEmbed: each token brings its own D x D matrix M; the gate is (x s1) M s2 + s0.
+        D = p["ffn.s1"].shape[1]
+        m = (x @ p["ffn.s1"])[..., None, :]                            # (..., 1, D): from x, not xk
+        M = s_emb.reshape(*s_emb.shape[:-1], D, D)                     # (..., D, D)
+        h = h * ((m @ M)[..., 0, :] @ p["ffn.s2"] + p["ffn.s0"])       # (..., F)
+    out = h @ p["ffn.value.weight"].T                                  # (..., C)
+    if acts is not None:
+        acts.update(ffn_x_prev=x_prev, ffn_xk=xk, ffn_key=u, ffn_hidden=h, ffn=out)
+    return out
+
+
+def deep_embed_rows(p, token_ids, x0):
+    """DeepEmbed rows of the tokens: s_emb[token] + x0 @ s_emb_x^T, x0 = LN0(emb[token]) (§4.2).
+    The official loader adds the second term to the whole table once; we add it per token."""
+    return p["ffn.s_emb.weight"][token_ids] + x0 @ p["ffn.s_emb_x.weight"].T
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Block, state and model
+# ----------------------------------------------------------------------------------------------
+
+def block(x, v_first, state, layer_id, p, n_head, s_emb=None, steps=STEPS, acts=None):
+    """One layer over T tokens: pre-norm residual time mix, then channel mix (§2.2). x, v_first:
+    (..., T, C). Updates layer `layer_id` of `state` in place (its arrays may carry the same
+    leading axes as x). Returns x, v_first."""
+    xa = steps.layer_norm(x, p["ln1.weight"], p["ln1.bias"])          # (..., T, C)
+    dx, state.wkv[layer_id], v_first = time_mix(
+        xa, state.att_shift[layer_id], state.wkv[layer_id], v_first, p, layer_id, n_head,
+        steps, acts)
+    x = x + dx
+    xf = steps.layer_norm(x, p["ln2.weight"], p["ln2.bias"])          # (..., T, C)
+    x = x + channel_mix(xf, token_shift(xf, state.ffn_shift[layer_id]), p, s_emb, steps, acts)
+    state.att_shift[layer_id], state.ffn_shift[layer_id] = xa[..., -1, :], xf[..., -1, :]
+    if acts is not None:
+        acts.update(ln1=xa, ln2=xf, block=x)
+    return x, v_first
+
 
 @dataclass(frozen=True)
 class Config:
@@ -122,23 +364,21 @@ class Config:
 
     @classmethod
     def from_weights(cls, weights):
-        """weights: dict official key -> array (any of the stored or squeezed shapes)."""
+        """weights: dict checkpoint key -> array (stored or squeezed shapes)."""
         V, C = weights["emb.weight"].shape
-        H, N = weights["blocks.0.att.r_k"].shape
+        H, N = weights["blocks.0.att.r_k"].shape[-2:]                   # stored (H, N)
         L = 1 + max(int(key.split(".")[1]) for key in weights if key.startswith("blocks."))
         deep = "blocks.0.ffn.s1" in weights
-        cfg = cls(
-            n_layer=L, n_embd=C, n_head=H, head_size=N, vocab_size=V,
-            dim_ffn=weights["blocks.0.ffn.key.weight"].shape[0],
-            d_decay=weights["blocks.0.att.w1"].shape[1],
-            d_aaa=weights["blocks.0.att.a1"].shape[1],
-            d_mv=weights["blocks.1.att.v1"].shape[1] if L > 1 else 0,  # layer 0's v1 is unused
-            d_gate=weights["blocks.0.att.g1"].shape[1],
-            variant="x070-deepembed" if deep else "x070",
-            d_deepembed=weights["blocks.0.ffn.s1"].shape[1] if deep else 0,
-        )
-        assert H * N == C, f"heads x head size = {H} x {N} != n_embd {C}"
-        return cfg
+        shape = lambda key, axis: weights[key].shape[axis]
+        if H * N != C:
+            raise ValueError(f"heads x head size = {H} x {N} != n_embd {C}")
+        return cls(n_layer=L, n_embd=C, n_head=H, head_size=N, vocab_size=V,
+                   dim_ffn=shape("blocks.0.ffn.key.weight", 0),
+                   d_decay=shape("blocks.0.att.w1", 1), d_aaa=shape("blocks.0.att.a1", 1),
+                   d_mv=shape("blocks.1.att.v1", 1) if L > 1 else 0,  # layer 0's v1 is unused
+                   d_gate=shape("blocks.0.att.g1", 1),
+                   variant="x070-deepembed" if deep else "x070",
+                   d_deepembed=shape("blocks.0.ffn.s1", 1) if deep else 0)
 
 
 @dataclass
@@ -147,10 +387,9 @@ class State:
 
     Per layer, three tensors (the official package's state[3i+0], [3i+1], [3i+2]):
         att_shift (L, C)        the LN1 output of the last token (time-mix token shift)
-        wkv       (L, H, N, N)  the WKV matrix, [head][value i][key j] (the official layout;
-                                fla and some kernels store its transpose [head][key][value])
+        wkv       (L, H, N, N)  the WKV state, [head][value i][key j] (fla stores the transpose)
         ffn_shift (L, C)        the LN2 output of the last token (channel-mix token shift)
-    Its size does not grow with the context: L * C * (N + 2) numbers.
+    Its size does not grow with the context: L * C * (N + 2) numbers (docs/architecture.md §5).
     """
     att_shift: np.ndarray
     wkv: np.ndarray
@@ -159,9 +398,11 @@ class State:
     FORMAT = "tinyrwkv-state-v1"  # written into saved files; class attribute, not a field
 
     @classmethod
-    def zeros(cls, config, dtype=np.float32):
+    def zeros(cls, config, dtype=np.float32, batch=()):
+        """The zero state; batch=(B,) gives B states at once, (L, B, ...)."""
         L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
-        return cls(np.zeros((L, C), dtype), np.zeros((L, H, N, N), dtype), np.zeros((L, C), dtype))
+        z = lambda *shape: np.zeros((L, *batch, *shape), dtype)
+        return cls(z(C), z(H, N, N), z(C))
 
     def copy(self):
         return State(self.att_shift.copy(), self.wkv.copy(), self.ffn_shift.copy())
@@ -173,11 +414,10 @@ class State:
 
     def wkv_key_value(self):
         """The WKV state transposed to [layer][head][key][value], the layout fla kernels use."""
-        return self.wkv.transpose(0, 1, 3, 2)
+        return self.wkv.swapaxes(-1, -2)
 
     def to_host(self):
-        """This state with NumPy arrays (the GPU backend's states hold CuPy arrays, which have
-        `.get()`); a NumPy state is returned as it is."""
+        """This state with NumPy arrays (a GPU backend's state holds arrays with `.get()`)."""
         host = lambda a: a if isinstance(a, np.ndarray) else a.get()
         return State(host(self.att_shift), host(self.wkv), host(self.ffn_shift))
 
@@ -207,317 +447,68 @@ class State:
                 raise ValueError(f"{where}{name} has shape {got}, this model needs {need}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Time mix (the "attention" of RWKV): §2.3 of the facts sheet, in order
-# ----------------------------------------------------------------------------------------------
-
-def time_mix_inputs(x, x_prev, v_first, p, layer_id, n_head):
-    """Steps 1-10: everything of the time mix that is position-wise, for one token or T tokens.
-
-    Args:
-        x:       (..., C) LN1 output of the current token(s)
-        x_prev:  (..., C) LN1 output of the previous token(s) (token shift)
-        v_first: (..., C) layer 0's value for the same token(s); ignored in layer 0
-        p:       this layer's weights, keyed by checkpoint name without 'blocks.{i}.'
-    Returns:
-        r, w, k_tilde, v, kappa_hat, a, g: each (..., C); v_first: (..., C)
-    """
-    dx = x_prev - x                                          # (..., C)
-    xr = x + dx * p["att.x_r"]                               # lerp towards the previous token,
-    xw = x + dx * p["att.x_w"]                               # one mix per use
-    xk = x + dx * p["att.x_k"]
-    xv = x + dx * p["att.x_v"]
-    xa = x + dx * p["att.x_a"]
-    xg = x + dx * p["att.x_g"]
-
-    r = xr @ p["att.receptance.weight"].T                    # (..., C)
-    k = xk @ p["att.key.weight"].T                           # (..., C)
-    v = xv @ p["att.value.weight"].T                         # (..., C)
-    w_pre = p["att.w0"] + np.tanh(xw @ p["att.w1"]) @ p["att.w2"]       # (..., C) via (..., Dw)
-    a = sigmoid(p["att.a0"] + (xa @ p["att.a1"]) @ p["att.a2"])         # (..., C) in (0, 1)
-    g = sigmoid(xg @ p["att.g1"]) @ p["att.g2"]              # (..., C): sigmoid between g1 and g2
-
-    # The removal key: k scaled per channel, then unit length per head (uses k before step 8).
-    kk = (k * p["att.k_k"]).reshape(*k.shape[:-1], n_head, -1)          # (..., H, N)
-    kappa_hat = l2_normalize(kk).reshape(k.shape)            # (..., H, N) -> (..., C)
-    # The written key: k where k_a = 0, k * a where k_a = 1.
-    k_tilde = k * (1 + (a - 1) * p["att.k_a"])               # (..., C)
-
-    # Value residual: every layer after the first mixes in layer 0's value, gated per channel.
-    if layer_id == 0:
-        v_first = v
-    else:
-        v = v + (v_first - v) * sigmoid(p["att.v0"] + (xv @ p["att.v1"]) @ p["att.v2"])
-
-    # Decay in (e^-e^-0.5, 1) = (0.545, 1): computed from w_pre, never more than 0.6065 in log.
-    w = np.exp(-DECAY_SCALE * sigmoid(w_pre))                # (..., C)
-    return r, w, k_tilde, v, kappa_hat, a, g, v_first
-
-
-def wkv_step(S, r, w, k, v, kappa_hat, a):
-    """Step 11-12: one token of the WKV recurrence (the generalised delta rule), all heads.
-
-        S <- S diag(w) + (S a) b^T + v k^T   with a = -kappa_hat, b = kappa_hat * a_lr
-        y <- S r                             (read out with the new state)
-
-    S[h] is (value x key): column j belongs to key channel j, so the decay w scales columns.
-    `S a` is what the state currently stores under the removal key; adding (S a) b^T removes
-    that much (scaled by the learning rate a) before v k^T writes the new association.
-
-    Args:
-        S: (H, N, N) state; r, w, k, v, kappa_hat, a: (H, N) this token's per-head vectors.
-    Returns:
-        S_new (H, N, N), y (H, N)
-    """
-    sa = S @ -kappa_hat[:, :, None]                                   # (H, N, 1) = S a
-    S = S * w[:, None, :] + sa * (kappa_hat * a)[:, None, :] + v[:, :, None] * k[:, None, :]
-    y = (S @ r[:, :, None])[:, :, 0]                                  # (H, N, 1) -> (H, N)
-    return S, y
-
-
-def time_mix_output(y, r, k, v, g, p, n_head):
-    """Steps 13-15: group norm, the bonus term, the gate and the output projection.
-
-    Args: y, r, k, v, g: (..., C) (k is k_tilde, v after the value residual). Returns (..., C).
-    """
-    y = group_norm(y, p["att.ln_x.weight"], p["att.ln_x.bias"], n_head)      # (..., C)
-    # Bonus: the current token's own value, weighted by a per-head r.k similarity (u in RWKV-4..6).
-    rk = (r * k).reshape(*r.shape[:-1], n_head, -1) * p["att.r_k"]           # (..., H, N)
-    bonus = rk.sum(axis=-1, keepdims=True) * v.reshape(rk.shape)             # (..., H, N)
-    y = y + bonus.reshape(y.shape)                                           # (..., C)
-    return (y * g) @ p["att.output.weight"].T                                # (..., C)
-
-
-def time_mix_one(x, x_prev, S, v_first, p, layer_id, n_head):
-    """Recurrent form: one token. x, x_prev, v_first: (C,); S: (H, N, N).
-    Returns out (C,), the new S (H, N, N), v_first (C,)."""
-    r, w, k, v, kappa_hat, a, g, v_first = time_mix_inputs(x, x_prev, v_first, p, layer_id, n_head)
-    heads = lambda u: u.reshape(n_head, -1)                               # (C,) -> (H, N)
-    S, y = wkv_step(S, heads(r), heads(w), heads(k), heads(v), heads(kappa_hat), heads(a))
-    out = time_mix_output(y.reshape(-1), r, k, v, g, p, n_head)
-    return out, S, v_first
-
-
-def time_mix_seq(x, x_prev, S, v_first, p, layer_id, n_head, wkv=None):
-    """Sequence form: T tokens. Every projection is one matrix product over the whole sequence;
-    only the WKV operator works through the tokens, with `wkv` = `wkv_seq` (token by token, the
-    default) or `wkv_chunked` (chunks of tokens with matrix products; same result).
-    x, v_first: (T, C); x_prev: (C,); S: (H, N, N). Returns out (T, C), the new S, v_first (T, C)."""
-    T, C = x.shape
-    r, w, k, v, kappa_hat, a, g, v_first = time_mix_inputs(
-        x, token_shift(x, x_prev), v_first, p, layer_id, n_head)
-    heads = lambda u: u.reshape(T, n_head, -1)                            # (T, C) -> (T, H, N)
-    S, y = (wkv or wkv_seq)(S, *map(heads, (r, w, k, v, kappa_hat, a)))   # y: (T, H, N)
-    out = time_mix_output(y.reshape(T, C), r, k, v, g, p, n_head)
-    return out, S, v_first
-
-
-# ----------------------------------------------------------------------------------------------
-# The WKV operator over a sequence: recurrent, and chunked (the parallel form, §3.6)
-# ----------------------------------------------------------------------------------------------
-
-def wkv_seq(S, r, w, k, v, kappa_hat, a):
-    """The WKV recurrence over T tokens, one `wkv_step` at a time.
-
-    Args: S (H, N, N) initial state; r, w, k, v, kappa_hat, a: (T, H, N).
-    Returns: the state after the last token (H, N, N), and y (T, H, N).
-    """
-    y = np.empty_like(r)                                                  # (T, H, N)
-    for t in range(len(r)):
-        S, y[t] = wkv_step(S, r[t], w[t], k[t], v[t], kappa_hat[t], a[t])
-    return S, y
-
-
-# e^{-g} over a chunk reaches e^{0.6065 * chunk_len}; float32 overflows past e^{88.7}.
-MAX_CHUNK_LEN = 144
-
-
-def wkv_chunked(S, r, w, k, v, kappa_hat, a, chunk_len=16):
-    """The same function as `wkv_seq`, a chunk of tokens at a time with matrix products.
-
-    Within a chunk the state is never formed token by token; only the state at the end of each
-    chunk is, and carried into the next. Same signature and result as `wkv_seq` (up to rounding).
-    """
-    if not 1 <= chunk_len <= MAX_CHUNK_LEN:
-        raise ValueError(f"chunk_len must be 1..{MAX_CHUNK_LEN}, got {chunk_len}: longer chunks "
-                         "overflow float32 in the factored decays (see wkv_chunk)")
-    y = np.empty_like(r)                                                  # (T, H, N)
-    for start in range(0, len(r), chunk_len):
-        c = slice(start, start + chunk_len)
-        S, y[c] = wkv_chunk(S, r[c], w[c], k[c], v[c], kappa_hat[c], a[c])
-    return S, y
-
-
-
-def wkv_chunk(S, r, w, k, v, kappa_hat, a):
-    """One chunk of T tokens of the WKV recurrence in closed form (the WY / DPLR formulation).
-
-    Per head, the transition is diag(w_t) + alpha_t beta_t^T with alpha = -kappa_hat,
-    beta = kappa_hat * a. Let z_t = S_{t-1} alpha_t (what the state holds under the removal key) and
-    g_t = sum_{tau <= t} log w_tau (cumulative log decay per key channel, g_0 = 0). Unrolling gives
-        S_t = S_0 diag(e^{g_t}) + sum_{s <= t} (v_s k_s^T + z_s beta_s^T) diag(e^{g_t - g_s}),
-    so z_t, y_t = S_t r_t and S_T are sums over earlier tokens weighted by pairwise decays
-    e^{g_t - g_s}. Those weights factor as e^{g_t} * e^{-g_s}, which turns every sum into a matrix
-    product; the z_t depend on each other only through a unit lower-triangular system, solved once.
-    Chapter 03 derives this step by step.
-
-    Why factoring is safe here: log w >= -e^{-1/2} = -0.6065 per token (the decay's soft clamp),
-    so within a chunk of 16 tokens e^{-g_s} <= e^{9.7} ~ 1.6e4, far inside float32's range, and each
-    product is rounded relative to its own (bounded) size. Chunks past MAX_CHUNK_LEN = 144 tokens
-    would overflow float32 (e^{0.6065 * 146} > 3.4e38); chapter 03 measures where it breaks.
-
-    Args: S (H, N, N) state [value, key]; r, w, k, v, kappa_hat, a: (T, H, N).
-    Returns: S_T (H, N, N), y (T, H, N).
-    """
-    r, w, k, v, kappa_hat, a = (u.transpose(1, 0, 2) for u in (r, w, k, v, kappa_hat, a))  # (H, T, N)
-    T = r.shape[1]
-    alpha, beta = -kappa_hat, kappa_hat * a                               # (H, T, N)
-    log_w = np.log(w)
-    g = np.cumsum(log_w, axis=1)                                          # (H, T, N): g_t
-    g_prev = g - log_w                                                    # (H, T, N): g_{t-1}
-
-    # Queries decayed forward from the chunk start, keys brought back to it.
-    a_out, r_out = alpha * np.exp(g_prev), r * np.exp(g)                  # (H, T, N)
-    k_in, b_in = k * np.exp(-g), beta * np.exp(-g)                        # (H, T, N)
-    before = np.tril(np.ones((T, T), bool), -1)                           # s < t
-    upto = np.tril(np.ones((T, T), bool))                                 # s <= t
-    mT = lambda u: u.transpose(0, 2, 1)                                   # (H, T, N) -> (H, N, T)
-    A_ak = np.where(before, a_out @ mT(k_in), 0)                          # (H, T, T)
-    A_ab = np.where(before, a_out @ mT(b_in), 0)
-    A_rk = np.where(upto, r_out @ mT(k_in), 0)
-    A_rb = np.where(upto, r_out @ mT(b_in), 0)
-
-    S0_t = mT(S)                                                          # (H, N key, N value)
-    # z_t = (alpha_t e^{g_{t-1}}) S_0^T + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] z_s, for all t at once:
-    z = np.linalg.solve(np.eye(T, dtype=r.dtype) - A_ab, a_out @ S0_t + A_ak @ v)   # (H, T, N)
-    # y_t = S_t r_t = (r_t e^{g_t}) S_0^T + sum_{s<=t} A_rk[t,s] v_s + A_rb[t,s] z_s
-    y = r_out @ S0_t + A_rk @ v + A_rb @ z                                # (H, T, N)
-    # S_T = S_0 diag(e^{g_T}) + sum_s (v_s k_s^T + z_s beta_s^T) diag(e^{g_T - g_s})
-    to_end = np.exp(g[:, -1:, :] - g)                                     # (H, T, N), <= 1
-    S = S * np.exp(g[:, -1])[:, None, :] + mT(v) @ (k * to_end) + mT(z) @ (beta * to_end)
-    return S, y.transpose(1, 0, 2)                                        # (H, N, N), (T, H, N)
-
-
-# ----------------------------------------------------------------------------------------------
-# Channel mix (the MLP): §2.4; DeepEmbed gate §5.2
-# ----------------------------------------------------------------------------------------------
-
-def channel_mix(x, x_prev, p, s_emb=None):
-    """A two-layer MLP with squared ReLU, fed a lerp of this token and the previous one.
-
-    Args:
-        x, x_prev: (..., C) LN2 output of the current and the previous token(s)
-        s_emb:     (..., D*D) DeepEmbed rows of the current token(s); None for plain x070
-    Returns: (..., C)
-    """
-    xk = x + (x_prev - x) * p["ffn.x_k"]                       # (..., C)
-    h = np.maximum(xk @ p["ffn.key.weight"].T, 0) ** 2         # (..., F)
-    if s_emb is not None:
-        # DeepEmbed: each token brings its own D x D matrix M; the gate is (x s1) M s2 + s0.
-        D = p["ffn.s1"].shape[1]
-        u = (x @ p["ffn.s1"])[..., None, :]                    # (..., 1, D): from x, not xk
-        M = s_emb.reshape(*s_emb.shape[:-1], D, D)             # (..., D*D) -> (..., D, D)
-        h = h * ((u @ M)[..., 0, :] @ p["ffn.s2"] + p["ffn.s0"])           # (..., F)
-    return h @ p["ffn.value.weight"].T                         # (..., C)
-
-
-def deep_embed_rows(p, token_ids, x0):
-    """DeepEmbed rows for the given tokens: s_emb[token] + x0 @ s_emb_x^T, where x0 = LN0(emb[token]).
-    The official loader adds the second term to the whole table once; we add it per token. (..., D*D)"""
-    return p["ffn.s_emb.weight"][token_ids] + x0 @ p["ffn.s_emb_x.weight"].T
-
-
-# ----------------------------------------------------------------------------------------------
-# Block: pre-norm residual time mix, then pre-norm residual channel mix (§2.2)
-# ----------------------------------------------------------------------------------------------
-
-def block_one(x, v_first, state, layer_id, p, n_head, s_emb=None):
-    """One layer for one token, recurrent form. x, v_first: (C,); updates layer `layer_id` of
-    `state` in place. Returns the new residual x (C,) and v_first (C,)."""
-    xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                    # (C,)
-    dx, state.wkv[layer_id], v_first = time_mix_one(
-        xa, state.att_shift[layer_id], state.wkv[layer_id], v_first, p, layer_id, n_head)
-    state.att_shift[layer_id] = xa
-    x = x + dx
-    xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                    # (C,)
-    x = x + channel_mix(xf, state.ffn_shift[layer_id], p, s_emb)
-    state.ffn_shift[layer_id] = xf
-    return x, v_first
-
-
-def block_seq(x, v_first, state, layer_id, p, n_head, s_emb=None, wkv=None):
-    """One layer for T tokens, sequence form. x, v_first: (T, C); updates layer `layer_id` of
-    `state` in place (token shifts become the last token's LN outputs). Returns x, v_first (T, C).
-    `wkv`: the WKV operator over the sequence (`wkv_seq` by default, or `wkv_chunked`)."""
-    xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                    # (T, C)
-    dx, state.wkv[layer_id], v_first = time_mix_seq(
-        xa, state.att_shift[layer_id], state.wkv[layer_id], v_first, p, layer_id, n_head, wkv)
-    x = x + dx
-    xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                    # (T, C)
-    x = x + channel_mix(xf, token_shift(xf, state.ffn_shift[layer_id]), p, s_emb)
-    state.att_shift[layer_id], state.ffn_shift[layer_id] = xa[-1], xf[-1]
-    return x, v_first
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
-
 class RWKV7:
     """An RWKV-7 model: its weights, its config, and the two forward forms.
 
-    `weights` is a dict from official checkpoint key to array, as `tinyrwkv.read_checkpoint` returns
-    it (or as stored in a .pth). Preparation (below) only squeezes (1, 1, C) lerp vectors to (C,),
-    casts to `dtype` and groups keys per layer; matrices stay exactly as stored.
+    `weights`: dict checkpoint key -> array, as `tinyrwkv.read_checkpoint` returns it. Preparing
+    them only squeezes (1, 1, C) vectors to (C,), casts to `dtype` and groups keys per layer.
+    `steps`: the table of steps (default STEPS); `wkv_method`: how the sequence form runs the
+    WKV operator, "recurrent", "chunked" or "auto" (chunked from CHUNKED_FROM tokens on).
     """
 
-    # Sequence form: from this many tokens on, the chunked WKV is faster than stepping (measured
-    # in NumPy on 2 cores: 1.2-1.6x at 3 tokens, 2-2.5x from 8 on; chapter 03 re-measures it).
+    # From this many tokens on the chunked WKV is faster in NumPy (2 cores: 1.2-1.6x at 3 tokens,
+    # 2-2.5x from 8 on; chapter 03 re-measures it).
     CHUNKED_FROM = 4
+    backend = "numpy"
+    storage = "float32"   # how the big matrices are kept; the NumPy reference keeps `dtype`
 
-    def __init__(self, weights, dtype="float32", name=None, wkv="auto"):
-        """wkv: how the sequence form runs the WKV operator: "recurrent" (token by token),
-        "chunked" (matrix products over chunks of 16 tokens), or "auto" (chunked from
-        CHUNKED_FROM tokens on). All three compute the same function."""
-        if wkv not in ("auto", "recurrent", "chunked"):
-            raise ValueError(f"wkv must be 'auto', 'recurrent' or 'chunked', not {wkv!r}")
-        self.wkv = wkv
+    def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", steps=STEPS):
+        if wkv_method not in ("auto", "recurrent", "chunked"):
+            raise ValueError(f"wkv_method must be 'auto', 'recurrent' or 'chunked', "
+                             f"not {wkv_method!r}")
+        self.wkv_method, self.steps, self.name = wkv_method, steps, name
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, not {self.dtype}")
         self.config = Config.from_weights(weights)
-        self.name = name
-        self.backend = "numpy"
-        cast = lambda key: self.prepare_weight(key, np.asarray(weights[key]))
-        squeeze = lambda a: a.reshape(-1) if a.ndim == 3 else a           # (1, 1, C) -> (C,)
-        self.emb = cast("emb.weight")                                     # (V, C)
-        self.ln0 = (cast("blocks.0.ln0.weight"), cast("blocks.0.ln0.bias"))
-        self.ln_out = (cast("ln_out.weight"), cast("ln_out.bias"))
-        self.head = cast("head.weight")                                   # (V, C)
+        H, N = self.config.n_head, self.config.head_size
+        get = lambda key: self.prepare_weight(key, np.asarray(weights[key]))
+        self.emb, self.head = get("emb.weight"), get("head.weight")        # (V, C) each
+        self.ln0 = (get("blocks.0.ln0.weight"), get("blocks.0.ln0.bias"))
+        self.ln_out = (get("ln_out.weight"), get("ln_out.bias"))
         self.blocks = []
         for i in range(self.config.n_layer):
             prefix = f"blocks.{i}."
-            p = {key[len(prefix):]: squeeze(cast(key)) for key in weights
-                 if key.startswith(prefix) and not key.startswith(prefix + "ln0.")}
-            if i == 0:  # layer 0 never uses its value-residual weights (may be absent)
-                for unused in ("att.v0", "att.v1", "att.v2"):
-                    p.pop(unused, None)
-            p["att.r_k"] = p["att.r_k"].reshape(self.config.n_head, self.config.head_size)  # (H, N)
-            if "ffn.s0" in p:
-                p["ffn.s0"] = p["ffn.s0"].reshape(-1)                                     # (F,)
+            unused = ("ln0.", "att.v0", "att.v1", "att.v2") if i == 0 else ("ln0.",)
+            p = {key[len(prefix):]: get(key) for key in weights
+                 if key.startswith(prefix) and not key[len(prefix):].startswith(unused)}
+            for key, a in p.items():      # (1, 1, C) -> (C,); r_k (H, N) however it was stored
+                if key == "att.r_k":
+                    p[key] = a.reshape(H, N)
+                elif a.ndim == 3 or key == "ffn.s0":
+                    p[key] = a.reshape(-1)
             self.blocks.append(p)
 
     def prepare_weight(self, key, array):
-        """One tensor as the forward pass uses it: cast to the model's dtype (no copy when it
-        already is; a float32 checkpoint stays memory-mapped). Fast backends override this."""
+        """One tensor as the forward pass uses it, cast to the model's dtype (no copy when it
+        already is: a float32 file stays memory-mapped). Backends override this."""
         return array.astype(self.dtype, copy=False)
+
+    def stored_tensors(self):
+        """{checkpoint key: NumPy array}: the numbers this model computes with, as floats (the
+        backend contract: tinyrwkv/backends/__init__.py). The oracle traces through these."""
+        out = {"emb.weight": self.emb, "head.weight": self.head,
+               "blocks.0.ln0.weight": self.ln0[0], "blocks.0.ln0.bias": self.ln0[1],
+               "ln_out.weight": self.ln_out[0], "ln_out.bias": self.ln_out[1]}
+        for i, p in enumerate(self.blocks):
+            out.update({f"blocks.{i}.{key}": a for key, a in p.items()})
+        return out
 
     # ---- the two forms ----
 
-    def _check_ids(self, ids):
+    def check_ids(self, ids):
         ids = np.asarray(ids)
-        if ids.ndim == 0:
-            ids = ids[None]
+        ids = ids[None] if ids.ndim == 0 else ids
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError("token ids must be a non-empty list of integers")
         if not np.issubdtype(ids.dtype, np.integer):
@@ -529,39 +520,43 @@ class RWKV7:
                              f"(0..{V - 1}): was the text encoded with another model's tokenizer?")
         return ids.astype(np.int64)
 
-    def _check_state(self, state):
+    def check_state(self, state):
+        """A copy of `state` in the model's dtype (the caller's is never modified), or zeros."""
         if state is None:
             return State.zeros(self.config, self.dtype)
         state.check_fits(self.config, where="state.")
-        # A copy in the model's dtype: the caller's state is never modified.
-        return State(*(np.array(getattr(state, n), dtype=self.dtype)
+        host = state.to_host()
+        return State(*(np.array(getattr(host, n), dtype=self.dtype)
                        for n in ("att_shift", "wkv", "ffn_shift")))
 
-    def forward_one(self, token, state):
-        """Recurrent form: one token. Returns the final hidden vector (C,) before ln_out and the new
-        state. `state` is updated in place; the public `forward` hands it a copy."""
-        x0 = layer_norm(self.emb[token], *self.ln0)               # (C,) ln0 on the embedding
+    def forward_seq(self, ids, state, steps=None, acts=None):
+        """Sequence form: T tokens at once. Returns the hidden vectors (T, C) before ln_out and the
+        new state (`state` is updated in place; `forward` hands it a copy). `acts`, if given, is
+        filled with ln0 and a dict of named intermediates per layer."""
+        steps = steps or self.steps
+        chunked = self.wkv_method == "chunked" or (
+            self.wkv_method == "auto" and len(ids) >= self.CHUNKED_FROM)
+        if chunked and steps.wkv is wkv_seq:
+            steps = replace(steps, wkv=wkv_chunked)
+        x0 = steps.layer_norm(self.emb[ids], *self.ln0)                  # (T, C)
         x, v_first = x0, None
         for i, p in enumerate(self.blocks):
-            s_emb = deep_embed_rows(p, token, x0) if "ffn.s1" in p else None      # (D*D,)
-            x, v_first = block_one(x, v_first, state, i, p, self.config.n_head, s_emb)
+            s_emb = deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None   # (T, D*D)
+            layer_acts = None if acts is None else acts.setdefault(f"L{i}", {})
+            x, v_first = block(x, v_first, state, i, p, self.config.n_head, s_emb, steps, layer_acts)
+        if acts is not None:
+            acts["ln0"] = x0
         return x, state
 
-    def forward_seq(self, ids, state):
-        """Sequence form: T tokens at once. Returns the hidden vectors (T, C) before ln_out and the
-        new state. `state` is updated in place; the public `forward` hands it a copy."""
-        chunked = self.wkv == "chunked" or (self.wkv == "auto" and len(ids) >= self.CHUNKED_FROM)
-        wkv = wkv_chunked if chunked else wkv_seq
-        x0 = layer_norm(self.emb[ids], *self.ln0)                 # (T, C)
-        x, v_first = x0, None
-        for i, p in enumerate(self.blocks):
-            s_emb = deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None        # (T, D*D)
-            x, v_first = block_seq(x, v_first, state, i, p, self.config.n_head, s_emb, wkv)
-        return x, state
+    def forward_one(self, token, state):
+        """Recurrent form: one token, the paper's recurrence. Returns the hidden vector (C,) before
+        ln_out and the new state (updated in place)."""
+        x, state = self.forward_seq(np.array([token]), state)
+        return x[0], state
 
     def hidden(self, ids, state=None, mode="sequence"):
         """The normalised final hidden vectors ln_out(x), (T, C), and the new state."""
-        ids, state = self._check_ids(ids), self._check_state(state)
+        ids, state = self.check_ids(ids), self.check_state(state)
         if mode not in ("sequence", "recurrent"):
             raise ValueError(f"mode must be 'sequence' or 'recurrent', not {mode!r}")
         if mode == "sequence" and len(ids) > 1:  # one token takes the recurrent form (as official)
@@ -576,35 +571,25 @@ class RWKV7:
         Args:
             ids: token ids (a list, an int array, or one int)
             state: a State to continue from (not modified); None = the zero state
-            full_output: return logits for every position (T, V) instead of the last (V,)
+            full_output: logits for every position (T, V) instead of the last (V,)
             mode: "sequence" (default, faster) or "recurrent" (one token at a time)
-        Returns:
-            logits (V,) or (T, V) in the model's dtype, new State
+        Returns: logits (V,) or (T, V) in the model's dtype, the new State
         """
         h, state = self.hidden(ids, state, mode)
-        if not full_output:
-            h = h[-1]                                         # (C,)
-        return self.logits(h), state                          # (V,) or (T, V)
+        return self.logits(h if full_output else h[-1]), state
 
     def logits(self, h):
         """The LM head: (..., C) normalised hidden vectors -> (..., V) logits."""
         return h @ self.head.T
 
     def embed(self, ids, state=None, pool="last", normalize=True):
-        """A sentence embedding: the model's final hidden state (after ln_out) for the text.
-
-        pool="last" returns the vector of the last token, which has read the whole text (the
-        vector the LM head turns into next-token logits); pool="mean" averages over the tokens.
-        normalize=True scales it to unit L2 norm, so a dot product is a cosine similarity.
-        Returns (C,) in the model's dtype. Untrained for similarity: quality depends on the model.
-        """
-        h, _ = self.hidden(ids, state)                        # (T, C)
-        if pool == "last":
-            e = h[-1]
-        elif pool == "mean":
-            e = h.mean(axis=0)
-        else:
+        """A sentence embedding: the final hidden vector (after ln_out) of the last token
+        (pool="last", the one the head reads) or the mean over tokens (pool="mean"), unit length
+        with normalize=True. (C,) in the model's dtype; quality depends on the model."""
+        if pool not in ("last", "mean"):
             raise ValueError(f"pool must be 'last' or 'mean', not {pool!r}")
+        h, _ = self.hidden(ids, state)                        # (T, C)
+        e = h[-1] if pool == "last" else h.mean(axis=0)
         return e / np.linalg.norm(e) if normalize else e
 
     def zero_state(self):
@@ -612,6 +597,5 @@ class RWKV7:
 
     @property
     def n_params(self):
-        """Numbers the forward pass reads (layer-0 v0/v1/v2 are not counted: they are never used)."""
-        arrays = [self.emb, self.head, *self.ln0, *self.ln_out]
-        return sum(a.size for a in arrays) + sum(a.size for p in self.blocks for a in p.values())
+        """Numbers the forward pass reads (layer 0's unused v0/v1/v2 are not counted)."""
+        return sum(int(np.size(a)) for a in self.stored_tensors().values())

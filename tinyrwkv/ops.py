@@ -69,7 +69,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="decay", state_layout="VK", hea
     squeeze = np.ndim(r) == 3
     r, w, k, v, a, b = (_to_btHN(x, head_first) for x in (r, w, k, v, a, b))
     S0 = _state_in(state, r.shape, state_layout)
-    y, S, _ = train.wkv_forward(S0, r, _decay(w, w_form), k, v, a, b)
+    S, y, _ = train.wkv_forward(S0, r, _decay(w, w_form), k, v, a, b)
     return _from_btHN(y, head_first, squeeze), _state_out(S, state_layout, squeeze)
 
 
@@ -82,8 +82,8 @@ def wkv7_backward(dy, dstate, r, w, k, v, a, b, state=None, *, w_form="decay", s
     S0 = _state_in(state, r.shape, state_layout)
     dS = None if dstate is None else _state_in(dstate, r.shape, state_layout)
     decay = _decay(w, w_form)
-    _, _, ckpt = train.wkv_forward(S0, r, decay, k, v, a, b)
-    dr, ddecay, dk, dv, da, db, dS0 = train.wkv_backward(dy, dS, ckpt, r, decay, k, v, a, b)
+    _, _, saved = train.wkv_forward(S0, r, decay, k, v, a, b)
+    dS0, dr, ddecay, dk, dv, da, db = train.wkv_backward(dS, dy, saved, r, decay, k, v, a, b)
     if w_form == "log":                                   # decay = e^w
         dw = ddecay * decay
     elif w_form == "cuda":                                # decay = exp(-e^w)

@@ -23,7 +23,8 @@ Trace names (per layer `L{i}.`; every array has the token axis first, T rows):
     L{i}.k_tilde            the key written: k * (1 + (a - 1) k_a)    (T, C)
     L{i}.v_res              value after the value residual            (T, C)
     L{i}.state              WKV state after the token, [head][value][key]  (T, H, N, N)
-    L{i}.wkv                WKV output y = S r                        (T, C)
+    L{i}.y                  WKV output y = S r (read with the new state)  (T, C)
+                            (named L{i}.wkv in files written before; load_trace renames it)
     L{i}.gn                 group-norm output                         (T, C)
     L{i}.bonus              (r . k_tilde r_k) v per head              (T, C)
     L{i}.att                attention output ((gn + bonus) g) Wo^T    (T, C)
@@ -32,142 +33,90 @@ Trace names (per layer `L{i}.`; every array has the token axis first, T rows):
     L{i}.block              the residual stream after the layer       (T, C)
     logits                                                            (T, V)
 
-The trace runs the recurrent form, one token at a time, through `OPS`: a table of the small
-functions the model is made of. A copy of the table with one entry replaced is a copy of the
-model with one thing changed (tests/test_oracle.py plants bugs that way).
+The trace is the reference itself (model.py) run with a dict that its functions fill with their
+named intermediates, and the WKV recurrence stepped token by token to keep every state. There is
+no second derivation here. `steps=dataclasses.replace(tinyrwkv.model.STEPS, decay=...)` runs the
+same pass with one step replaced: tests/test_oracle.py plants bugs that way.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 
 from . import model as ref
 
 # ----------------------------------------------------------------------------------------------
-# The forward pass as a table of pieces
+# Traces: the reference's own intermediates, recorded while it runs
 # ----------------------------------------------------------------------------------------------
 
-
-def _lerps(x, x_prev, p):
-    return {c: x + (x_prev - x) * p[f"att.x_{c[1]}"] for c in ("xr", "xw", "xk", "xv", "xa", "xg")}
-
-
-def _kappa_hat(k, p, H):
-    return ref.l2_normalize((k * p["att.k_k"]).reshape(H, -1)).reshape(-1)
-
-
-OPS = {
-    "layer_norm": lambda x, w, b: ref.layer_norm(x, w, b),
-    "group_norm": lambda x, w, b, H: ref.group_norm(x, w, b, H),
-    "lerps": _lerps,                                   # (x, previous token's x, p) -> dict
-    "decay": lambda w_pre: np.exp(-ref.DECAY_SCALE * ref.sigmoid(w_pre)),
-    "a": lambda u: ref.sigmoid(u),
-    "kappa_hat": _kappa_hat,
-    "k_tilde": lambda k, a, p: k * (1 + (a - 1) * p["att.k_a"]),
-    "value_residual": lambda v, v_first, gate: v + (v_first - v) * gate,
-    "wkv_step": lambda S, r, w, k, v, kh, a: ref.wkv_step(S, r, w, k, v, kh, a),
-    "bonus": lambda r, k, v, p, H: ((r * k).reshape(H, -1) * p["att.r_k"]).sum(-1, keepdims=True)
-                                   * v.reshape(H, -1),
-    "gate": lambda y, g: y * g,
-    "ffn_act": lambda u: np.maximum(u, 0) ** 2,
-    "ln0": lambda x, w, b: ref.layer_norm(x, w, b),
-}
+# Per layer, in the order computed (model.py fills `acts` with these names and a few more that
+# only the trainer's backward needs).
+LAYER_NAMES = ("ln1", "xr", "xw", "xk", "xv", "xa", "xg", "r", "w_pre", "w", "w_log", "w_cuda",
+               "k", "v", "a", "g", "kk", "k_tilde", "v_res", "state", "y", "gn", "bonus", "att",
+               "ffn_hidden", "ffn", "block")
+RENAMED = {"wkv": "y"}   # trace files written before the rename: L{i}.wkv was the WKV output y
 
 
-def trace(model, ids, state=None, ops=None):
-    """Every intermediate of the forward pass over `ids`, by name (module docstring), in the
-    model's dtype; run it on an RWKV7(..., dtype="float64") for the oracle. Also returns the
-    state after the last token as `final.att_shift`, `final.wkv`, `final.ffn_shift`."""
-    ops = ops or OPS
-    cfg = model.config
-    H = cfg.n_head
-    ids = model._check_ids(ids)
-    st = model._check_state(state)
-    rows = {}
-    put = lambda name, value: rows.setdefault(name, []).append(np.array(value))
-    for token in ids:
-        token = int(token)
-        x0 = ops["ln0"](model.emb[token], *model.ln0)
-        put("ln0", x0)
-        x, v_first = x0, None
-        for i, p in enumerate(model.blocks):
-            n = f"L{i}."
-            xa = ops["layer_norm"](x, p["ln1.weight"], p["ln1.bias"])
-            put(n + "ln1", xa)
-            m = ops["lerps"](xa, st.att_shift[i], p)
-            for name in ("xr", "xw", "xk", "xv", "xa", "xg"):
-                put(n + name, m[name])
-            r = m["xr"] @ p["att.receptance.weight"].T
-            k = m["xk"] @ p["att.key.weight"].T
-            v = m["xv"] @ p["att.value.weight"].T
-            w_pre = p["att.w0"] + np.tanh(m["xw"] @ p["att.w1"]) @ p["att.w2"]
-            w = ops["decay"](w_pre)
-            a = ops["a"](p["att.a0"] + (m["xa"] @ p["att.a1"]) @ p["att.a2"])
-            g = ref.sigmoid(m["xg"] @ p["att.g1"]) @ p["att.g2"]
-            kh = ops["kappa_hat"](k, p, H)
-            kt = ops["k_tilde"](k, a, p)
-            if i == 0:
-                v_first, v_res = v, v
-            else:
-                gate = ref.sigmoid(p["att.v0"] + (m["xv"] @ p["att.v1"]) @ p["att.v2"])
-                v_res = ops["value_residual"](v, v_first, gate)
-            # The two other forms of the decay, from w_pre directly (log(-log(w)) would lose
-            # float32 precision where w is near 1): log w = -e^-0.5 sigmoid(w_pre), and the CUDA
-            # kernel's log(-log w) = -0.5 + log sigmoid(w_pre) = -0.5 - softplus(-w_pre).
-            w_log = -ref.DECAY_SCALE * ref.sigmoid(w_pre)
-            w_cuda = -0.5 - np.logaddexp(0, -w_pre)
-            for name, value in (("r", r), ("w_pre", w_pre), ("w", w), ("w_log", w_log),
-                                ("w_cuda", w_cuda), ("k", k), ("v", v), ("a", a),
-                                ("g", g), ("kk", kh), ("k_tilde", kt), ("v_res", v_res)):
-                put(n + name, value)
-            hd = lambda u: u.reshape(H, -1)
-            S, y = ops["wkv_step"](st.wkv[i], hd(r), hd(w), hd(kt), hd(v_res), hd(kh), hd(a))
-            st.wkv[i] = S
-            put(n + "state", S)
-            y = y.reshape(-1)
-            put(n + "wkv", y)
-            gn = ops["group_norm"](y, p["att.ln_x.weight"], p["att.ln_x.bias"], H)
-            put(n + "gn", gn)
-            bonus = ops["bonus"](r, kt, v_res, p, H).reshape(-1)
-            put(n + "bonus", bonus)
-            att = ops["gate"](gn + bonus, g) @ p["att.output.weight"].T
-            put(n + "att", att)
-            st.att_shift[i] = xa
-            x = x + att
-            xf = ops["layer_norm"](x, p["ln2.weight"], p["ln2.bias"])
-            xk = xf + (st.ffn_shift[i] - xf) * p["ffn.x_k"]
-            h = ops["ffn_act"](xk @ p["ffn.key.weight"].T)
-            if "ffn.s1" in p:
-                s_emb = ref.deep_embed_rows(p, token, x0)
-                D = p["ffn.s1"].shape[1]
-                h = h * ((xf @ p["ffn.s1"]) @ s_emb.reshape(D, D) @ p["ffn.s2"] + p["ffn.s0"])
-            put(n + "ffn_hidden", h)
-            ffn = h @ p["ffn.value.weight"].T
-            put(n + "ffn", ffn)
-            st.ffn_shift[i] = xf
-            x = x + ffn
-            put(n + "block", x)
-        put("logits", ref.layer_norm(x, *model.ln_out) @ model.head.T)
-    out = {name: np.stack(values) for name, values in rows.items()}
-    out.update({"final.att_shift": st.att_shift, "final.wkv": st.wkv,
-                "final.ffn_shift": st.ffn_shift})
+def reference_of(model, dtype=None):
+    """The NumPy reference on the numbers `model` computes with (the model itself when it is the
+    reference): the backend contract's `stored_tensors()`, in `dtype` (default the model's)."""
+    if type(model) is ref.RWKV7 and dtype in (None, model.dtype):
+        return model
+    return ref.RWKV7(model.stored_tensors(), dtype=dtype or model.dtype, name=model.name,
+                     steps=model.steps)
+
+
+def trace(model, ids, state=None, steps=None, dtype=None):
+    """Every intermediate of the forward pass over `ids`, by name (module docstring).
+
+    The model's weights are run through the NumPy reference (model.py) in the model's dtype: for
+    a backend model, on the numbers it stores (`model.stored_tensors()`, e.g. bf16 weights
+    widened exactly), so a trace is never of other weights. Run it on a float64 model for the
+    oracle (or pass dtype="float64": the same stored numbers, computed in float64). `steps`
+    replaces the reference's steps (model.Steps): how bugs are planted. Also
+    returns the state after the last token as `final.att_shift`, `final.wkv`, `final.ffn_shift`.
+    """
+    reference = reference_of(model, dtype)
+    steps = steps or reference.steps
+    ids, st = reference.check_ids(ids), reference.check_state(state)
+    states = []                                          # per layer: the state after each token
+
+    def recorded_wkv(S, r, w, k, v, alpha, beta):
+        after = []
+
+        def step(S, *vectors):
+            S, y = steps.wkv_step(S, *vectors)
+            after.append(S)
+            return S, y
+        S, y = ref.wkv_seq(S, r, w, k, v, alpha, beta, step=step)
+        states.append(np.stack(after))                   # (T, H, N, N)
+        return S, y
+
+    acts = {}
+    x, st = reference.forward_seq(ids, st, replace(steps, wkv=recorded_wkv), acts)
+    out = {"ln0": acts.pop("ln0")}
+    for i in range(reference.config.n_layer):
+        layer = acts[f"L{i}"]
+        layer["state"] = states[i]
+        layer["w_log"] = ref.log_decay(layer["w_pre"])  # fla and llama.cpp take log w
+        layer["w_cuda"] = np.log(-layer["w_log"])        # the official CUDA kernel: w = exp(-exp(.))
+        out.update({f"L{i}.{name}": layer[name] for name in LAYER_NAMES})
+    out["logits"] = reference.logits(ref.layer_norm(x, *reference.ln_out))
+    out.update({"final.att_shift": st.att_shift, "final.wkv": st.wkv, "final.ffn_shift": st.ffn_shift})
     return out
 
 
 def order(names):
     """Forward order of trace names: ln0, then layer by layer in the order computed, logits."""
-    per_layer = ["ln1", "xr", "xw", "xk", "xv", "xa", "xg", "r", "w_pre", "w", "w_log", "w_cuda",
-                 "k", "v", "a", "g", "kk", "k_tilde", "v_res", "state", "wkv", "gn", "bonus",
-                 "att", "ffn_hidden", "ffn", "block"]
-
     def key(name):
         if name == "ln0":
             return (-1, 0)
         if name.startswith("L") and "." in name:
             layer, op = name[1:].split(".", 1)
-            return (int(layer), per_layer.index(op) if op in per_layer else len(per_layer))
+            return (int(layer), LAYER_NAMES.index(op) if op in LAYER_NAMES else len(LAYER_NAMES))
         return (10 ** 6, 0 if name == "logits" else 1)
     return sorted(names, key=key)
 
@@ -186,6 +135,11 @@ def save_trace(path, tr, state_layout="VK", meta=None):
              __meta__=np.array(json.dumps(meta or {})), **tr)
 
 
+def _renamed(name):
+    layer, _, op = name.rpartition(".")
+    return f"{layer}.{RENAMED[op]}" if layer.startswith("L") and op in RENAMED else name
+
+
 def load_trace(path):
     """{name: array} from a trace file; a state saved [key][value] ("KV") is transposed back to
     [value][key] here, so comparisons always see the official layout."""
@@ -193,7 +147,7 @@ def load_trace(path):
         layout = str(f["__state_layout__"]) if "__state_layout__" in f else "VK"
         if layout not in ("VK", "KV"):
             raise ValueError(f"{path}: __state_layout__ must be 'VK' or 'KV', not {layout!r}")
-        out = {k: f[k] for k in f.files if not k.startswith("__")}
+        out = {_renamed(k): f[k] for k in f.files if not k.startswith("__")}
     if layout == "KV":
         for name, value in out.items():
             if name.endswith(".state") or name == "final.wkv":
@@ -284,13 +238,3 @@ def format_report(report):
     elif report["ok"]:
         lines.append("all tensors within tolerance")
     return "\n".join(lines)
-
-
-def _model_trace(self, ids, state=None):
-    """model.trace(ids): every intermediate by name (see tinyrwkv.oracle). Use a float64 model
-    for the reference."""
-    return trace(self, ids, state)
-
-
-# `model.trace(ids)` for every model class. Attached here, so that model.py imports NumPy only.
-ref.RWKV7.trace = _model_trace

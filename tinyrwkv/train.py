@@ -4,15 +4,16 @@
     loss, grads = tinyrwkv.train.loss_and_grad(params, ids, targets)  # ids, targets: (B, T)
 
 `loss` is the mean cross-entropy in nats; `grads` has the keys and stored shapes of `params`.
-float64 in, float64 out (float32 in, float32 out). The math is model.py's sequence form from a
-zero state, batched over B sequences; each backward function sits under its forward and undoes it
-step by step. Plain x070 only (DeepEmbed models are refused).
+float64 in, float64 out (float32 in, float32 out). The forward pass is model.py's own functions
+(`model.block`) run on (B, T, C) arrays from a zero state, filling a dict of activations per
+layer with what the backward needs (llm.c's pattern); the backward below undoes it step by step.
+Plain x070 only (DeepEmbed models are refused).
 
 The WKV operator is the only part that is not a stack of array expressions: `wkv_forward` and
-`wkv_backward` step through time. The backward needs the state before every token; instead of
-keeping T states it keeps one every `WKV_CHUNK` tokens (checkpoints) and recomputes the states
-of one chunk at a time while going backwards, so memory is T / WKV_CHUNK states, not T.
-`tinyrwkv.train_fast` has Numba kernels with the same signatures (the trainer uses them).
+`wkv_backward` step through time with model.wkv_step. The backward needs the state before every
+token; instead of keeping T states the forward saves one every SAVE_EVERY tokens and the backward
+recomputes one stretch at a time, so memory is T / SAVE_EVERY states, not T.
+tinyrwkv/backends/numba_train.py and cupy_train.py are its twins (the trainer uses them).
 
 Notation: B sequences, T tokens, C channels, H heads of N; the operator's inputs follow the
 official CUDA kernel and fla: r, w (decay), k, v, alpha = -kappa_hat, beta = kappa_hat * a.
@@ -20,11 +21,12 @@ official CUDA kernel and fla: r, w (decay), k, v, alpha = -kappa_hat, beta = kap
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from . import model as ref
-
-WKV_CHUNK = 16
+from .backends import SAVE_EVERY
 
 
 def array_module(a):
@@ -40,99 +42,74 @@ def array_module(a):
 # Small pieces and their gradients
 # ----------------------------------------------------------------------------------------------
 
-def norm_forward(x, weight, bias, groups, eps):
-    """LayerNorm (groups=1) or GroupNorm over the last axis. Returns y and the cache."""
+def norm_backward(dy, x, weight, groups, eps):
+    """Gradients of model.layer_norm (groups=1) or model.group_norm at input x: d/dx of
+    (x - mean) / std over each group, then the affine. Returns dx, dweight, dbias."""
     xp = array_module(x)
     shape = x.shape
-    xg = x.reshape(*shape[:-1], groups, -1)
-    mu = xg.mean(axis=-1, keepdims=True)
-    var = ((xg - mu) ** 2).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = ((xg - mu) * rstd).reshape(shape)
-    return xhat * weight + bias, (xhat, rstd, weight, groups)
-
-
-def norm_backward(dy, cache):
-    """d/dx of (x - mean) / std over each group, then the affine. Returns dx, dweight, dbias."""
-    xhat, rstd, weight, groups = cache
-    shape = dy.shape
-    axes = tuple(range(dy.ndim - 1))
-    dweight, dbias = (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
     g = lambda u: u.reshape(*shape[:-1], groups, -1)
-    dxhat, xh = g(dy * weight), g(xhat)
+    xg = g(x)
+    mu = xg.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(((xg - mu) ** 2).mean(axis=-1, keepdims=True) + eps)
+    xh = (xg - mu) * rstd                                               # x normalised, per group
+    axes = tuple(range(dy.ndim - 1))
+    dweight, dbias = (dy * xh.reshape(shape)).sum(axis=axes), dy.sum(axis=axes)
+    dxhat = g(dy * weight)
     dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
                  - xh * (dxhat * xh).mean(axis=-1, keepdims=True))
     return dx.reshape(shape), dweight, dbias
 
 
-def shift(x):
-    """Token shift from a zero state: the previous token's vector, zeros for the first. (B, T, C)"""
-    xp = array_module(x)
-    out = xp.zeros_like(x)
-    out[:, 1:] = x[:, :-1]
-    return out
-
-
 def shift_backward(d):
+    """Gradient of model.token_shift from a zero state: each position's gradient goes to the one
+    before it. (B, T, C)"""
     xp = array_module(d)
     out = xp.zeros_like(d)
     out[:, :-1] = d[:, 1:]
     return out
 
 
-def sigmoid(x):
-    xp = array_module(x)
-    return 1.0 / (1.0 + xp.exp(-x))
-
-
 # ----------------------------------------------------------------------------------------------
-# The WKV operator: forward with checkpoints, backward through time
+# The WKV operator: forward with saved states, backward through time
 # ----------------------------------------------------------------------------------------------
 
-def wkv_forward(S0, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
-    """S_t = S_{t-1} (diag(w_t) + alpha_t beta_t^T) + v_t k_t^T;  y_t = S_t r_t.
+def wkv_forward(S0, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """model.wkv_seq, saving what the backward needs.
 
     Args: S0 (B, H, N, N) [value][key]; r, w, k, v, alpha, beta (B, T, H, N).
-    Returns: y (B, T, H, N), the last state (B, H, N, N), checkpoints (n_chunks, B, H, N, N):
-    the state before token c * chunk, for the backward.
+    Returns: the last state (B, H, N, N), y (B, T, H, N), and `saved` (ceil(T/chunk), B, H, N, N):
+    the state before token c * chunk.
     """
     xp = array_module(r)
     B, T, H, N = r.shape
-    S = S0.copy()
-    y = xp.empty_like(r)
-    ckpt = xp.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
+    S, y = S0, xp.empty_like(r)
+    saved = xp.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
     for t in range(T):
         if t % chunk == 0:
-            ckpt[t // chunk] = S
-        sa = xp.einsum("bhij,bhj->bhi", S, alpha[:, t])                 # S alpha   (B, H, N)
-        S = S * w[:, t, :, None, :] + sa[..., None] * beta[:, t, :, None, :] \
-            + v[:, t, :, :, None] * k[:, t, :, None, :]
-        y[:, t] = xp.einsum("bhij,bhj->bhi", S, r[:, t])
-    return y, S, ckpt
+            saved[t // chunk] = S
+        S, y[:, t] = ref.wkv_step(S, r[:, t], w[:, t], k[:, t], v[:, t], alpha[:, t], beta[:, t])
+    return S, y, saved
 
 
-def wkv_backward(dy, dS_last, ckpt, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
-    """Gradients of wkv_forward. dy (B, T, H, N); dS_last (B, H, N, N) or None.
+def wkv_backward(dS_last, dy, saved, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """Gradients of wkv_forward. dS_last (B, H, N, N) or None; dy (B, T, H, N).
 
     Going back through token t with G = dL/dS_t (everything later, plus y_t's share dy_t r_t^T):
         dr_t = S_t^T dy_t,  dv_t = G k_t,  dk_t = G^T v_t,
         dw_t[j] = sum_i G[i, j] S_{t-1}[i, j],  dbeta_t = G^T (S_{t-1} alpha_t),
         dalpha_t = S_{t-1}^T (G beta_t),  and  dL/dS_{t-1} = G diag(w_t) + (G beta_t) alpha_t^T.
-    Returns dr, dw, dk, dv, dalpha, dbeta (B, T, H, N) and dS0 (B, H, N, N).
+    Returns dS0 (B, H, N, N) and dr, dw, dk, dv, dalpha, dbeta (B, T, H, N).
     """
     xp = array_module(r)
     B, T, H, N = r.shape
-    grads = [xp.zeros_like(r) for _ in range(6)]
-    dr, dw, dk, dv, dalpha, dbeta = grads
+    dr, dw, dk, dv, dalpha, dbeta = (xp.zeros_like(r) for _ in range(6))
     G = xp.zeros((B, H, N, N), r.dtype) if dS_last is None else dS_last.copy()
-    for c in reversed(range(len(ckpt))):
+    for c in reversed(range(len(saved))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        states = [ckpt[c]]                                   # recompute S_{t0-1} .. S_{t1-1}
+        states = [saved[c]]                                  # recompute S_{t0-1} .. S_{t1-1}
         for t in range(t0, t1):
-            S = states[-1]
-            sa = xp.einsum("bhij,bhj->bhi", S, alpha[:, t])
-            states.append(S * w[:, t, :, None, :] + sa[..., None] * beta[:, t, :, None, :]
-                          + v[:, t, :, :, None] * k[:, t, :, None, :])
+            states.append(ref.wkv_step(states[-1], r[:, t], w[:, t], k[:, t], v[:, t],
+                                       alpha[:, t], beta[:, t])[0])
         for t in reversed(range(t0, t1)):
             S_prev, S_t = states[t - t0], states[t - t0 + 1]
             G = G + dy[:, t, :, :, None] * r[:, t, :, None, :]                    # + dy_t r_t^T
@@ -145,11 +122,11 @@ def wkv_backward(dy, dS_last, ckpt, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
             Gb = xp.einsum("bhij,bhj->bhi", G, beta[:, t])                       # G beta (B,H,N)
             dalpha[:, t] = xp.einsum("bhij,bhi->bhj", S_prev, Gb)
             G = G * w[:, t, :, None, :] + Gb[..., None] * alpha[:, t, :, None, :]
-    return dr, dw, dk, dv, dalpha, dbeta, G
+    return G, dr, dw, dk, dv, dalpha, dbeta
 
 
 # ----------------------------------------------------------------------------------------------
-# The model: forward with caches, backward
+# The model: forward (model.py's functions, keeping activations), backward
 # ----------------------------------------------------------------------------------------------
 
 LERPS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
@@ -166,56 +143,16 @@ def _prepare(params):
     return config, dtype
 
 
-def _block_forward(x, v_first, p, i, H, wkv_ops):
-    """One layer over (B, T, C). p: this layer's params keyed like 'att.x_r' (squeezed)."""
-    xp = array_module(x)
-    B, T, C = x.shape
-    c = {}
-    xa, c["ln1"] = norm_forward(x, p["ln1.weight"], p["ln1.bias"], 1, ref.LN_EPS)
-    dxp = shift(xa) - xa                                                    # prev - x
-    mixed = [xa + dxp * p["att." + m] for m in LERPS]                       # 6 x (B, T, C)
-    xr, xw, xk, xv, xa_, xg = mixed
-    r = xr @ p["att.receptance.weight"].T
-    k = xk @ p["att.key.weight"].T
-    v = xv @ p["att.value.weight"].T
-    hw = xp.tanh(xw @ p["att.w1"])                                          # (B, T, Dw)
-    w_pre = p["att.w0"] + hw @ p["att.w2"]
-    ha = xa_ @ p["att.a1"]
-    a = sigmoid(p["att.a0"] + ha @ p["att.a2"])
-    hg = sigmoid(xg @ p["att.g1"])
-    g = hg @ p["att.g2"]
-    kk = (k * p["att.k_k"]).reshape(B, T, H, -1)
-    norm = xp.maximum(xp.sqrt((kk * kk).sum(axis=-1, keepdims=True)), ref.L2_EPS)
-    kh = (kk / norm).reshape(B, T, C)
-    kt = k * (1 + (a - 1) * p["att.k_a"])
-    if i == 0:
-        v_first, hv, vg, v_raw = v, None, None, v
-    else:
-        hv = xv @ p["att.v1"]
-        vg = sigmoid(p["att.v0"] + hv @ p["att.v2"])
-        v_raw, v = v, v + (v_first - v) * vg
-    sw = sigmoid(w_pre)
-    w = xp.exp(-ref.DECAY_SCALE * sw)
-    heads = lambda u: u.reshape(B, T, H, -1)
-    S0 = xp.zeros((B, H, C // H, C // H), x.dtype)
-    y, _, ckpt = wkv_ops[0](S0, heads(r), heads(w), heads(kt), heads(v), heads(-kh),
-                            heads(kh * a))
-    y = y.reshape(B, T, C)
-    yn, c["gn"] = norm_forward(y, p["att.ln_x.weight"], p["att.ln_x.bias"], H, ref.GN_EPS)
-    rk = (r * kt * p["att.r_k"].reshape(-1)).reshape(B, T, H, -1).sum(axis=-1, keepdims=True)
-    bonus = (rk * heads(v)).reshape(B, T, C)
-    o = (yn + bonus) * g
-    x = x + o @ p["att.output.weight"].T
-    xf, c["ln2"] = norm_forward(x, p["ln2.weight"], p["ln2.bias"], 1, ref.LN_EPS)
-    dxf = shift(xf) - xf
-    xk2 = xf + dxf * p["ffn.x_k"]
-    u = xk2 @ p["ffn.key.weight"].T
-    h = xp.maximum(u, 0) ** 2
-    x = x + h @ p["ffn.value.weight"].T
-    c.update(dxp=dxp, mixed=mixed, r=r, k=k, v=v, v_raw=v_raw, hw=hw, ha=ha, a=a, hg=hg, g=g,
-             kk=kk, norm=norm, kh=kh, kt=kt, hv=hv, vg=vg, sw=sw, w=w, ckpt=ckpt, yn=yn, rk=rk,
-             bonus=bonus, o=o, dxf=dxf, xk2=xk2, u=u, h=h, v_first=v_first)
-    return x, v_first, c
+def _block_forward(x, v_first, state, p, i, H, wkv_ops):
+    """One layer over (B, T, C): model.block, keeping its activations (and the WKV states the
+    backward needs) in a dict. Returns x, v_first, acts."""
+    acts = {"x_in": x, "v_first_in": v_first}
+
+    def wkv(S, r, w, k, v, alpha, beta):
+        S, y, acts["wkv_saved"] = wkv_ops[0](S, r, w, k, v, alpha, beta)
+        return S, y
+    x, v_first = ref.block(x, v_first, state, i, p, H, steps=replace(ref.STEPS, wkv=wkv), acts=acts)
+    return x, v_first, acts
 
 
 def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
@@ -226,35 +163,40 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     B, T, C = dx.shape
     gp = {}
     heads = lambda u: u.reshape(B, T, H, -1)
+    x_mid = c["x_in"] + c["att"]                                            # input of ln2
     # channel mix: x_out = x_mid + relu(xk2 Wk^T)^2 Wv^T
-    gp["ffn.value.weight"] = (dx.reshape(-1, dx.shape[-1]).T @ c["h"].reshape(-1, c["h"].shape[-1]))
+    h = c["ffn_hidden"]
+    gp["ffn.value.weight"] = dx.reshape(-1, C).T @ h.reshape(-1, h.shape[-1])
     dh = dx @ p["ffn.value.weight"]
-    du = dh * 2 * xp.maximum(c["u"], 0)
-    gp["ffn.key.weight"] = du.reshape(-1, du.shape[-1]).T @ c["xk2"].reshape(-1, C)
+    du = dh * 2 * xp.maximum(c["ffn_key"], 0)
+    gp["ffn.key.weight"] = du.reshape(-1, du.shape[-1]).T @ c["ffn_xk"].reshape(-1, C)
     dxk2 = du @ p["ffn.key.weight"]
-    gp["ffn.x_k"] = (dxk2 * c["dxf"]).sum(axis=(0, 1))
+    gp["ffn.x_k"] = (dxk2 * (c["ffn_x_prev"] - c["ln2"])).sum(axis=(0, 1))
     dxf = dxk2 * (1 - p["ffn.x_k"]) + shift_backward(dxk2 * p["ffn.x_k"])
-    dmid, gp["ln2.weight"], gp["ln2.bias"] = norm_backward(dxf, c["ln2"])
+    dmid, gp["ln2.weight"], gp["ln2.bias"] = norm_backward(dxf, x_mid, p["ln2.weight"], 1, ref.LN_EPS)
     dx = dx + dmid                                                          # dL/dx_mid
     # time mix output: x_mid = x_in + o Wo^T, o = (yn + bonus) * g
-    gp["att.output.weight"] = dx.reshape(-1, C).T @ c["o"].reshape(-1, C)
+    o = ref.output_gate(c["gn"] + c["bonus"], c["g"])
+    gp["att.output.weight"] = dx.reshape(-1, C).T @ o.reshape(-1, C)
     do = dx @ p["att.output.weight"]
-    dg = do * (c["yn"] + c["bonus"])
+    dg = do * (c["gn"] + c["bonus"])
     dsum = do * c["g"]
-    dy, gp["att.ln_x.weight"], gp["att.ln_x.bias"] = norm_backward(dsum, c["gn"])
+    dy, gp["att.ln_x.weight"], gp["att.ln_x.bias"] = norm_backward(
+        dsum, c["y"], p["att.ln_x.weight"], H, ref.GN_EPS)
     # bonus = rk * v, rk = sum_head(r * kt * r_k)
-    drk = (heads(dsum) * heads(c["v"])).sum(axis=-1, keepdims=True)         # (B, T, H, 1)
-    dv = (heads(dsum) * c["rk"]).reshape(B, T, C)
+    rk = (heads(c["r"]) * heads(c["k_tilde"]) * p["att.r_k"]).sum(axis=-1, keepdims=True)
+    drk = (heads(dsum) * heads(c["v_res"])).sum(axis=-1, keepdims=True)     # (B, T, H, 1)
+    dv = (heads(dsum) * rk).reshape(B, T, C)
     rkflat = p["att.r_k"].reshape(-1)
     drk_c = xp.broadcast_to(drk, (B, T, H, C // H)).reshape(B, T, C)
-    dr = drk_c * c["kt"] * rkflat
+    dr = drk_c * c["k_tilde"] * rkflat
     dkt = drk_c * c["r"] * rkflat
-    gp["att.r_k"] = (drk_c * c["r"] * c["kt"]).sum(axis=(0, 1)).reshape(p["att.r_k"].shape)
+    gp["att.r_k"] = (drk_c * c["r"] * c["k_tilde"]).sum(axis=(0, 1)).reshape(p["att.r_k"].shape)
     # WKV
-    a, kh = c["a"], c["kh"]
-    dr_w, dw, dkt_w, dv_w, dalpha, dbeta, _ = wkv_ops[1](
-        heads(dy), None, c["ckpt"], heads(c["r"]), heads(c["w"]), heads(c["kt"]), heads(c["v"]),
-        heads(-kh), heads(kh * a))
+    a, kh = c["a"], c["kk"]
+    _, dr_w, dw, dkt_w, dv_w, dalpha, dbeta = wkv_ops[1](
+        None, heads(dy), c["wkv_saved"], heads(c["r"]), heads(c["w"]), heads(c["k_tilde"]),
+        heads(c["v_res"]), heads(-kh), heads(kh * a))
     flat = lambda u: u.reshape(B, T, C)
     dr = dr + flat(dr_w)
     dkt = dkt + flat(dkt_w)
@@ -262,17 +204,18 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     dkh = -flat(dalpha) + flat(dbeta) * a
     da = flat(dbeta) * kh
     # decay: w = exp(-DECAY_SCALE * sigmoid(w_pre))
-    dw_pre = flat(dw) * c["w"] * (-ref.DECAY_SCALE) * c["sw"] * (1 - c["sw"])
+    sw = ref.sigmoid(c["w_pre"])
+    dw_pre = flat(dw) * c["w"] * (-ref.DECAY_SCALE) * sw * (1 - sw)
     # value residual
     if i == 0:
         dv_raw = dv + (dv_first if dv_first is not None else 0)
     else:
-        vg, v_raw, v_first = c["vg"], c["v_raw"], c["v_first"]
+        vg, v_raw, v_first = c["v_gate"], c["v"], c["v_first_in"]
         dv_raw = dv * (1 - vg)
         dv_first_here = dv * vg
         dvg_pre = dv * (v_first - v_raw) * vg * (1 - vg)
         gp["att.v0"] = dvg_pre.sum(axis=(0, 1))
-        gp["att.v2"] = c["hv"].reshape(-1, c["hv"].shape[-1]).T @ dvg_pre.reshape(-1, C)
+        gp["att.v2"] = c["v_lora"].reshape(-1, c["v_lora"].shape[-1]).T @ dvg_pre.reshape(-1, C)
         dhv = dvg_pre @ p["att.v2"].T
         dv_first = dv_first_here + (dv_first if dv_first is not None else 0)
     # kt = k * (1 + (a - 1) * k_a)
@@ -282,23 +225,24 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     gp["att.k_a"] = (dkt * k * (a - 1)).sum(axis=(0, 1))
     # kh = kk / |kk| per head, kk = k * k_k
     khh, dkhh = heads(kh), heads(dkh)
-    dkk = (dkhh - khh * (dkhh * khh).sum(axis=-1, keepdims=True)) / c["norm"]
+    norm = xp.maximum(xp.sqrt((heads(k * p["att.k_k"]) ** 2).sum(axis=-1, keepdims=True)), ref.L2_EPS)
+    dkk = (dkhh - khh * (dkhh * khh).sum(axis=-1, keepdims=True)) / norm
     dkk = flat(dkk)
     dk = dk + dkk * p["att.k_k"]
     gp["att.k_k"] = (dkk * k).sum(axis=(0, 1))
     # LoRAs
     two = lambda u: u.reshape(-1, u.shape[-1])
     gp["att.w0"] = dw_pre.sum(axis=(0, 1))
-    gp["att.w2"] = two(c["hw"]).T @ two(dw_pre)
-    dhw_pre = (dw_pre @ p["att.w2"].T) * (1 - c["hw"] ** 2)
+    gp["att.w2"] = two(c["w_lora"]).T @ two(dw_pre)
+    dhw_pre = (dw_pre @ p["att.w2"].T) * (1 - c["w_lora"] ** 2)
     da_pre = da * a * (1 - a)
     gp["att.a0"] = da_pre.sum(axis=(0, 1))
-    gp["att.a2"] = two(c["ha"]).T @ two(da_pre)
+    gp["att.a2"] = two(c["a_lora"]).T @ two(da_pre)
     dha = da_pre @ p["att.a2"].T
-    gp["att.g2"] = two(c["hg"]).T @ two(dg)
-    dhg_pre = (dg @ p["att.g2"].T) * c["hg"] * (1 - c["hg"])
+    gp["att.g2"] = two(c["g_lora"]).T @ two(dg)
+    dhg_pre = (dg @ p["att.g2"].T) * c["g_lora"] * (1 - c["g_lora"])
     # projections back to the six mixed inputs
-    xr, xw, xk, xv, xa_, xg = c["mixed"]
+    xr, xw, xk, xv, xa_, xg = (c[n] for n in ("xr", "xw", "xk", "xv", "xa", "xg"))
     gp["att.receptance.weight"] = two(dr).T @ two(xr)
     gp["att.key.weight"] = two(dk).T @ two(xk)
     gp["att.value.weight"] = two(dv_raw).T @ two(xv)
@@ -316,11 +260,12 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     dprev = xp.zeros_like(dx)
     for name, dm in zip(LERPS, dmixed):
         mix = p["att." + name]
-        gp["att." + name] = (dm * c["dxp"]).sum(axis=(0, 1))
+        gp["att." + name] = (dm * (c["x_shift"] - c["ln1"])).sum(axis=(0, 1))
         dxa += dm * (1 - mix)
         dprev += dm * mix
     dxa += shift_backward(dprev)
-    dln, gp["ln1.weight"], gp["ln1.bias"] = norm_backward(dxa, c["ln1"])
+    dln, gp["ln1.weight"], gp["ln1.bias"] = norm_backward(dxa, c["x_in"], p["ln1.weight"], 1,
+                                                           ref.LN_EPS)
     return dx + dln, (None if i == 0 else dv_first), gp
 
 
@@ -332,8 +277,8 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
             read_checkpoint returns them. float64 gives a float64 computation, float32 float32.
         ids, targets: (B, T) integer arrays (a 1-D array is one sequence).
         wkv_ops: (forward, backward) for the WKV operator; default: this module's NumPy pair for
-            NumPy arrays, the CUDA kernels (`tinyrwkv.train_gpu.WKV_OPS`) for CuPy arrays
-            (`tinyrwkv.train_fast.WKV_OPS` is the Numba pair). Params as CuPy arrays run the
+            NumPy arrays, the CUDA kernels (`tinyrwkv.backends.cupy_train.WKV_OPS`) for CuPy
+            arrays (`tinyrwkv.backends.numba_train.WKV_OPS` is the Numba pair). Params as CuPy arrays run the
             whole computation on the GPU and return CuPy gradients.
     Returns:
         loss (a Python float), grads: dict with the keys and shapes of params (layer 0's unused
@@ -351,21 +296,26 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
         if xp is np:
             wkv_ops = (wkv_forward, wkv_backward)
         else:
-            from .train_gpu import WKV_OPS as wkv_ops
+            from .backends.cupy_train import WKV_OPS as wkv_ops
     H = config.n_head
     P = {key: xp.asarray(value, dtype).reshape(-1) if value.ndim == 3
          else xp.asarray(value, dtype) for key, value in params.items()}
     layers = [{key[len(f"blocks.{i}."):]: value for key, value in P.items()
                if key.startswith(f"blocks.{i}.")} for i in range(config.n_layer)]
 
-    # forward
-    emb = P["emb.weight"]
-    x, c0 = norm_forward(emb[ids], P["blocks.0.ln0.weight"], P["blocks.0.ln0.bias"], 1, ref.LN_EPS)
+    # forward: model.py's functions on (B, T, C), from a zero state
+    B, T = ids.shape
+    L, C, N = config.n_layer, config.n_embd, config.head_size
+    state = ref.State(xp.zeros((L, B, C), dtype), xp.zeros((L, B, H, N, N), dtype),
+                      xp.zeros((L, B, C), dtype))
+    emb_rows = P["emb.weight"][ids]                                           # (B, T, C)
+    x = ref.layer_norm(emb_rows, P["blocks.0.ln0.weight"], P["blocks.0.ln0.bias"])
     caches, v_first = [], None
     for i, p in enumerate(layers):
-        x, v_first, c = _block_forward(x, v_first, p, i, H, wkv_ops)
+        x, v_first, c = _block_forward(x, v_first, state, p, i, H, wkv_ops)
         caches.append(c)
-    xo, c_out = norm_forward(x, P["ln_out.weight"], P["ln_out.bias"], 1, ref.LN_EPS)
+    x_last = x
+    xo = ref.layer_norm(x, P["ln_out.weight"], P["ln_out.bias"])
     logits = xo @ P["head.weight"].T                                          # (B, T, V)
     m = logits.max(axis=-1, keepdims=True)
     e = xp.exp(logits - m)
@@ -381,13 +331,15 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     dlogits /= n
     grads["head.weight"] = dlogits.reshape(-1, V).T @ xo.reshape(-1, xo.shape[-1])
     dxo = dlogits @ P["head.weight"]
-    dx, grads["ln_out.weight"], grads["ln_out.bias"] = norm_backward(dxo, c_out)
+    dx, grads["ln_out.weight"], grads["ln_out.bias"] = norm_backward(
+        dxo, x_last, P["ln_out.weight"], 1, ref.LN_EPS)
     dv_first = None
     for i in reversed(range(config.n_layer)):
         dx, dv_first, gp = _block_backward(dx, dv_first, layers[i], i, H, caches[i], wkv_ops)
         for key, value in gp.items():
             grads[f"blocks.{i}.{key}"] = value
-    demb, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = norm_backward(dx, c0)
+    demb, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = norm_backward(
+        dx, emb_rows, P["blocks.0.ln0.weight"], 1, ref.LN_EPS)
     # emb[ids] read rows, some more than once: their gradients add up (np.add.at / cupy.add.at)
     xp.add.at(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
     out = {}

@@ -128,7 +128,7 @@ def bits_per_byte(params, ids, n_bytes, backend="numba"):
     over its UTF-8 bytes. Uses the inference model (same function as training's forward)."""
     from .loader import default_backend
     if backend == "numba" and default_backend() == "numba":
-        from .fast import RWKV7Numba
+        from .backends.numba_cpu import RWKV7Numba
         model = RWKV7Numba(params)
     else:
         from .model import RWKV7
@@ -170,11 +170,11 @@ def run(args):
     log_file = out / "log.jsonl"
     wkv_ops = None                          # numpy: the reference; cupy: the CUDA kernels
     if args.backend == "numba":
-        from .train_fast import WKV_OPS
+        from .backends.numba_train import WKV_OPS
         wkv_ops = WKV_OPS
     to_device = lambda a: a                 # where parameters and Adam moments live
     if args.backend == "cupy":
-        from .gpu import check_available
+        from .backends.cupy_gpu import check_available
         check_available()
         import cupy
         to_device = lambda a: cupy.asarray(a)

@@ -11,7 +11,7 @@
 # delta rule** that updates $S$; the read-out, group norm, bonus term and gate; and the value
 # residual. Each piece is checked against the library's `tinyrwkv.model.time_mix_inputs`,
 # `wkv_step` and `time_mix_output`, and at the end your own one-token time mix is checked against
-# `time_mix_one` for every layer of a model.
+# the library's `time_mix` on one token, for every layer of a model.
 #
 # **Prerequisites.** [00 · Quickstart](00_quickstart.ipynb) (what a model, a state and a token are).
 # NumPy and a little linear algebra: matrix–vector products and outer products $v k^\top$.
@@ -36,8 +36,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import tinyrwkv
-from tinyrwkv.model import (block_one, layer_norm, time_mix_inputs, time_mix_one,
-                            time_mix_output, token_shift, wkv_step)
+from tinyrwkv.model import (block, layer_norm, time_mix, time_mix_inputs, time_mix_output,
+                            token_shift, wkv_step)
 from tinyrwkv.synthetic import make_weights
 
 CHAPTER_START = time.perf_counter()
@@ -77,12 +77,12 @@ def layer_inputs(ids, state=None):
     X = np.zeros((L, len(ids), C))                               # (L, T, C)
     V_first = np.zeros((len(ids), C))                            # (T, C)
     for t, token in enumerate(ids):
-        x, v_first = layer_norm(model.emb[token], *model.ln0), None      # (C,)
+        x, v_first = layer_norm(model.emb[[token]], *model.ln0), None    # (1, C): T = 1 token
         for i, p in enumerate(model.blocks):
-            X[i, t] = layer_norm(x, p["ln1.weight"], p["ln1.bias"])
-            x, v_first = block_one(x, v_first, state, i, p, H)   # updates state[i] in place
+            X[i, t] = layer_norm(x[0], p["ln1.weight"], p["ln1.bias"])
+            x, v_first = block(x, v_first, state, i, p, H)       # updates state[i] in place
             if i == 0:
-                V_first[t] = v_first
+                V_first[t] = v_first[0]
     return X, V_first, state
 
 
@@ -428,7 +428,9 @@ print("a = 1 replaces v1 by v2; a = 0 accumulates v1 + v2 (plain linear attentio
 # ### The same step on the model's numbers
 #
 # Now the real inputs of layer 0, split into heads `(C,) -> (H, N)`, from a random non-zero state,
-# against the library's `wkv_step`:
+# against the library's `wkv_step`. It takes the removal term as the pair of the equation above,
+# $\mathbf a = -\hat\kappa$ and $\mathbf b = \hat\kappa \odot a$ (the form of the official CUDA
+# kernel, which chapter 03 uses), instead of $\hat\kappa$ and $a$:
 
 # %%
 heads = lambda vec: vec.reshape(H, N)                            # (C,) -> (H, N)
@@ -437,7 +439,8 @@ S0 = rng.standard_normal((H, N, N)) * 0.1                        # (H, N, N) a n
 t = 5
 inputs = [heads(u_[t]) for u_ in (r, w, k_tilde, v, kappa_hat, a)]
 S_ours, y_ours = delta_rule_step(S0, *inputs)
-S_lib, y_lib = wkv_step(S0, *inputs)   # library argument order: S, r, w, k, v, kappa_hat, a
+r_t, w_t, k_t, v_t, kappa_t, a_t = inputs
+S_lib, y_lib = wkv_step(S0, r_t, w_t, k_t, v_t, -kappa_t, kappa_t * a_t)  # ..., alpha, beta
 print("S", S_ours.shape, " y", y_ours.shape)
 print(f"max|ΔS| = {np.abs(S_ours - S_lib).max():.1e},  max|Δy| = {np.abs(y_ours - y_lib).max():.1e}")
 assert np.allclose(S_ours, S_lib, rtol=0, atol=1e-12) and np.allclose(y_ours, y_lib, rtol=0, atol=1e-12)
@@ -601,28 +604,31 @@ def my_time_mix_one(x, x_prev, S, v_first, p, layer_id, n_head):
 
 # %% [markdown]
 # The final check: read the sentence to get a non-zero state, then feed a few more tokens, one at
-# a time. For each token and **every layer** we give our function and the library's `time_mix_one`
+# a time. For each token and **every layer** we give our function and the library's `time_mix`
 # the same inputs (the layer's LN1 output, its token-shift and WKV state, `v_first`), compare all
-# three results, and then let the library's block advance the state.
+# three results, and then let the library's block advance the state. The library's `time_mix` and
+# `block` work on a sequence, arrays of shape `(T, C)`; one token is `T = 1`, a `(1, C)` array.
 
 # %%
 _, _, state = layer_inputs(ids)                                  # the state after the sentence
 more = [i % model.config.vocab_size for i in tok.encode(" The dog sleeps all day.")]
 worst = {"out": 0.0, "S": 0.0, "v_first": 0.0}
 for token in more:
-    x, v_first_ours, v_first_lib = layer_norm(model.emb[token], *model.ln0), None, None
+    x, v_first_ours, v_first_lib = layer_norm(model.emb[[token]], *model.ln0), None, None  # (1, C)
     for i, p in enumerate(model.blocks):
-        x_in = layer_norm(x, p["ln1.weight"], p["ln1.bias"])    # (C,)
-        ours = my_time_mix_one(x_in, state.att_shift[i], state.wkv[i], v_first_ours, p, i, H)
-        theirs = time_mix_one(x_in, state.att_shift[i], state.wkv[i], v_first_lib, p, i, H)
+        x_in = layer_norm(x, p["ln1.weight"], p["ln1.bias"])    # (1, C)
+        ours = my_time_mix_one(x_in[0], state.att_shift[i], state.wkv[i], v_first_ours, p, i, H)
+        out, S_lib, v_first_lib = time_mix(x_in, state.att_shift[i], state.wkv[i], v_first_lib,
+                                           p, i, H)              # (1, C), (H, N, N), (1, C)
+        theirs = (out[0], S_lib, v_first_lib[0])
         for name, o, l in zip(worst, ours, theirs):
             worst[name] = max(worst[name], np.abs(o - l).max())
-        v_first_ours, v_first_lib = ours[2], theirs[2]
-        x, _ = block_one(x, v_first_lib, state, i, p, H)         # advance the library's state
+        v_first_ours = ours[2]
+        x, _ = block(x, v_first_lib, state, i, p, H)             # advance the library's state
 print(f"{len(more)} tokens × {L} layers from a non-zero state (|S| up to {np.abs(state.wkv).max():.2f})")
-print("max|Δ| ours vs time_mix_one:", {name: f"{d:.1e}" for name, d in worst.items()})
+print("max|Δ| ours vs time_mix on one token:", {name: f"{d:.1e}" for name, d in worst.items()})
 assert all(d < 1e-12 for d in worst.values())
-print("my_time_mix_one == tinyrwkv.model.time_mix_one: OK")
+print("my_time_mix_one == tinyrwkv.model.time_mix on one token: OK")
 
 # %% [markdown]
 # ## Summary

@@ -34,7 +34,7 @@ import numpy as np
 
 import tinyrwkv
 from tinyrwkv import model as lib            # the reference: lib.channel_mix, lib.token_shift, ...
-from tinyrwkv.model import layer_norm, time_mix_seq
+from tinyrwkv.model import layer_norm, time_mix
 from tinyrwkv.synthetic import make_weights
 
 CHAPTER_START = time.perf_counter()
@@ -69,7 +69,7 @@ print(f"T = {T} tokens, first ten: {ids[:10]}")
 # in. The official code has the same two lines in `RWKV_x070.forward_one` / `forward_seq` (pip `rwkv`,
 # `rwkv/model.py`), calling `RWKV_x070_CMix_one` / `RWKV_x070_CMix_seq`.
 #
-# Below is one block in sequence form, written with the library's `time_mix_seq` and the channel mix
+# Below is one block in sequence form, written with the library's `time_mix` and the channel mix
 # passed in as an argument, so that we can put our own in later. It also returns the `ln2` output,
 # which is the input we need to study the channel mix.
 
@@ -81,7 +81,7 @@ def block(x, v_first, state, i, p, cmix, s_emb=None):
     Returns: x (T, C) after the block, v_first (T, C), xf = the LN2 output (T, C).
     """
     xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                  # (T, C)
-    dx, state.wkv[i], v_first = time_mix_seq(xa, state.att_shift[i], state.wkv[i], v_first, p, i, H)
+    dx, state.wkv[i], v_first = time_mix(xa, state.att_shift[i], state.wkv[i], v_first, p, i, H)
     x = x + dx                                                          # the time mix's residual
     xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                  # (T, C) the channel mix's input
     x = x + cmix(xf, lib.token_shift(xf, state.ffn_shift[i]), p, s_emb) # the channel mix's residual

@@ -21,13 +21,13 @@
 
 # %%
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 # DECAY_SCALE = e^{-1/2}: w = exp(-e^{-1/2} sigmoid(z)), so log w in (-0.6065, 0) (rwkv7.md §2.3 step 10)
-from tinyrwkv.model import (DECAY_SCALE, RWKV7, block_seq, layer_norm, wkv_chunked, wkv_seq,
-                            wkv_step)
+from tinyrwkv.model import DECAY_SCALE, RWKV7, STEPS, wkv_chunked, wkv_seq, wkv_step
 from tinyrwkv.synthetic import make_weights
 
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -39,7 +39,8 @@ def rel_err(x, ref):
 
 
 def realistic_wkv_inputs(T, H, N, rng, per_channel_decay=False):
-    """Inputs of the WKV operator with the statistics of a real layer, float64, each (T, H, N).
+    """Inputs of the WKV operator with the statistics of a real layer, float64, each (T, H, N):
+    r, w, k, v, alpha = -kappa_hat, beta = kappa_hat * a (section 1).
 
     r, k, v: standard normal. kappa_hat: unit length per head (it is L2-normalised in the model).
     a: in (0, 1) (a sigmoid). w = exp(-e^{-1/2} sigmoid(z)) with z ~ U(-8, 3), the range the
@@ -56,7 +57,7 @@ def realistic_wkv_inputs(T, H, N, rng, per_channel_decay=False):
     else:
         z = rng.uniform(-8, 3, (T, H, N))
     w = np.exp(-DECAY_SCALE / (1 + np.exp(-z)))                         # (T, H, N) in (0.545, 1)
-    return r, w, k, v, kappa_hat, a
+    return r, w, k, v, -kappa_hat, kappa_hat * a
 
 
 as32 = lambda arrays: [np.asarray(u, np.float32) for u in arrays]
@@ -91,13 +92,13 @@ as32 = lambda arrays: [np.asarray(u, np.float32) for u in arrays]
 # $5\,H N^2$ multiply-adds per token and layer, O($HN^2$) whatever the position. **Memory:** only
 # $S$, $H N^2$ numbers, whether the model has read 1 token or a million.
 #
-# From scratch, one token for all heads (the library's `wkv_step` is the same equation):
+# From scratch, one token for all heads (the library's `wkv_step` is the same equation, with the
+# same signature: the removal term enters as $\alpha_t$ and $\beta_t$, as in the official kernel):
 
 # %%
-def wkv_step_scratch(S, r, w, k, v, kappa_hat, a):
-    """One token of the WKV recurrence. S: (H, N, N) [value, key]; the rest (H, N).
-    Returns the new S (H, N, N) and y (H, N)."""
-    alpha, beta = -kappa_hat, kappa_hat * a                               # (H, N)
+def wkv_step_scratch(S, r, w, k, v, alpha, beta):
+    """One token of the WKV recurrence. S: (H, N, N) [value, key]; the rest (H, N), with
+    alpha = -kappa_hat and beta = kappa_hat * a. Returns the new S (H, N, N) and y (H, N)."""
     z = np.einsum("hij,hj->hi", S, alpha)                                 # (H, N): S_{t-1} alpha_t
     S = S * w[:, None, :] + z[:, :, None] * beta[:, None, :] + v[:, :, None] * k[:, None, :]
     y = np.einsum("hij,hj->hi", S, r)                                     # (H, N): S_t r_t
@@ -117,7 +118,7 @@ print(f"cost per token per layer at H=12, N=64: about 5*H*N^2 = {5 * 12 * 64 ** 
       f" state {12 * 64 * 64:,} numbers, independent of T")
 
 # %% [markdown]
-# Over a sequence the library's `wkv_seq(S, r, w, k, v, kappa_hat, a)` is this step in a Python
+# Over a sequence the library's `wkv_seq(S, r, w, k, v, alpha, beta)` is this step in a Python
 # loop; inputs are `(T, H, N)`, it returns the final state and `y` of shape `(T, H, N)`. That
 # loop is the oracle every faster form must match.
 #
@@ -155,13 +156,12 @@ print(f"cost per token per layer at H=12, N=64: about 5*H*N^2 = {5 * 12 * 64 ** 
 # %%
 T = 12
 x_chunk = realistic_wkv_inputs(T, H, N, rng)
-r, w, k, v, kappa_hat, a = x_chunk                                        # (T, H, N) each
-alpha, beta = -kappa_hat, kappa_hat * a                                   # (T, H, N)
+r, w, k, v, alpha, beta = x_chunk                                         # (T, H, N) each
 
 S_all, z_all, S = [], [], S0                                              # by the recurrence
 for t in range(T):
     z_all.append(np.einsum("hij,hj->hi", S, alpha[t]))                   # (H, N): S_{t-1} alpha_t
-    S, _ = wkv_step_scratch(S, r[t], w[t], k[t], v[t], kappa_hat[t], a[t])
+    S, _ = wkv_step_scratch(S, r[t], w[t], k[t], v[t], alpha[t], beta[t])
     S_all.append(S)                                                       # S_t (H, N, N)
 z_all = np.stack(z_all)                                                   # (T, H, N)
 
@@ -292,12 +292,11 @@ assert rel_err(Z_loop, Z_solve) < 1e-13 and rel_err(Z_solve, head_first(z_all)) 
 # the chunk loop that carries $S_T$ into the next chunk:
 
 # %%
-def wkv_chunk_pairwise(S0, r, w, k, v, kappa_hat, a):
+def wkv_chunk_pairwise(S0, r, w, k, v, alpha, beta):
     """One chunk of the WKV recurrence in closed form, with explicit pairwise decays.
-    S0: (H, N, N) [value, key]; r, w, k, v, kappa_hat, a: (T, H, N).
+    S0: (H, N, N) [value, key]; r, w, k, v, alpha, beta: (T, H, N).
     Returns the state after the chunk (H, N, N) and y (T, H, N)."""
-    r, w, k, v, kappa_hat, a = (u.transpose(1, 0, 2) for u in (r, w, k, v, kappa_hat, a))  # (H, T, N)
-    alpha, beta = -kappa_hat, kappa_hat * a                               # (H, T, N)
+    r, w, k, v, alpha, beta = (u.transpose(1, 0, 2) for u in (r, w, k, v, alpha, beta))  # (H, T, N)
     g = np.cumsum(np.log(w), axis=1)                                      # (H, T, N): g_t
     g_prev = g - np.log(w)                                                # (H, T, N): g_{t-1}
     A_ak = pairwise_decayed_products(alpha, k, g_prev, g, include_diagonal=False)   # (H, T, T)
@@ -317,14 +316,14 @@ def wkv_chunk_pairwise(S0, r, w, k, v, kappa_hat, a):
     return S_T, y.transpose(1, 0, 2)                                      # (H, N, N), (T, H, N)
 
 
-def wkv_chunked_pairwise(S, r, w, k, v, kappa_hat, a, chunk_len=16):
+def wkv_chunked_pairwise(S, r, w, k, v, alpha, beta, chunk_len=16):
     """The WKV operator over T tokens, chunk by chunk. Same signature as `wkv_seq`.
-    S: (H, N, N); r, ..., a: (T, H, N). Returns the final S (H, N, N) and y (T, H, N)."""
+    S: (H, N, N); r, ..., beta: (T, H, N). Returns the final S (H, N, N) and y (T, H, N)."""
     y = np.empty_like(r)                                                  # (T, H, N)
     for start in range(0, len(r), chunk_len):
         part = slice(start, start + chunk_len)                            # the last may be shorter
-        S, y[part] = wkv_chunk_pairwise(S, r[part], w[part], k[part], v[part], kappa_hat[part],
-                                        a[part])
+        S, y[part] = wkv_chunk_pairwise(S, r[part], w[part], k[part], v[part], alpha[part],
+                                        beta[part])
     return S, y
 
 
@@ -622,8 +621,8 @@ for L in (4, 8, 16, 32, 64, 128):
 
 # %%
 weights = make_weights(n_layer=2, n_embd=128, vocab_size=300, seed=0)
-model_chunked = RWKV7(weights, dtype="float64", wkv="chunked")
-model_recurrent = RWKV7(weights, dtype="float64", wkv="recurrent")
+model_chunked = RWKV7(weights, dtype="float64", wkv_method="chunked")
+model_recurrent = RWKV7(weights, dtype="float64", wkv_method="recurrent")
 cfg = model_chunked.config
 print(cfg)
 
@@ -670,10 +669,11 @@ for ctx in (1024, 4096, 16384):
 #   right form for generation, either form for prefill.
 #
 # The final asserts: our pairwise chunked WKV equals the library's `wkv_chunked` and `wkv_seq`;
-# a whole model gives the same logits and state with `wkv="chunked"`, with `wkv="recurrent"`,
-# with `mode="recurrent"`, and with our own WKV plugged into the library's blocks (that last
-# loop is `RWKV7.forward_seq` with the WKV operator swapped, since the model has no hook for a
-# custom one).
+# a whole model gives the same logits and state with `wkv_method="chunked"`, with
+# `wkv_method="recurrent"`, with `mode="recurrent"`, and with our own WKV plugged into the model.
+# The model calls its WKV operator through its table of steps (`tinyrwkv.model.STEPS`), so
+# `replace(STEPS, wkv=wkv_chunked_pairwise)` is the same model with our operator in the place of
+# the library's: it only has to have the same signature, `(S, r, w, k, v, alpha, beta) -> (S, y)`.
 
 # %%
 xs = realistic_wkv_inputs(97, H3, N, rng)
@@ -694,25 +694,14 @@ logits_chunked, state_chunked = model_chunked.forward(prompt, start, full_output
 logits_wkv_rec, state_wkv_rec = model_recurrent.forward(prompt, start, full_output=True)
 logits_mode_rec, state_mode_rec = model_recurrent.forward(prompt, start, full_output=True,
                                                           mode="recurrent")
-
-
-def logits_with_our_wkv(model, ids, state):
-    """The library's sequence form with the WKV operator replaced by wkv_chunked_pairwise."""
-    state = state.copy()
-    x0 = layer_norm(model.emb[ids], *model.ln0)                           # (T, C)
-    x, v_first = x0, None
-    for i, p in enumerate(model.blocks):
-        x, v_first = block_seq(x, v_first, state, i, p, model.config.n_head, None,
-                               wkv_chunked_pairwise)
-    return layer_norm(x, *model.ln_out) @ model.head.T, state             # (T, V)
-
-
-logits_ours, state_ours = logits_with_our_wkv(model_chunked, prompt, start)
+# the same weights with our pairwise chunked WKV in the place of the library's operator
+model_ours = RWKV7(weights, dtype="float64", steps=replace(STEPS, wkv=wkv_chunked_pairwise))
+logits_ours, state_ours = model_ours.forward(prompt, start, full_output=True)
 print("logits", logits_chunked.shape)
-for name, lg, st in [("wkv='recurrent'", logits_wkv_rec, state_wkv_rec),
+for name, lg, st in [("wkv_method='recurrent'", logits_wkv_rec, state_wkv_rec),
                      ("mode='recurrent'", logits_mode_rec, state_mode_rec),
                      ("our pairwise WKV", logits_ours, state_ours)]:
     e_logits, e_state = rel_err(lg, logits_chunked), rel_err(st.wkv, state_chunked.wkv)
-    print(f"wkv='chunked' vs {name:17s}: logits {e_logits:.1e}, WKV state {e_state:.1e}")
+    print(f"wkv_method='chunked' vs {name:22s}: logits {e_logits:.1e}, WKV state {e_state:.1e}")
     assert e_logits < 1e-12 and e_state < 1e-12
 print("All checks passed: the parallel (chunked) and recurrent forms compute the same WKV.")

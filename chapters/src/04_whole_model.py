@@ -10,7 +10,7 @@
 # token to token, its **state**: it has a fixed size, so the model's memory is the same after 10
 # tokens and after 100,000. Every piece is checked against `tinyrwkv` on the same input.
 #
-# **Prerequisites.** [01 · Time mixing](01_time_mixing.ipynb) (`time_mix_one`, the WKV state),
+# **Prerequisites.** [01 · Time mixing](01_time_mixing.ipynb) (`time_mix`, the WKV state),
 # [02 · Channel mixing](02_channel_mixing.ipynb) (`channel_mix`), and
 # [03 · Parallel vs recurrent](03_parallel_vs_recurrent.ipynb) (the sequence form and the chunked
 # WKV). Here those parts come from the library; the new code is the glue around them.
@@ -37,8 +37,8 @@ import numpy as np
 import tinyrwkv
 from tinyrwkv import SamplingParams, Session, State
 from tinyrwkv.checkpoint import inspect_checkpoint, read_checkpoint, save_safetensors, to_bf16_bits
-from tinyrwkv.model import block_one as lib_block_one
-from tinyrwkv.model import channel_mix, layer_norm as lib_layer_norm, time_mix_one, time_mix_seq
+from tinyrwkv.model import block as lib_block
+from tinyrwkv.model import channel_mix, layer_norm as lib_layer_norm, time_mix
 from tinyrwkv.sampling import Penalties, sampling_probs
 from tinyrwkv.synthetic import make_weights
 
@@ -316,8 +316,10 @@ assert np.allclose(folded[ids], x0, rtol=0, atol=1e-12)
 # later layer mixes into its own value (the value residual). It is not part of the state. Each token
 # computes it again in layer 0.
 #
-# Our block returns a new layer state instead of writing into one. The library's `block_one`
+# Our block returns a new layer state instead of writing into one. The library's `block`
 # updates its `State` in place (fewer copies), and its public `forward` works on a copy.
+# The library's `time_mix` and `block` take a sequence, a `(T, C)` array; one token is `T = 1`,
+# so our one-token block hands `time_mix` a `(1, C)` row and takes row 0 of what comes back.
 
 # %%
 def block_one(x, v_first, layer_state, p, layer_id, n_head):
@@ -325,7 +327,9 @@ def block_one(x, v_first, layer_state, p, layer_id, n_head):
     ffn_shift (C,)). Returns x (C,), v_first (C,) and the new layer state."""
     att_shift, S, ffn_shift = layer_state
     xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                        # (C,)
-    dx, S, v_first = time_mix_one(xa, att_shift, S, v_first, p, layer_id, n_head)   # (C,), (H, N, N)
+    dx, S, v_first = time_mix(xa[None], att_shift, S, None if v_first is None else v_first[None],
+                              p, layer_id, n_head)                            # (1, C), (H, N, N)
+    dx, v_first = dx[0], v_first[0]                                           # (C,) each
     x = x + dx                                                                 # residual 1
     xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                        # (C,)
     x = x + channel_mix(xf, ffn_shift, p)                                     # residual 2
@@ -340,13 +344,13 @@ print("layer 0:  x", x1.shape, " v_first", v_first.shape, " S", S.shape, " shift
 x2, _, _ = block_one(x1, v_first, (zero.att_shift[1], zero.wkv[1], zero.ffn_shift[1]), blocks[1], 1, H)
 print("layer 1:  x", x2.shape)
 
-# The library's block_one on the same input (it writes into the State it is given).
+# The library's block on the same input, one token: (1, C) (it writes into the State it is given).
 lib_state = State.zeros(model.config, np.float64)
-lib_x1, lib_v_first = lib_block_one(x0[0], None, lib_state, 0, model.blocks[0], H)
-lib_x2, _ = lib_block_one(lib_x1, lib_v_first, lib_state, 1, model.blocks[1], H)
-print("max |Δ| vs tinyrwkv.model.block_one: x", np.abs(x2 - lib_x2).max(),
+lib_x1, lib_v_first = lib_block(x0[:1], None, lib_state, 0, model.blocks[0], H)
+lib_x2, _ = lib_block(lib_x1, lib_v_first, lib_state, 1, model.blocks[1], H)    # (1, C)
+print("max |Δ| vs tinyrwkv.model.block: x", np.abs(x2 - lib_x2[0]).max(),
       " S", np.abs(S - lib_state.wkv[0]).max())
-assert np.allclose(x2, lib_x2, rtol=0, atol=1e-12)
+assert np.allclose(x2, lib_x2[0], rtol=0, atol=1e-12)
 assert np.allclose(S, lib_state.wkv[0], rtol=0, atol=1e-12)
 assert np.array_equal(xa, lib_state.att_shift[0]) and np.array_equal(xf, lib_state.ffn_shift[0])
 
@@ -396,17 +400,17 @@ assert np.allclose(rec_state.wkv, lib_state.wkv, rtol=0, atol=1e-10)
 # To read a prompt we need not loop over tokens. In each layer, every step except the WKV recurrence
 # works on each position separately: the LayerNorms, all projections, the channel mix. The token
 # shift is only "the previous row", $x_{t-1}$, with the state's vector as row $-1$. So a whole block
-# runs on a `(T, C)` matrix. `time_mix_seq` (chapter 03) runs the WKV part over the sequence, and
-# the channel mix's token shift is one `concatenate`. The new shift state is the last row of each
-# LayerNorm output. This is pip `RWKV_x070.forward_seq`; the official code feeds long prompts in
-# chunks of 256 tokens this way.
+# runs on a `(T, C)` matrix. The library's `time_mix` on all `T` rows runs the WKV part over the
+# sequence (chapter 03), and the channel mix's token shift is one `concatenate`. The new shift
+# state is the last row of each LayerNorm output. This is pip `RWKV_x070.forward_seq`; the
+# official code feeds long prompts in chunks of 256 tokens this way.
 
 # %%
 def block_seq(x, v_first, layer_state, p, layer_id, n_head):
     """One layer, T tokens. x, v_first: (T, C). Returns x, v_first (T, C) and the new layer state."""
     att_shift, S, ffn_shift = layer_state
     xa = layer_norm(x, p["ln1.weight"], p["ln1.bias"])                        # (T, C)
-    dx, S, v_first = time_mix_seq(xa, att_shift, S, v_first, p, layer_id, n_head)
+    dx, S, v_first = time_mix(xa, att_shift, S, v_first, p, layer_id, n_head)
     x = x + dx
     xf = layer_norm(x, p["ln2.weight"], p["ln2.bias"])                        # (T, C)
     xf_prev = np.concatenate([ffn_shift[None, :], xf[:-1]])                   # (T, C): row t-1
@@ -732,8 +736,8 @@ assert np.allclose(lib_cont, full_logits[len(first):], rtol=0, atol=1e-10)
 #   and saving it and continuing later gives the same logits as reading everything again.
 #
 # The final check: our forward pass (embedding → blocks → head, written in this chapter around the
-# library's `time_mix_one`, `time_mix_seq` and `channel_mix`) equals `model.forward` in both forms,
-# and continuing from a saved state equals reading the whole text.
+# library's `time_mix` and `channel_mix`) equals `model.forward` in both forms, and continuing
+# from a saved state equals reading the whole text.
 
 # %%
 check_ids = tok.encode("RWKV is an RNN with the performance of a Transformer.")

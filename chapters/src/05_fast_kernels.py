@@ -2,8 +2,8 @@
 # # 05 · Fast kernels: the same math, compiled
 #
 # The NumPy reference (`tinyrwkv/model.py`) is written to be read. The Numba backend
-# (`tinyrwkv/fast.py`) computes the same function faster, and this chapter shows how, and how we
-# know it is the same function. What you will see:
+# (`tinyrwkv/backends/numba_cpu.py`) computes the same function faster, and this chapter shows
+# how, and how we know it is the same function. What you will see:
 #
 # 1. why generating one token is limited by **memory bandwidth**, not arithmetic;
 # 2. a matrix-vector kernel in a few lines of Numba, and the same kernel reading **bf16** weights
@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 import tinyrwkv
-from tinyrwkv import fast
+from tinyrwkv.backends import numba_cpu
 from tinyrwkv.synthetic import make_weights
 
 rel_err = lambda got, ref: float(np.abs(np.asarray(got, np.float64) - ref).max() / np.std(ref))
@@ -40,7 +40,7 @@ rel_err = lambda got, ref: float(np.abs(np.asarray(got, np.float64) - ref).max()
 L, C, V = 4, 512, 4096
 weights = make_weights(n_layer=L, n_embd=C, vocab_size=V, seed=0)
 ref = tinyrwkv.RWKV7(weights, dtype="float64")          # the oracle
-matrix_keys = [k for k in weights if k.endswith(fast.BIG_MATRICES) and k != "emb.weight"]
+matrix_keys = [k for k in weights if k.endswith(numba_cpu.BIG_MATRICES) and k != "emb.weight"]
 read_per_token = sum(weights[k].size for k in matrix_keys)
 print(f"{L} layers, C={C}: {read_per_token / 1e6:.1f}M weights read per token "
       f"({4 * read_per_token / 1e6:.0f} MB in float32, {2 * read_per_token / 1e6:.0f} MB in bf16)")
@@ -75,7 +75,7 @@ assert rel_err(out, W.astype(np.float64) @ x) < 1e-5
 # **bf16** keeps the top 16 bits of a float32: the same sign and exponent, 8 significant bits
 # instead of 24. Widening is exact and costs one shift: `float32 bits = bf16 bits << 16`. Released
 # RWKV-7 checkpoints are stored in bf16, so keeping them in bf16 loses nothing and halves the
-# bytes read per token. The library's kernel (`fast._matvec_bf16`) widens a row into a small
+# bytes read per token. The library's kernel (`numba_cpu._matvec_bf16`) widens a row into a small
 # buffer and then takes the dot product; here is the idea in its simplest form.
 
 # %%
@@ -92,11 +92,11 @@ def matvec_bf16(Wb, x, out):
         out[i] = acc
 
 
-Wb = fast.bf16_bits(W)                                          # round to nearest even
+Wb = numba_cpu.bf16_bits(W)                                     # round to nearest even
 print("bf16 storage:", Wb.dtype, Wb.nbytes // 2**20, "MiB instead of", W.nbytes // 2**20, "MiB")
 matvec_bf16(Wb, x, out)
-exact = fast.widen(Wb).astype(np.float64) @ x                   # the bf16 weights, exactly
-assert rel_err(out, exact) < 1e-5 and rel_err(fast.matvec(Wb, x), exact) < 1e-5
+exact = numba_cpu.widen(Wb).astype(np.float64) @ x              # the bf16 weights, exactly
+assert rel_err(out, exact) < 1e-5 and rel_err(numba_cpu.matvec(Wb, x), exact) < 1e-5
 print("rounding the weights to bf16 moved this product by", f"{rel_err(exact, W.astype(np.float64) @ x):.1e}", "of its std")
 
 # %% [markdown]
@@ -104,7 +104,7 @@ print("rounding the weights to bf16 moved this product by", f"{rel_err(exact, W.
 # calls BLAS, whose threads keep spinning for a while after each call; if a Numba kernel starts
 # then, its threads fight the spinning ones for the same cores. The first version of the decode
 # path used `@` for the small LoRA matrices between Numba kernels and ran 2-3x slower than now;
-# `fast.vecmat` replaced them.
+# `numba_cpu.vecmat` replaced them.
 #
 # ## 3. Same function as the reference
 #
@@ -119,7 +119,7 @@ ids = rng.integers(0, V, 24)
 expect, s_ref = ref.forward(ids, state, full_output=True)
 errors = {}
 for storage in ("float32", "bfloat16"):
-    model = fast.RWKV7Numba(weights, weight_dtype=storage)
+    model = numba_cpu.RWKV7Numba(weights, storage=storage)
     for mode in ("sequence", "recurrent"):
         got, s = model.forward(ids, state, full_output=True, mode=mode)
         errors[(storage, mode)] = rel_err(got, expect)
@@ -151,8 +151,8 @@ def decode_speed(model, n=20):
 
 
 backends = {"numpy (reference)": tinyrwkv.RWKV7(weights),
-            "numba float32": fast.RWKV7Numba(weights),
-            "numba bf16": fast.RWKV7Numba(weights, weight_dtype="bfloat16")}
+            "numba float32": numba_cpu.RWKV7Numba(weights),
+            "numba bf16": numba_cpu.RWKV7Numba(weights, storage="bfloat16")}
 speeds = {name: decode_speed(m) for name, m in backends.items()}
 for name, s in speeds.items():
     print(f"{name:18s} {s:7.1f} tok/s")

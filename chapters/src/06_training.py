@@ -185,10 +185,11 @@ ab, bb = -kap, kap * rng.uniform(0, 1, (B, 40, H, N))
 S0b = rng.standard_normal((B, H, N, N))
 dyb = batch()
 for chunk in (1, 16):
-    yb, S_last, ckpt = train.wkv_forward(S0b, rb, wb, kb, vb, ab, bb, chunk=chunk)
-    gb = train.wkv_backward(dyb, None, ckpt, rb, wb, kb, vb, ab, bb, chunk=chunk)
+    S_last, yb, ckpt = train.wkv_forward(S0b, rb, wb, kb, vb, ab, bb, chunk=chunk)
+    # no gradient from the last state (None); returns dS0, dr, dw, dk, dv, dalpha, dbeta
+    gb = train.wkv_backward(None, dyb, ckpt, rb, wb, kb, vb, ab, bb, chunk=chunk)
     print(f"chunk {chunk:2d}: {ckpt.shape[0]:2d} stored states, "
-          f"{ckpt.nbytes / 1e3:6.1f} kB;  |dv| sum = {np.abs(gb[3]).sum():.12f}")
+          f"{ckpt.nbytes / 1e3:6.1f} kB;  |dv| sum = {np.abs(gb[4]).sum():.12f}")
 
 # %% [markdown]
 # ## 6. The whole model
@@ -283,11 +284,11 @@ plt.show()
 assert max(worst.values()) < 1e-8, worst
 one = train.wkv_forward(S0[None, None], r[None, :, None], w[None, :, None], k[None, :, None],
                         v[None, :, None], alpha[None, :, None], beta[None, :, None])
-assert np.allclose(one[0][0, :, 0], y)                   # section 1's loop = the library's
-lib = train.wkv_backward(dy[None, :, None], None, one[2], r[None, :, None], w[None, :, None],
+assert np.allclose(one[1][0, :, 0], y)                   # section 1's loop = the library's
+lib = train.wkv_backward(None, dy[None, :, None], one[2], r[None, :, None], w[None, :, None],
                          k[None, :, None], v[None, :, None], alpha[None, :, None],
-                         beta[None, :, None])
-assert all(np.allclose(a[0, :, 0], b) for a, b in zip(lib[:6], grads[:6]))
-assert np.allclose(lib[6][0, 0], grads[6])
+                         beta[None, :, None])         # dS0, then dr, dw, dk, dv, dalpha, dbeta
+assert all(np.allclose(a[0, :, 0], b) for a, b in zip(lib[1:], grads[:6]))
+assert np.allclose(lib[0][0, 0], grads[6])
 assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
 print("all checks passed")

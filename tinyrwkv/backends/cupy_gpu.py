@@ -1,11 +1,11 @@
 """The CuPy backend: RWKV-7 on a CUDA GPU, the same function as model.py.
 
-    model = tinyrwkv.load("model.pth", backend="cupy", weights="float16")
+    model = tinyrwkv.load("model.pth", backend="cupy", storage="float16")
     model = tinyrwkv.load("model.pth", strategy="cuda fp16")        # the official package's words
 
 What runs where
     * Weights live on the GPU. The big matrices (and the LoRA ones) are stored as float16,
-      bfloat16 or float32 (`weights=`); vectors, the embedding table and the state are float32.
+      bfloat16 or float32 (`storage=`); vectors, the embedding table and the state are float32.
       Every activation is float32: 16-bit weights are widened as they are read.
     * Decode (one token) is memory-bound: reading the weights once is the floor. `gemv` in
       kernels.cu streams each matrix row in 16-byte loads and multiplies by the float32 input;
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import model as ref
-from .model import RWKV7, Config, State
+from .. import model as ref
+from ..model import RWKV7, Config, State
 
 try:
     import cupy as cp
@@ -96,12 +96,12 @@ def check_available(device=0):
 _MODULES = {}
 
 
-def _module(head_size, weight_dtype):
-    key = (head_size, weight_dtype, cp.cuda.Device().id)
+def _module(head_size, storage):
+    key = (head_size, storage, cp.cuda.Device().id)
     if key not in _MODULES:
         _MODULES[key] = cp.RawModule(
             code=KERNELS.read_text(),
-            options=("-std=c++17", f"-DNH={head_size}", f"-DWKIND={WEIGHT_KINDS[weight_dtype]}"))
+            options=("-std=c++17", f"-DNH={head_size}", f"-DWKIND={WEIGHT_KINDS[storage]}"))
     return _MODULES[key]
 
 
@@ -120,35 +120,36 @@ def _grid_1d(n, threads=256):
 class RWKV7CuPy(RWKV7):
     """RWKV-7 on a CUDA GPU through CuPy: float32 compute, weights float16/bfloat16/float32."""
 
-    def __init__(self, weights, dtype="float32", name=None, wkv="auto", weight_dtype="float16",
+    def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", storage="float16",
                  device=0, graphs=True):
         """weights: dict official key -> array (NumPy; CuPy or anything with
         __cuda_array_interface__ also works; uint16 arrays are bf16 bit patterns, as
-        `read_checkpoint(dtype="bfloat16")` gives). weight_dtype: storage of the matrices.
+        `read_checkpoint(dtype="bfloat16")` gives). storage: how the matrices are kept.
         graphs: capture decode in a CUDA graph (False runs the same launches one by one)."""
         if np.dtype(dtype) != np.float32:
             raise ValueError("the cupy backend computes in float32; for float64 (the oracle "
                              "mode) use backend='numpy'")
-        if weight_dtype not in WEIGHT_KINDS:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
-                             f"not {weight_dtype!r}")
-        if wkv == "chunked":
+        if storage not in WEIGHT_KINDS:
+            raise ValueError(f"the cupy backend stores weights as one of {', '.join(WEIGHT_KINDS)}, "
+                             f"not {storage!r}")
+        if wkv_method == "chunked":
             raise ValueError("the cupy backend runs the WKV recurrence as one kernel over the "
-                             "sequence; wkv='chunked' (the NumPy chunked form) is CPU-only")
-        if wkv not in ("auto", "recurrent"):
-            raise ValueError(f"wkv must be 'auto', 'recurrent' or 'chunked', not {wkv!r}")
+                             "sequence; wkv_method='chunked' (the NumPy chunked form) is CPU-only")
+        if wkv_method not in ("auto", "recurrent"):
+            raise ValueError(f"wkv_method must be 'auto', 'recurrent' or 'chunked', "
+                             f"not {wkv_method!r}")
         self.gpu = check_available(device)
         self.config = cfg = Config.from_weights(weights)
         if cfg.head_size > MAX_HEAD_SIZE:
             raise ValueError(f"head size {cfg.head_size} is over the cupy backend's limit of "
                              f"{MAX_HEAD_SIZE}")
         self.dtype = np.dtype(np.float32)
-        self.name, self.wkv, self.weight_dtype = name, wkv, weight_dtype
-        self.backend = BACKEND_NAMES[weight_dtype]
+        self.name, self.wkv_method, self.storage, self.steps = name, wkv_method, storage, ref.STEPS
+        self.backend = BACKEND_NAMES[storage]
         self.graphs = graphs
         with self.gpu:
             self.device_name = cp.cuda.runtime.getDeviceProperties(self.gpu.id)["name"].decode()
-            self._mod = _module(cfg.head_size, weight_dtype)
+            self._mod = _module(cfg.head_size, storage)
             self._k = {n: self._mod.get_function(n) for n in (
                 "gemv", "ln_mix", "bias_act", "to_weight_type", "convert_weights", "gather_rows",
                 "row_times_matrix", "keys_values", "wkv", "wkv_out", "time_mix_one")}
@@ -191,7 +192,7 @@ class RWKV7CuPy(RWKV7):
         src = kinds.get(a.dtype)
         if src is None:
             raise ValueError(f"cannot store a {a.dtype} tensor as weights")
-        want = WEIGHT_KINDS[self.weight_dtype]
+        want = WEIGHT_KINDS[self.storage]
         if src == want:
             return a
         out = cp.empty(a.shape, np.float32 if want == 0 else np.uint16)
@@ -206,51 +207,61 @@ class RWKV7CuPy(RWKV7):
         self.ln0 = (self._vec("blocks.0.ln0.weight", w), self._vec("blocks.0.ln0.bias", w))
         self.ln_out = (self._vec("ln_out.weight", w), self._vec("ln_out.bias", w))
         self.head = self._mat("head.weight", w)
-        self.blocks = []
+        self.blocks, self.stacked_lerps = [], []
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
-            vec = lambda k: self._vec(b + k, w)
-            mat = lambda k, t=False: self._mat(b + k, w, t)
-            p = {"ln1": (vec("ln1.weight"), vec("ln1.bias")),
-                 "ln2": (vec("ln2.weight"), vec("ln2.bias")),
-                 "mix6": cp.stack([vec(f"att.x_{c}") for c in "rwkvag"]),       # (6, C)
-                 "Wr": mat("att.receptance.weight"), "Wk": mat("att.key.weight"),
-                 "Wv": mat("att.value.weight"), "Wo": mat("att.output.weight"),
-                 "w1": mat("att.w1", True), "w2": mat("att.w2", True), "w0": vec("att.w0"),
-                 "a1": mat("att.a1", True), "a2": mat("att.a2", True), "a0": vec("att.a0"),
-                 "g1": mat("att.g1", True), "g2": mat("att.g2", True),
-                 "k_k": vec("att.k_k"), "k_a": vec("att.k_a"), "r_k": vec("att.r_k"),
-                 "lnx": (vec("att.ln_x.weight"), vec("att.ln_x.bias")),
-                 "x_k": vec("ffn.x_k"), "Wkey": mat("ffn.key.weight"),
-                 "Wval": mat("ffn.value.weight")}
+            vectors = ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.w0", "att.a0",
+                       "att.k_k", "att.k_a", "att.r_k", "att.ln_x.weight", "att.ln_x.bias", "ffn.x_k"]
+            matrices = ["att.receptance.weight", "att.key.weight", "att.value.weight",
+                        "att.output.weight", "ffn.key.weight", "ffn.value.weight"]
+            loras = ["att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2"]
             if i > 0:
-                p.update(v1=mat("att.v1", True), v2=mat("att.v2", True), v0=vec("att.v0"))
+                vectors, loras = vectors + ["att.v0"], loras + ["att.v1", "att.v2"]
             if cfg.variant == "x070-deepembed":
-                p.update(s_emb=mat("ffn.s_emb.weight"), s_emb_x=mat("ffn.s_emb_x.weight"),
-                         s1=mat("ffn.s1", True), s2=mat("ffn.s2", True), s0=vec("ffn.s0"))
+                vectors, loras = vectors + ["ffn.s0"], loras + ["ffn.s1", "ffn.s2"]
+                matrices += ["ffn.s_emb.weight", "ffn.s_emb_x.weight"]
+            p = {key: self._vec(b + key, w) for key in vectors}
+            p.update({key: self._mat(b + key, w) for key in matrices})
+            p.update({key: self._mat(b + key, w, transpose=True) for key in loras})
             self.blocks.append(p)
+            self.stacked_lerps.append(cp.stack([self._vec(b + f"att.x_{c}", w) for c in "rwkvag"]))
 
     def _to_f32(self, a):
         if a.dtype == np.uint16:
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float32)
 
+    TRANSPOSED = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2",
+                  "ffn.s1", "ffn.s2")   # kept (out, in) for the kernels; files store (in, out)
+
+    def stored_tensors(self):
+        """Checkpoint-keyed NumPy float32 copies of the weights on the GPU: 16-bit matrices
+        widened exactly, LoRA matrices back in their file layout, the lerps as (C,) vectors."""
+        def host(a):                 # 16-bit matrices are uint16 bits of the storage type
+            if a.dtype == np.uint16 and self.storage == "float16":
+                return a.view(cp.float16).astype(np.float32).get()
+            return self._to_f32(a).get()
+        out = {"emb.weight": host(self.emb), "head.weight": host(self.head),
+               "blocks.0.ln0.weight": host(self.ln0[0]), "blocks.0.ln0.bias": host(self.ln0[1]),
+               "ln_out.weight": host(self.ln_out[0]), "ln_out.bias": host(self.ln_out[1])}
+        for i, (p, lerps) in enumerate(zip(self.blocks, self.stacked_lerps)):
+            out.update({f"blocks.{i}.{key}": host(a).T if key in self.TRANSPOSED else host(a)
+                        for key, a in p.items()})
+            out[f"blocks.{i}.att.r_k"] = out[f"blocks.{i}.att.r_k"].reshape(self.config.n_head, -1)
+            out.update({f"blocks.{i}.att.x_{c}": host(lerps[j]) for j, c in enumerate("rwkvag")})
+        return out
+
     @property
     def n_params(self):
-        arrays = [self.emb, self.head, *self.ln0, *self.ln_out]
-        for p in self.blocks:
-            for value in p.values():
-                arrays.extend(value if isinstance(value, tuple) else [value])
-        return sum(int(a.size) for a in arrays)
+        arrays = [self.emb, self.head, *self.ln0, *self.ln_out, *self.stacked_lerps]
+        return sum(int(a.size) for p in self.blocks for a in p.values()) + \
+            sum(int(a.size) for a in arrays)
 
     @property
     def weight_bytes(self):
         """Bytes of weights on the GPU."""
-        total = self.emb.nbytes + self.head.nbytes
-        for p in self.blocks:
-            for value in p.values():
-                total += sum(a.nbytes for a in (value if isinstance(value, tuple) else [value]))
-        return int(total)
+        arrays = [self.emb, self.head, *self.stacked_lerps] + [a for p in self.blocks for a in p.values()]
+        return int(sum(a.nbytes for a in arrays))
 
     # ---- small launch helpers -------------------------------------------------------------
 
@@ -295,7 +306,7 @@ class RWKV7CuPy(RWKV7):
 
     def _cast(self, x):
         """float32 activations -> the weights' type, for cublasGemmEx (float32: unchanged)."""
-        if self.weight_dtype == "float32":
+        if self.storage == "float32":
             return x
         out = cp.empty(x.shape, np.uint16)
         self._k["to_weight_type"](_grid_1d(x.size), (256,), (np.int64(x.size), x, out))
@@ -310,7 +321,7 @@ class RWKV7CuPy(RWKV7):
         if out is None:
             out = cp.empty((n, rows), np.float32)
         assert out.shape == (n, rows) and out.flags.c_contiguous
-        dt = _DATA_TYPES[self.weight_dtype]
+        dt = _DATA_TYPES[self.storage]
         one, b = np.array(1.0, np.float32), np.array(beta, np.float32)
         # Column-major view: out^T (rows, n) = W (rows, cols) . X^T (cols, n); W row-major is
         # W^T column-major, so op(A) = transpose.
@@ -349,45 +360,47 @@ class RWKV7CuPy(RWKV7):
         for i, p in enumerate(self.blocks):
             xm = b["xm"]
             add(self._k["ln_mix"], self._ln_grid(1), (LN_THREADS,), (
-                b["x"], _null(), i32(1), i32(C), *p["ln1"], f32(ref.LN_EPS), self._att_shift[i],
-                p["mix6"], i32(6), xm, b["xa"], _null(), i32(1)))
-            down = [(p["Wr"], xm[0], b["r"], None, ACT_NONE, MODE_SET),
-                    (p["Wk"], xm[2], b["k"], None, ACT_NONE, MODE_SET),
-                    (p["Wv"], xm[3], b["v"], None, ACT_NONE, MODE_SET),
-                    (p["w1"], xm[1], b["hw"], None, ACT_TANH, MODE_SET),
-                    (p["a1"], xm[4], b["ha"], None, ACT_NONE, MODE_SET),
-                    (p["g1"], xm[5], b["hg"], None, ACT_SIGMOID, MODE_SET)]
-            up = [(p["w2"], b["hw"], b["w"], p["w0"], ACT_DECAY, MODE_SET),
-                  (p["a2"], b["ha"], b["a"], p["a0"], ACT_SIGMOID, MODE_SET),
-                  (p["g2"], b["hg"], b["g"], None, ACT_NONE, MODE_SET)]
+                b["x"], _null(), i32(1), i32(C), p["ln1.weight"], p["ln1.bias"], f32(ref.LN_EPS),
+                self._att_shift[i],
+                self.stacked_lerps[i], i32(6), xm, b["xa"], _null(), i32(1)))
+            down = [(p["att.receptance.weight"], xm[0], b["r"], None, ACT_NONE, MODE_SET),
+                    (p["att.key.weight"], xm[2], b["k"], None, ACT_NONE, MODE_SET),
+                    (p["att.value.weight"], xm[3], b["v"], None, ACT_NONE, MODE_SET),
+                    (p["att.w1"], xm[1], b["hw"], None, ACT_TANH, MODE_SET),
+                    (p["att.a1"], xm[4], b["ha"], None, ACT_NONE, MODE_SET),
+                    (p["att.g1"], xm[5], b["hg"], None, ACT_SIGMOID, MODE_SET)]
+            up = [(p["att.w2"], b["hw"], b["w"], p["att.w0"], ACT_DECAY, MODE_SET),
+                  (p["att.a2"], b["ha"], b["a"], p["att.a0"], ACT_SIGMOID, MODE_SET),
+                  (p["att.g2"], b["hg"], b["g"], None, ACT_NONE, MODE_SET)]
             if i > 0:
-                down.append((p["v1"], xm[3], b["hv"][:p["v1"].shape[0]], None, ACT_NONE, MODE_SET))
-                up.append((p["v2"], b["hv"][:p["v1"].shape[0]], b["vg"], p["v0"], ACT_SIGMOID,
+                down.append((p["att.v1"], xm[3], b["hv"][:p["att.v1"].shape[0]], None, ACT_NONE, MODE_SET))
+                up.append((p["att.v2"], b["hv"][:p["att.v1"].shape[0]], b["vg"], p["att.v0"], ACT_SIGMOID,
                            MODE_SET))
             steps.append(self._gemv_launch(down))
             steps.append(self._gemv_launch(up))
             add(self._k["time_mix_one"], (H,), (threads,), (       # keys_values+wkv+wkv_out
                 i32(C), self._wkv[i], b["r"], b["w"], b["k"], b["v"], b["a"], b["g"], b["vg"],
-                b["v_first"], p["k_k"], p["k_a"], *p["lnx"], p["r_k"], f32(ref.GN_EPS),
+                b["v_first"], p["att.k_k"], p["att.k_a"], p["att.ln_x.weight"], p["att.ln_x.bias"], p["att.r_k"], f32(ref.GN_EPS),
                 i32(i == 0), b["u"]))
-            steps.append(self._gemv_launch([(p["Wo"], b["u"], b["x"], None, ACT_NONE, MODE_ADD)]))
+            steps.append(self._gemv_launch([(p["att.output.weight"], b["u"], b["x"], None, ACT_NONE, MODE_ADD)]))
             add(self._k["ln_mix"], self._ln_grid(1), (LN_THREADS,), (
-                b["x"], _null(), i32(1), i32(C), *p["ln2"], f32(ref.LN_EPS), self._ffn_shift[i],
-                p["x_k"], i32(1), b["xk"], b["xf"], _null(), i32(1)))
-            steps.append(self._gemv_launch([(p["Wkey"], b["xk"], b["hk"], None, ACT_RELU2,
+                b["x"], _null(), i32(1), i32(C), p["ln2.weight"], p["ln2.bias"], f32(ref.LN_EPS),
+                self._ffn_shift[i],
+                p["ffn.x_k"], i32(1), b["xk"], b["xf"], _null(), i32(1)))
+            steps.append(self._gemv_launch([(p["ffn.key.weight"], b["xk"], b["hk"], None, ACT_RELU2,
                                              MODE_SET)]))
             if deep:
                 D = cfg.d_deepembed
-                add(self._k["gather_rows"], (1,), (256,), (self._tok, p["s_emb"], i32(D * D),
+                add(self._k["gather_rows"], (1,), (256,), (self._tok, p["ffn.s_emb.weight"], i32(D * D),
                                                            b["semb"]))
                 steps.append(self._gemv_launch([
-                    (p["s_emb_x"], b["x0"], b["semb"], None, ACT_NONE, MODE_ADD),
-                    (p["s1"], b["xf"], b["du"], None, ACT_NONE, MODE_SET)]))
+                    (p["ffn.s_emb_x.weight"], b["x0"], b["semb"], None, ACT_NONE, MODE_ADD),
+                    (p["ffn.s1"], b["xf"], b["du"], None, ACT_NONE, MODE_SET)]))
                 add(self._k["row_times_matrix"], (1,), (max(32, D),), (i32(D), b["du"], b["semb"],
                                                                         b["dz"]))
-                steps.append(self._gemv_launch([(p["s2"], b["dz"], b["hk"], p["s0"], ACT_NONE,
+                steps.append(self._gemv_launch([(p["ffn.s2"], b["dz"], b["hk"], p["ffn.s0"], ACT_NONE,
                                                  MODE_MUL)]))
-            steps.append(self._gemv_launch([(p["Wval"], b["hk"], b["x"], None, ACT_NONE,
+            steps.append(self._gemv_launch([(p["ffn.value.weight"], b["hk"], b["x"], None, ACT_NONE,
                                              MODE_ADD)]))
         add(self._k["ln_mix"], self._ln_grid(1), (LN_THREADS,), (
             b["x"], _null(), i32(1), i32(C), *self.ln_out, f32(ref.LN_EPS), _null(), _null(),
@@ -454,48 +467,49 @@ class RWKV7CuPy(RWKV7):
         self._ln_mix(self.emb, ids_d, T, self.ln0, None, None, 0, None, x0, x)
         for i, p in enumerate(self.blocks):
             xm, xa = E(6, T, C), E(T, C)
-            self._ln_mix(x, None, T, p["ln1"], state.att_shift[i], p["mix6"], 6, xm, xa,
+            self._ln_mix(x, None, T, (p["ln1.weight"], p["ln1.bias"]), state.att_shift[i], self.stacked_lerps[i], 6, xm, xa,
                          write_shift=T == 1)
             if T > 1:
                 cp.copyto(state.att_shift[i], xa[T - 1])
             X = self._cast(xm)                                          # (6, T, C)
-            r, k, v = self._mm(X[0], p["Wr"]), self._mm(X[2], p["Wk"]), self._mm(X[3], p["Wv"])
-            hw, ha, hg = self._mm(X[1], p["w1"]), self._mm(X[4], p["a1"]), self._mm(X[5], p["g1"])
+            r, k, v = self._mm(X[0], p["att.receptance.weight"]), self._mm(X[2], p["att.key.weight"]), self._mm(X[3], p["att.value.weight"])
+            hw, ha, hg = self._mm(X[1], p["att.w1"]), self._mm(X[4], p["att.a1"]), self._mm(X[5], p["att.g1"])
             self._bias_act(hw, hw, None, ACT_TANH)
             self._bias_act(hg, hg, None, ACT_SIGMOID)
-            w = self._mm(self._cast(hw), p["w2"])
-            self._bias_act(w, w, p["w0"], ACT_DECAY)
-            a = self._mm(self._cast(ha), p["a2"])
-            self._bias_act(a, a, p["a0"], ACT_SIGMOID)
-            g = self._mm(self._cast(hg), p["g2"])
+            w = self._mm(self._cast(hw), p["att.w2"])
+            self._bias_act(w, w, p["att.w0"], ACT_DECAY)
+            a = self._mm(self._cast(ha), p["att.a2"])
+            self._bias_act(a, a, p["att.a0"], ACT_SIGMOID)
+            g = self._mm(self._cast(hg), p["att.g2"])
             vg = None
             if i > 0:
-                vg = self._mm(self._cast(self._mm(X[3], p["v1"])), p["v2"])
-                self._bias_act(vg, vg, p["v0"], ACT_SIGMOID)
+                vg = self._mm(self._cast(self._mm(X[3], p["att.v1"])), p["att.v2"])
+                self._bias_act(vg, vg, p["att.v0"], ACT_SIGMOID)
             kh, y, u = E(T, C), E(T, C), E(T, C)
             self._head_kernels("keys_values", T, k, v, a, _null() if vg is None else vg,
-                               v_first, p["k_k"], p["k_a"], kh, np.int32(i == 0))
+                               v_first, p["att.k_k"], p["att.k_a"], kh, np.int32(i == 0))
             self._head_kernels("wkv", T, state.wkv[i], r, w, k, v, kh, a, y)
-            self._head_kernels("wkv_out", T, y, r, k, v, g, *p["lnx"], p["r_k"],
+            self._head_kernels("wkv_out", T, y, r, k, v, g, p["att.ln_x.weight"], p["att.ln_x.bias"], p["att.r_k"],
                                np.float32(ref.GN_EPS), u)
-            self._mm(self._cast(u), p["Wo"], out=x, beta=1.0)          # residual: x += u Wo^T
+            self._mm(self._cast(u), p["att.output.weight"], out=x, beta=1.0)          # residual: x += u Wo^T
             xk, xf = E(1, T, C), E(T, C)
-            self._ln_mix(x, None, T, p["ln2"], state.ffn_shift[i], p["x_k"], 1, xk, xf,
+            self._ln_mix(x, None, T, (p["ln2.weight"], p["ln2.bias"]), state.ffn_shift[i],
+                         p["ffn.x_k"], 1, xk, xf,
                          write_shift=T == 1)
             if T > 1:
                 cp.copyto(state.ffn_shift[i], xf[T - 1])
-            hk = self._mm(self._cast(xk[0]), p["Wkey"])                 # (T, F)
+            hk = self._mm(self._cast(xk[0]), p["ffn.key.weight"])                 # (T, F)
             self._bias_act(hk, hk, None, ACT_RELU2)
-            if "s_emb" in p:
+            if "ffn.s_emb.weight" in p:
                 D = cfg.d_deepembed
                 semb = E(T, D * D)
-                self._k["gather_rows"]((T,), (256,), (ids_d, p["s_emb"], np.int32(D * D), semb))
-                self._mm(self._cast(x0), p["s_emb_x"], out=semb, beta=1.0)
-                du, dz = self._mm(self._cast(xf), p["s1"]), E(T, D)
+                self._k["gather_rows"]((T,), (256,), (ids_d, p["ffn.s_emb.weight"], np.int32(D * D), semb))
+                self._mm(self._cast(x0), p["ffn.s_emb_x.weight"], out=semb, beta=1.0)
+                du, dz = self._mm(self._cast(xf), p["ffn.s1"]), E(T, D)
                 self._k["row_times_matrix"]((T,), (max(32, D),), (np.int32(D), du, semb, dz))
-                gate = self._mm(self._cast(dz), p["s2"])
-                self._bias_act(hk, gate, p["s0"], ACT_NONE, MODE_MUL)  # h *= dz s2 + s0
-            self._mm(self._cast(hk), p["Wval"], out=x, beta=1.0)
+                gate = self._mm(self._cast(dz), p["ffn.s2"])
+                self._bias_act(hk, gate, p["ffn.s0"], ACT_NONE, MODE_MUL)  # h *= dz s2 + s0
+            self._mm(self._cast(hk), p["ffn.value.weight"], out=x, beta=1.0)
         xo = E(T, C)
         self._ln_mix(x, None, T, self.ln_out, None, None, 0, None, xo)
         return xo, x
@@ -515,7 +529,7 @@ class RWKV7CuPy(RWKV7):
 
     def _run_model(self, ids, state, mode, all_logits):
         """(ln_out(x) (T, C), logits (T or 1, V), new State), all on the GPU."""
-        ids = self._check_ids(ids)
+        ids = self.check_ids(ids)
         if mode not in ("sequence", "recurrent"):
             raise ValueError(f"mode must be 'sequence' or 'recurrent', not {mode!r}")
         if state is not None:
@@ -531,15 +545,20 @@ class RWKV7CuPy(RWKV7):
         """One token, recurrent form, on the GPU: the residual x (C,) before ln_out (CuPy);
         `state` (CuPy arrays) is updated in place, like the reference's forward_one."""
         with self.gpu, self.stream:
-            _, _, new = self._decode(self._check_ids([token]), state)
+            _, _, new = self._decode(self.check_ids([token]), state)
             for name in ("att_shift", "wkv", "ffn_shift"):
                 cp.copyto(getattr(state, name), getattr(new, name))
             return self._buf["x"].copy(), state
 
-    def forward_seq(self, ids, state):
-        """T tokens, sequence form, on the GPU: x (T, C) before ln_out and `state` (in place)."""
+    def forward_seq(self, ids, state, steps=None, acts=None):
+        """T tokens, sequence form, on the GPU: x (T, C) before ln_out and `state` (in place).
+        The fused kernels keep no intermediates and run no replaced steps: the oracle traces this
+        backend through `stored_tensors()` instead."""
+        if steps is not None or acts is not None:
+            raise NotImplementedError("the cupy backend runs fused kernels: it cannot replace "
+                                      "steps or record intermediates; trace model.reference()")
         with self.gpu, self.stream:
-            _, x = self._prefill(self._check_ids(ids), state)
+            _, x = self._prefill(self.check_ids(ids), state)
         return x, state
 
     def hidden(self, ids, state=None, mode="sequence"):

@@ -1,7 +1,7 @@
 """The Numba backend: the hot loops of RWKV-7 compiled for the CPU, beside the NumPy reference.
 
 `RWKV7Numba` is `model.RWKV7` with the same public API and the same `forward_one` /
-`forward_seq` signatures; only how they run changes:
+`forward_seq` signatures (the backend contract: backends/__init__.py); only how they run changes:
 
   * decode (`forward_one`, one token): every Linear layer is a Numba matrix-vector product over
     the weights as stored, in parallel over output rows, and everything between the projections
@@ -9,9 +9,9 @@
     group norm, bonus, gate) is one fused kernel (`time_mix_core`);
   * prefill (`forward_seq`, T tokens): the reference's sequence form (BLAS matrix products over
     the whole sequence) with the WKV recurrence replaced by a Numba kernel that runs the heads in
-    parallel (`wkv_seq`, the twin of `model.wkv_seq`).
+    parallel (`wkv_seq`, the twin of `model.wkv_seq`), plugged into the reference's steps.
 
-Weights can be stored as float32 or as bfloat16 (`weights="bfloat16"`): the large matrices (r, k,
+Weights can be stored as float32 or as bfloat16 (`storage="bfloat16"`): the large matrices (r, k,
 v, output, channel-mix key and value, embedding, head, DeepEmbed tables) stay 16-bit in memory,
 read straight from a bf16 checkpoint without conversion, and are widened to float32 inside the
 kernels as they are read: half the bytes per token. Everything is computed in float32.
@@ -32,15 +32,17 @@ try:
 except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear message
     raise ImportError("the numba backend needs numba: pip install numba") from e
 
-from . import model as ref
-from .checkpoint import bf16_to_float32, to_bf16_bits
+from dataclasses import replace
+
+from .. import model as ref
+from ..checkpoint import bf16_to_float32, to_bf16_bits
 
 FASTMATH = {"reassoc", "contract"}
 DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in the kernels
 GN_EPS = float(ref.GN_EPS)
 ROWS_PER_TASK = 16          # rows of a matrix-vector product handled by one parallel task
 
-# Tensors kept 16-bit with weights="bfloat16": the large ones, whose bytes dominate each token.
+# Tensors kept 16-bit with storage="bfloat16": the large ones, whose bytes dominate each token.
 # The LoRA matrices and per-channel vectors are small and stay float32.
 BIG_MATRICES = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
                 "ffn.key.weight", "ffn.value.weight", "ffn.s_emb.weight", "emb.weight",
@@ -125,29 +127,30 @@ def matvec(W, x):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _wkv_seq_kernel(S, r, w, k, v, kappa_hat, a, y):
+def _wkv_seq_kernel(S, r, w, k, v, alpha, beta, y):
     T, H, N = r.shape
     for h in prange(H):                                   # heads are independent
         for t in range(T):
             for i in range(N):                            # state row i: value channel i
                 sa = np.float32(0.0)
                 for j in range(N):
-                    sa -= S[h, i, j] * kappa_hat[t, h, j]          # (S a)_i with a = -kappa_hat
+                    sa += S[h, i, j] * alpha[t, h, j]              # (S alpha)_i
                 yi = np.float32(0.0)
                 for j in range(N):
-                    s = (S[h, i, j] * w[t, h, j] + sa * (kappa_hat[t, h, j] * a[t, h, j])
-                         + v[t, h, i] * k[t, h, j])
+                    s = S[h, i, j] * w[t, h, j] + sa * beta[t, h, j] + v[t, h, i] * k[t, h, j]
                     S[h, i, j] = s
                     yi += s * r[t, h, j]
                 y[t, h, i] = yi
 
 
-def wkv_seq(S, r, w, k, v, kappa_hat, a):
+def wkv_seq(S, r, w, k, v, alpha, beta):
     """Numba twin of `model.wkv_seq` (same signature and result): the WKV recurrence over T tokens,
-    heads in parallel. S (H, N, N); r, w, k, v, kappa_hat, a: (T, H, N). Returns S, y (T, H, N)."""
+    heads in parallel. S (H, N, N); r, w, k, v, alpha, beta: (T, H, N). Returns S, y (T, H, N)."""
+    if r.ndim != 3:
+        raise ValueError(f"the numba WKV kernel runs one sequence, (T, H, N); got {r.shape}")
     dt = np.float32
     S = np.array(S, dtype=dt)                             # a copy: the input is not modified
-    args = [np.ascontiguousarray(u, dtype=dt) for u in (r, w, k, v, kappa_hat, a)]
+    args = [np.ascontiguousarray(u, dtype=dt) for u in (r, w, k, v, alpha, beta)]
     y = np.empty_like(args[0])
     _wkv_seq_kernel(S, *args, y)
     return S, y
@@ -156,7 +159,9 @@ def wkv_seq(S, r, w, k, v, kappa_hat, a):
 @njit(fastmath=FASTMATH, cache=True)
 def _time_mix_core(S, r, w_pre, k, v, a, g, v_first, v_gate_pre, k_k, k_a, r_k, ln_w, ln_b,
                    first_layer, out):
-    """Steps 7-14 of the time mix for one token, fused (see model.time_mix_inputs/_output).
+    """The time mix of one token from its projections on, fused: the twin of model.py's
+    removal_key, replacement_key, decay, value_residual, wkv_step, group_norm, bonus and
+    output_gate (in that order; tests/test_fast.py holds them equal).
 
     r, k, v, g: (C,) projections; w_pre (C,) decay pre-activation; a (C,) in-context learning
     rate; v_gate_pre (C,) value-residual gate pre-activation (unused in layer 0); S (H, N, N),
@@ -235,29 +240,39 @@ def set_threads(threads):
 class RWKV7Numba(ref.RWKV7):
     """RWKV-7 on Numba kernels; float32 compute, weights stored float32 or bfloat16."""
 
-    def __init__(self, weights, dtype="float32", name=None, wkv="auto", weight_dtype="float32",
+    def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", storage="float32",
                  threads=None):
         if np.dtype(dtype) != np.float32:
             raise ValueError("the numba backend computes in float32; for float64 (the oracle "
                              "mode) use backend='numpy'")
-        if weight_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"weights must be 'float32' or 'bfloat16', not {weight_dtype!r}")
-        self.weight_dtype = weight_dtype
-        super().__init__(weights, dtype="float32", name=name, wkv=wkv)
-        self.backend = "numba" + ("-bf16" if weight_dtype == "bfloat16" else "")
+        if storage not in ("float32", "bfloat16"):
+            raise ValueError(f"the numba backend stores weights as 'float32' or 'bfloat16', "
+                             f"not {storage!r}")
+        self.storage = storage
+        super().__init__(weights, dtype="float32", name=name, wkv_method=wkv_method)
+        self.backend = "numba" + ("-bf16" if storage == "bfloat16" else "")
+        # Prefill's WKV operator: wkv_method="chunked" asks for the NumPy chunked form; "auto" and
+        # "recurrent" run the Numba kernel (the recurrence with heads in parallel: as fast as the
+        # chunked form at these sizes).
+        self.sequence_wkv = ref.wkv_chunked if wkv_method == "chunked" else wkv_seq
         self.threads = set_threads(threads)
-        for p in self.blocks:   # the six token-shift lerps as one (6, C) array for decode
-            p["att.lerps"] = np.stack([p[f"att.x_{c}"] for c in "rwkvag"])
+        # the six token-shift lerps of each layer as one (6, C) array for decode (derived, so
+        # kept apart from the checkpoint-keyed blocks)
+        self.stacked_lerps = [np.stack([p[f"att.x_{c}"] for c in "rwkvag"]) for p in self.blocks]
 
     def prepare_weight(self, key, array):
-        """Big matrices: bf16 bits (uint16) with weights="bfloat16", else float32. A bf16 input
+        """Big matrices: bf16 bits (uint16) with storage="bfloat16", else float32. A bf16 input
         (uint16 bits from read_checkpoint(dtype="bfloat16")) is kept as it is: no copy."""
         big = key.endswith(BIG_MATRICES)
-        if self.weight_dtype == "bfloat16" and big:
+        if self.storage == "bfloat16" and big:
             return np.asarray(array) if array.dtype == np.uint16 else bf16_bits(array)
         if array.dtype == np.uint16:
             return widen(array)
         return np.asarray(array.astype(np.float32, copy=False))
+
+    def stored_tensors(self):
+        """The reference's view of these weights: bf16 storage widened exactly to float32."""
+        return {key: as_float32(a) for key, a in super().stored_tensors().items()}
 
     # ---- decode: one token ----
 
@@ -270,7 +285,7 @@ class RWKV7Numba(ref.RWKV7):
         for i, p in enumerate(self.blocks):
             # time mix
             xa = ref.layer_norm(x, p["ln1.weight"], p["ln1.bias"])
-            mixed = xa + (state.att_shift[i] - xa) * p["att.lerps"]           # (6, C): r w k v a g
+            mixed = xa + (state.att_shift[i] - xa) * self.stacked_lerps[i]    # (6, C): r w k v a g
             xr, xw, xk, xv, xa_, xg = mixed
             r = matvec(p["att.receptance.weight"], xr)
             k = matvec(p["att.key.weight"], xk)
@@ -301,17 +316,21 @@ class RWKV7Numba(ref.RWKV7):
 
     # ---- prefill: T tokens ----
 
-    def forward_seq(self, ids, state):
-        # wkv="chunked" asks for the NumPy chunked form; "auto"/"recurrent" run the Numba kernel
-        # (the recurrence, with heads in parallel: as fast as the chunked form at these sizes).
-        wkv = ref.wkv_chunked if self.wkv == "chunked" else wkv_seq
+    def forward_seq(self, ids, state, steps=None, acts=None):
+        # The reference's sequence form with this backend's WKV operator (unless the caller's
+        # steps bring another one than the reference's default).
+        steps = steps or self.steps
+        if steps.wkv is ref.wkv_seq:
+            steps = replace(steps, wkv=self.sequence_wkv)
         x0 = ref.layer_norm(as_float32(self.emb[ids]), *self.ln0)            # (T, C)
         x, v_first = x0, None
         for i, p in enumerate(self.blocks):
             s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
             # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
             p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
-            x, v_first = ref.block_seq(x, v_first, state, i, p32, self.config.n_head, s_emb, wkv)
+            layer_acts = None if acts is None else acts.setdefault(f"L{i}", {})
+            x, v_first = ref.block(x, v_first, state, i, p32, self.config.n_head, s_emb, steps,
+                                   layer_acts)
         return x, state
 
     def logits(self, h):

@@ -1,5 +1,6 @@
-"""Numba kernels for training: the WKV operator forward and backward (train.py's wkv_forward and
-wkv_backward, same signatures and results), with the (sequence, head) pairs in parallel.
+"""Numba kernels for training: the WKV operator forward and backward (twins of train.py's
+wkv_forward and wkv_backward: the signatures of the contract in backends/__init__.py), with the
+(sequence, head) pairs in parallel.
 
     loss, grads = tinyrwkv.train.loss_and_grad(params, ids, targets, wkv_ops=WKV_OPS)
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .train import WKV_CHUNK
+from . import SAVE_EVERY
 
 _JIT = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 
 
 @numba.njit(**_JIT)
-def _forward(S0, r, w, k, v, alpha, beta, chunk, y, S_out, ckpt):
+def _forward(S0, r, w, k, v, alpha, beta, chunk, y, S_out, saved):
     B, T, H, N = r.shape
     for bh in numba.prange(B * H):
         b, h = bh // H, bh % H
@@ -27,7 +28,7 @@ def _forward(S0, r, w, k, v, alpha, beta, chunk, y, S_out, ckpt):
         sa = np.empty(N, S.dtype)
         for t in range(T):
             if t % chunk == 0:
-                ckpt[t // chunk, b, h] = S
+                saved[t // chunk, b, h] = S
             for i in range(N):
                 acc = 0.0
                 for j in range(N):
@@ -43,19 +44,19 @@ def _forward(S0, r, w, k, v, alpha, beta, chunk, y, S_out, ckpt):
         S_out[b, h] = S
 
 
-def wkv_forward(S0, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
-    """Same as train.wkv_forward."""
+def wkv_forward(S0, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """Same as train.wkv_forward: (S_T, y, saved)."""
     B, T, H, N = r.shape
     y = np.empty_like(r)
     S_out = np.empty_like(S0)
-    ckpt = np.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
+    saved = np.empty(((T + chunk - 1) // chunk, B, H, N, N), r.dtype)
     args = [np.ascontiguousarray(a, r.dtype) for a in (S0, r, w, k, v, alpha, beta)]
-    _forward(*args, chunk, y, S_out, ckpt)
-    return y, S_out, ckpt
+    _forward(*args, chunk, y, S_out, saved)
+    return S_out, y, saved
 
 
 @numba.njit(**_JIT)
-def _backward(dy, G0, ckpt, r, w, k, v, alpha, beta, chunk, dr, dw, dk, dv, dalpha, dbeta, dS0):
+def _backward(dy, G0, saved, r, w, k, v, alpha, beta, chunk, dr, dw, dk, dv, dalpha, dbeta, dS0):
     B, T, H, N = r.shape
     for bh in numba.prange(B * H):
         b, h = bh // H, bh % H
@@ -63,10 +64,10 @@ def _backward(dy, G0, ckpt, r, w, k, v, alpha, beta, chunk, dr, dw, dk, dv, dalp
         states = np.empty((chunk + 1, N, N), r.dtype)
         sa = np.empty(N, r.dtype)
         Gb = np.empty(N, r.dtype)
-        for c in range(ckpt.shape[0] - 1, -1, -1):
+        for c in range(saved.shape[0] - 1, -1, -1):
             t0 = c * chunk
             t1 = min(t0 + chunk, T)
-            states[0] = ckpt[c, b, h]
+            states[0] = saved[c, b, h]
             for t in range(t0, t1):                     # recompute this chunk's states
                 n = t - t0
                 for i in range(N):
@@ -111,17 +112,17 @@ def _backward(dy, G0, ckpt, r, w, k, v, alpha, beta, chunk, dr, dw, dk, dv, dalp
         dS0[b, h] = G
 
 
-def wkv_backward(dy, dS_last, ckpt, r, w, k, v, alpha, beta, chunk=WKV_CHUNK):
-    """Same as train.wkv_backward."""
+def wkv_backward(dS_last, dy, saved, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """Same as train.wkv_backward: (dS_0, dr, dw, dk, dv, dalpha, dbeta)."""
     B, T, H, N = r.shape
     dt = r.dtype
     G0 = np.zeros((B, H, N, N), dt) if dS_last is None else np.ascontiguousarray(dS_last, dt)
     out = [np.empty_like(r) for _ in range(6)]
     dS0 = np.empty((B, H, N, N), dt)
-    args = [np.ascontiguousarray(a, dt) for a in (dy,)] + [G0, ckpt] + \
+    args = [np.ascontiguousarray(a, dt) for a in (dy,)] + [G0, saved] + \
            [np.ascontiguousarray(a, dt) for a in (r, w, k, v, alpha, beta)]
     _backward(*args, chunk, *out, dS0)
-    return (*out, dS0)
+    return (dS0, *out)
 
 
 WKV_OPS = (wkv_forward, wkv_backward)
