@@ -1,5 +1,5 @@
 """tinyrwkv where the platform is not the Linux it is developed on: without the Unix-only modules
-and /proc (Windows).
+and /proc (Windows), and without numba (optional: the NumPy backend runs instead).
 
 A module is made missing the way Python itself spells it: `sys.modules[name] = None` in a fresh
 interpreter, so that `import name` raises ImportError there, as on a platform without it."""
@@ -98,3 +98,57 @@ def test_the_benchmark_says_it_is_unix_only(tmp_path):
                                 pythonpath=[ROOT / "benchmarks"])
     assert rc == 1 and "runs on Unix only" in err and "Traceback" not in err, err
 
+
+# --------------------------------------------------------------------------------------------
+# Without numba
+# --------------------------------------------------------------------------------------------
+
+@needs_shipped
+def test_library_without_numba(tmp_path):
+    """tinyrwkv.load() falls back to the NumPy backend and says so in model.backend; generation
+    and training's backward run; asking for numba says how to get it."""
+    rc, out, err = run_without(["numba"], """
+        import numpy as np
+        import tinyrwkv
+        from tinyrwkv.loader import default_backend, parse_strategy
+        from tinyrwkv.synthetic import make_weights
+        model = tinyrwkv.load()
+        assert model.backend == "numpy", model.backend
+        assert default_backend() == "numpy" and parse_strategy("cpu fp32")[0] == "numpy"
+        assert "".join(tinyrwkv.generate(model, "Once upon a time", max_tokens=8, seed=0))
+        ids = np.arange(8)[None] % 300
+        loss, grads = tinyrwkv.train.loss_and_grad(make_weights(n_embd=64), ids, (ids + 1) % 300)
+        assert np.isfinite(loss) and grads
+        try:
+            tinyrwkv.load(backend="numba")
+        except ValueError as e:
+            print(e)
+        else:
+            raise AssertionError("backend='numba' loaded without numba")
+    """, cwd=tmp_path)
+    assert rc == 0, err[-3000:]
+    assert "numba is not available" in out and "pip install numba" in out, out
+
+
+@needs_shipped
+def test_cli_without_numba(tmp_path):
+    """`tinyrwkv generate` runs on the NumPy backend and says why; `tinyrwkv train` falls back
+    to the NumPy WKV; asking for numba is an error that says how to get it."""
+    text = "Once upon a time there was a little dog. The dog liked to run in the park.\n" * 40
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "valid.txt").write_text(text[:800])
+    rc, out, err = run_without(["numba"], CLI, """
+        print("GENERATED:" + cli("generate", "Once", "--max-tokens", "5", "--seed", "1"))
+        cli("generate", "Once", "--backend", "numba", status=1)
+        cli("train", "--data", "train.txt", "--out", "run", "--backend", "numba", status=1)
+        cli("train", "--data", "train.txt", "--out", "run", "--vocab", "300", "--layers", "1",
+            "--width", "64", "--head-size", "32", "--batch", "2", "--ctx", "16", "--steps", "2",
+            "--warmup", "1", "--eval-every", "2", "--eval-windows", "2", "--sample-every", "0")
+    """, cwd=tmp_path)
+    assert rc == 0, err[-3000:]
+    assert out.split("GENERATED:")[1].strip(), out
+    assert "backend numpy, not the faster numba" in err, err
+    assert "backend 'numba': numba is not available" in err and "pip install numba" in err, err
+    assert "--backend numba: numba is not available" in err, err
+    assert "tinyrwkv train: backend numpy, not the faster numba" in err and "wkv numpy" in err, err
+    assert (tmp_path / "run" / "model.safetensors").is_file(), err

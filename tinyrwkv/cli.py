@@ -43,6 +43,10 @@ def load_model(args):
           f"{f' on {model.device_name}' if getattr(model, 'device_name', None) else ''}, "
           f"tokenizer {model.tokenizer.name} "
           f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    if model.backend == "numpy" and not (args.backend or args.strategy) and args.dtype == "float32":
+        from .loader import numba_missing
+        print(f"tinyrwkv: backend numpy, not the faster numba: {numba_missing()}",
+              file=sys.stderr)
     return model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -45,12 +44,22 @@ def resolve_model_path(path):
     raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
+def numba_missing():
+    """None where numba can be imported; else why not, and how to get it. (Importing is the
+    check: an installed numba can still fail to import, e.g. when built for another NumPy.)"""
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:
+        return f"numba is not available ({e}); install it with: pip install numba"
+    return None
+
+
 def default_backend(dtype="float32"):
-    """"numba" where numba is installed and the dtype is float32; else the NumPy reference.
+    """"numba" where numba imports and the dtype is float32; else the NumPy reference.
     (The GPU backend is never chosen silently: ask for backend="cupy" or a "cuda ..." strategy.)"""
     if np.dtype(dtype) != np.float32:
         return "numpy"
-    return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+    return "numba" if numba_missing() is None else "numpy"
 
 
 BACKENDS = ("numpy", "numba", "cupy")
@@ -142,11 +151,9 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv="auto", 
     if backend != "cupy" and device is not None:
         raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
-        try:
-            from . import fast  # noqa: F401  (is numba there? say so before reading the file)
-        except ImportError as e:
-            raise ValueError(f"backend 'numba' is not available: {e}. Install it with "
-                             "pip install numba, or use backend='numpy'") from e
+        missing = numba_missing()           # say so before reading the file
+        if missing:
+            raise ValueError(f"backend 'numba': {missing} (or use backend='numpy')")
     if backend in ("numba", "cupy") and np.dtype(dtype) != np.float32:
         raise ValueError(f"the {backend} backend computes in float32; for float64 use "
                          "backend='numpy'")
