@@ -13,17 +13,22 @@ from .model import RWKV7
 from .tokenizer import TokenizerError, get_tokenizer
 
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"   # the repo's weights/ folder
+# Where the shipped model is: installed from a wheel, in the package (tinyrwkv/weights/, package
+# data: see pyproject.toml); run from a checkout (source or `pip install -e .`), in the
+# repository's top-level weights/.
+WEIGHTS_DIRS = tuple(folder / "weights" for folder in Path(__file__).resolve().parents[:2])
 
 
 def shipped_model_path():
     """The model shipped in weights/ (trained by `tinyrwkv train`, see weights/MODEL_CARD.md)."""
-    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in WEIGHTS_DIR.glob(ext))
-    if not found:
-        raise CheckpointError(
-            f"no model path given, and no shipped model was found in {WEIGHTS_DIR}: pass an "
-            "RWKV-7 checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
-    return found[0]
+    for folder in WEIGHTS_DIRS:
+        found = sorted(p for ext in ("*.pth", "*.safetensors") for p in folder.glob(ext))
+        if found:
+            return found[0]
+    where = " or ".join(map(str, WEIGHTS_DIRS))
+    raise CheckpointError(
+        f"no model path given, and no shipped model was found in {where}: pass an RWKV-7 "
+        "checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
 
 
 def resolve_model_path(path):
