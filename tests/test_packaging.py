@@ -68,7 +68,8 @@ def test_the_wheel_carries_the_model_and_the_data(tmp_path):
         assert not [n for n in package if n not in names], [n for n in package if n not in names]
         assert not [n for n in names if "bench" in n], names     # the harness stays outside
         for name in SHIPPED:          # the files themselves, not placeholders
-            assert z.getinfo(f"tinyrwkv/weights/{name}").file_size == (ROOT / "weights" / name).stat().st_size
+            size = (ROOT / "weights" / name).stat().st_size
+            assert z.getinfo(f"tinyrwkv/weights/{name}").file_size == size, name
 
 
 def test_the_sdist_carries_the_model_and_builds_a_wheel_that_does(tmp_path):

@@ -70,7 +70,7 @@ def machine_info():
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical,
             "usable_cores": usable, "memory_gb": mem / GB if mem else None,
             "os": platform.platform(), "python": platform.python_version(),
-            "versions": {d: installed_version(d) for d in ("tinyrwkv", "numpy", "numba", "torch", "rwkv",
-                                                  "threadpoolctl")},
+            "versions": {d: installed_version(d) for d in ("tinyrwkv", "numpy", "numba", "torch",
+                                                           "rwkv", "threadpoolctl")},
             "thread_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                           "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}

@@ -1,6 +1,6 @@
 """The worker side of the CPU benchmark: what runs in each fresh child process.
 
-    python -m cpu_harness.worker SPEC.json     (started by runner.run_child, benchmarks/ on the path)
+    python -m cpu_harness.worker SPEC.json   (runner.run_child starts it, benchmarks/ on the path)
 
 reads the task from SPEC.json ("limits": the machine's bandwidth and matmul rate; "measure": one
 backend, one run; "make": write a synthetic checkpoint) and writes its JSON result to spec["out"].
@@ -270,9 +270,6 @@ def worker_main(spec_path):
                   "traceback": traceback.format_exc()}
     Path(spec["out"]).write_text(json.dumps(result))
 
-
-# ----------------------------------------------------------------------------------------------
-# Parent side: plans the runs, starts the children, summarises
 
 
 if __name__ == "__main__":
