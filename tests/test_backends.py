@@ -74,7 +74,7 @@ LAYERS = [
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
     {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer"},
-    {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv.bench", "tinyrwkv"},
+    {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv"},
 ]
 
 

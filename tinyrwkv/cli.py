@@ -46,6 +46,10 @@ def load_model(args):
           f"{f' on {model.device_name}' if getattr(model, 'device_name', None) else ''}, "
           f"tokenizer {model.tokenizer.name} "
           f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    if model.backend == "numpy" and not (args.backend or args.strategy) and args.dtype == "float32":
+        from .loader import numba_missing
+        print(f"tinyrwkv: backend numpy, not the faster numba: {numba_missing()}",
+              file=sys.stderr)
     return model
 
 
@@ -294,6 +298,19 @@ def cmd_convert(args):
           file=sys.stderr)
 
 
+def cmd_bench(args):
+    """`tinyrwkv bench ARGS` = `python benchmarks/bench_cpu.py ARGS` of this checkout. The
+    benchmark is a Unix-only measurement harness beside the package, not in it (a wheel does not
+    carry it), so it runs as its own process."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    if not script.is_file():
+        fail("the benchmark is not part of the installed package: in a checkout of tinyrwkv "
+             "(git clone ...), run python benchmarks/bench_cpu.py (the same options; --help "
+             "lists them)")
+    raise SystemExit(subprocess.call([sys.executable, str(script), *args.bench_args]))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tinyrwkv",
@@ -360,13 +377,13 @@ def build_parser():
     c.add_argument("--system", metavar="TEXT", help="a 'System:' message before the first turn")
     c.set_defaults(func=cmd_chat)
 
-    b = sub.add_parser("bench", help="measure speed beside the official package", formatter_class=fmt,
-                       description="Benchmark tinyrwkv's backends and, when installed, the official "
-                                   "rwkv package on seeded synthetic checkpoints: decode and prefill "
-                                   "tok/s, load time, peak RSS, and the machine's limits.")
-    from . import bench
-    bench.add_arguments(b)
-    b.set_defaults(func=bench.run)
+    # Every word after `bench` is the benchmark's own, --help included: no prefix character of
+    # this parser can start one of them, so they all land in bench_args.
+    b = sub.add_parser("bench", help="measure speed beside the official package (in a checkout: "
+                                     "python benchmarks/bench_cpu.py)",
+                       add_help=False, prefix_chars="\0")
+    b.add_argument("bench_args", nargs="*")
+    b.set_defaults(func=cmd_bench)
 
     tr = sub.add_parser("trace", help="record every intermediate of the forward pass (.npz)",
                         formatter_class=fmt,

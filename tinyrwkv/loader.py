@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -16,17 +15,22 @@ from .model import RWKV7
 from .tokenizer import TokenizerError, get_tokenizer
 
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"   # the repo's weights/ folder
+# Where the shipped model is: installed from a wheel, in the package (tinyrwkv/weights/, package
+# data: see pyproject.toml); run from a checkout (source or `pip install -e .`), in the
+# repository's top-level weights/.
+WEIGHTS_DIRS = tuple(folder / "weights" for folder in Path(__file__).resolve().parents[:2])
 
 
 def shipped_model_path():
     """The model shipped in weights/ (trained by `tinyrwkv train`, see weights/MODEL_CARD.md)."""
-    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in WEIGHTS_DIR.glob(ext))
-    if not found:
-        raise CheckpointError(
-            f"no model path given, and no shipped model was found in {WEIGHTS_DIR}: pass an "
-            "RWKV-7 checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
-    return found[0]
+    for folder in WEIGHTS_DIRS:
+        found = sorted(p for ext in ("*.pth", "*.safetensors") for p in folder.glob(ext))
+        if found:
+            return found[0]
+    where = " or ".join(map(str, WEIGHTS_DIRS))
+    raise CheckpointError(
+        f"no model path given, and no shipped model was found in {where}: pass an RWKV-7 "
+        "checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
 
 
 def resolve_model_path(path):
@@ -47,12 +51,22 @@ def resolve_model_path(path):
     raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
+def numba_missing():
+    """None where numba can be imported; else why not, and how to get it. (Importing is the
+    check: an installed numba can still fail to import, e.g. when built for another NumPy.)"""
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:
+        return f"numba is not available ({e}); install it with: pip install numba"
+    return None
+
+
 def default_backend(dtype="float32"):
-    """"numba" where numba is installed and the dtype is float32; else the NumPy reference.
+    """"numba" where numba imports and the dtype is float32; else the NumPy reference.
     (The GPU backend is never chosen silently: ask for backend="cupy" or a "cuda ..." strategy.)"""
     if np.dtype(dtype) != np.float32:
         return "numpy"
-    return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+    return "numba" if numba_missing() is None else "numpy"
 
 
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -158,11 +172,9 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
     if backend != "cupy" and device is not None:
         raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
-        try:
-            from .backends import numba_cpu  # noqa: F401  (is numba there? say so before reading)
-        except ImportError as e:
-            raise ValueError(f"backend 'numba' is not available: {e}. Install it with "
-                             "pip install numba, or use backend='numpy'") from e
+        missing = numba_missing()           # say so before reading the file
+        if missing:
+            raise ValueError(f"backend 'numba': {missing} (or use backend='numpy')")
     if backend in ("numba", "cupy") and np.dtype(dtype) != np.float32:
         raise ValueError(f"the {backend} backend computes in float32; for float64 use "
                          "backend='numpy'")

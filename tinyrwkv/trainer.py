@@ -29,6 +29,7 @@ import numpy as np
 
 from . import train
 from .checkpoint import read_checkpoint, save_safetensors
+from .loader import numba_missing
 from .synthetic import lora_ranks, make_weights
 
 
@@ -126,8 +127,7 @@ def nll_of_ids(model, ids, chunk=512):
 def bits_per_byte(params, ids, n_bytes, backend="numba"):
     """Bits per byte of a whole text: its total NLL (the first token is not predicted) in bits,
     over its UTF-8 bytes. Uses the inference model (same function as training's forward)."""
-    from .loader import default_backend
-    if backend == "numba" and default_backend() == "numba":
+    if backend == "numba" and numba_missing() is None:
         from .backends.numba_cpu import RWKV7Numba
         model = RWKV7Numba(params)
     else:
@@ -168,6 +168,14 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "train_state.npz"
     log_file = out / "log.jsonl"
+    if args.backend in (None, "numba"):     # default: numba where it imports, else NumPy
+        missing = numba_missing()
+        if missing and args.backend == "numba":
+            raise ValueError(f"--backend numba: {missing} (or use --backend numpy)")
+        if missing:
+            print(f"tinyrwkv train: backend numpy, not the faster numba: {missing}",
+                  file=sys.stderr)
+        args.backend = "numpy" if missing else "numba"
     wkv_ops = None                          # numpy: the reference; cupy: the CUDA kernels
     if args.backend == "numba":
         from .backends.numba_train import WKV_OPS
@@ -406,8 +414,9 @@ def add_arguments(p):
     p.add_argument("--sample-every", type=int, default=500, help="0: no samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--backend", choices=["numba", "numpy", "cupy"], default="numba",
-                   help="numba: CPU, Numba WKV kernels; numpy: CPU, the NumPy reference; "
+    p.add_argument("--backend", choices=["numba", "numpy", "cupy"],
+                   help="numba: CPU, Numba WKV kernels (default where numba is installed); "
+                        "numpy: CPU, the NumPy reference; "
                         "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")

@@ -1,0 +1,146 @@
+"""The CPU benchmark: speed of tinyrwkv's backends beside the official `rwkv` package.
+
+Speed is measured here, never in the tests. One run prints a markdown table per model shape,
+with the official package measured in the same run (so ratios hold on a noisy machine), and the
+machine's own limits measured in the same run (so "how far from the hardware" is a number, not
+a guess).
+
+    python benchmarks/bench_cpu.py --quick                  # a smoke run: a tiny model, seconds
+    python benchmarks/bench_cpu.py --shapes 0.1B --runs 3   # one real shape
+    python benchmarks/bench_cpu.py --out results.json       # all shapes, every raw number saved
+
+(`tinyrwkv bench ...` runs the same script in a checkout.) It is a measurement harness, not
+part of the `tinyrwkv` package, and Unix-only: it reads peak RSS and the children's CPU time with
+the `resource` module and the machine's load from /proc (Linux).
+
+    __init__.py  this description, the constants, the options and the backends' names
+    shapes.py    model shapes and the seeded synthetic checkpoints
+    worker.py    what runs in each fresh child process: load, validate, time; the machine limits
+    runner.py    the parent: plans the runs, starts the children, summarises
+    machine.py   what the machine is and how busy it is (/proc, `resource`)
+    report.py    the markdown tables
+
+What each number is, and how it is measured
+-------------------------------------------
+Every (backend, run) is a **fresh Python process** that loads the checkpoint, validates, warms
+up and measures, then reports JSON. Runs of the backends are interleaved (run 1: A B C, run 2:
+B C A, ...) so that drift of a shared machine hits all of them alike. The table shows the
+**median over runs** (peak RSS: the maximum).
+
+* load s: wall time of `tinyrwkv.load(...)` or `rwkv.model.RWKV(path, "cpu fp32")` in that
+  process: read the bf16 file, widen to float32, prepare. Imports are not included (they are in
+  the JSON as `import_s`). The file was just written, so it is read from the page cache.
+* peak RSS GB: `getrusage(RUSAGE_SELF).ru_maxrss` of the process at its end, in 10^9 bytes:
+  interpreter, libraries (torch for the official package), weights and the largest prefill's
+  activations.
+* decode tok/s: after the validation (below; its 16-token prefill runs three times, because
+  the official package's TorchScript profiles its first calls and optimises after) and
+  `--warmup` single-token forwards (these include any JIT compilation), `--decode-tokens`
+  single-token forwards are timed one by one,
+  each continuing the state of the last; tok/s = tokens / their summed time. The ids are fixed
+  random ids (seeded), the same for every backend.
+* prefill@T tok/s: one forward of T seeded random ids from the zero state, logits of the last
+  position only (as a prompt is read before generation), after one untimed warm-up prefill of
+  `min(128, T)` tokens; tok/s = T / time. When the first run of a prefill length takes longer
+  than `--prefill-budget` seconds, later runs skip it, and the table marks the cell "(n=1)".
+* x official: this backend's tok/s / the official package's tok/s in the same table (>1: faster).
+
+Machine limits, measured in a fresh process of the same environment at the start of a pass and
+after each shape, 7 repetitions of each probe. A limit is a ceiling, so it is the best
+repetition of the best probe over the whole pass (the backends' medians are then, if anything,
+a low fraction of it); the header shows how much the best of each measurement drifted.
+
+* memory bandwidth, GB/s: a float32 matrix-vector product of a 512 MiB matrix through NumPy's
+  BLAS and through torch, bytes of the matrix / time (decode's access pattern: weights read
+  once); `np.copyto` of a 1 GiB float32 array, counting read + write (2 GiB) / time; the sum of
+  that array (read only) through NumPy and torch.
+* matmul rate, GFLOP/s: float32 GEMM 2048x2048x2048 through NumPy's BLAS and torch, 2*n^3 / time.
+* % bandwidth = decode bytes per token * decode tok/s / bandwidth. Decode bytes per token = every
+  weight the forward reads, except the embedding table (decode reads one row of it) and layer
+  0's unused v0/v1/v2, at 4 bytes each; with bf16 weights, the Linear matrices and the head at 2
+  (the LoRA matrices and vectors stay float32). A fraction above 100% means the caches held
+  part of the weights, or the machine was faster than when its limits were measured.
+* % matmul = prefill FLOPs per token * prefill tok/s / matmul rate, at the longest prefill
+  length. Prefill FLOPs per token = 2 * (non-embedding weights - the LM head): only the last
+  position's logits are computed, so the head's (V, C) product happens once per prompt, not per
+  token (counting it per token would overstate 0.1B's work by 60%). The WKV recurrence (about
+  6*C*N FLOPs per layer and token, ~1% at these shapes) is not counted.
+
+A shared machine: for each run, the parent reads /proc/stat and reports how many cores other
+processes used meanwhile (the table's notes flag runs above a quarter of a core: on 2 cores, a
+backend's threads then share a core, and parallel code such as OpenMP or Numba's can slow down
+several-fold). `--wait-quiet S` waits up to S seconds for a quiet machine before each run;
+`--retry-busy N` repeats a run that was disturbed anyway (up to N times; the repeated runs stay
+in the JSON and are counted under the table).
+
+Synthetic checkpoints: generated on the fly from a seed (`--seed`), with the official key set
+and shapes (those `tinyrwkv.load` checks) and realistic scales (matrices std 0.02, lerps in [0, 1], decay
+biases in [-8, 3], ...). Speed does not depend on the values; the values only need to keep every
+number finite, which the validation checks. The file is a bf16 `.pth` written by torch, as
+released models are, read by both tinyrwkv and the official package (the same bytes); without
+torch, a bf16 `.safetensors` for tinyrwkv only. They are written to a temporary folder (removed
+at the end) or to `--cache-dir` (kept and reused).
+
+Validation (before any timing): each process computes the logits of a
+fixed 16-token prefill and of one decode step after it; the table's notes give
+max|delta logit| / std(logits) against the official package (or, without it, against the numpy
+backend). Above `CHECK_TOL` the row is marked "CHECK FAILED".
+
+worker.py runs inside the child processes; the parent side (runner.py, report.py) never imports
+torch, the official package or a backend, so its own memory and threads stay out of the
+measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GENERATOR_VERSION = 1      # bump when the synthetic values change, so cached files are remade
+CHECK_TOKENS = 16          # validation prefill length (>= 4: exercises the chunked WKV path)
+CHECK_TOL = 1e-3           # max|delta logit|/std: float32 reorderings give ~1e-6 to 1e-5; a real
+                           # bug (e.g. a wrong GroupNorm eps) gives ~1e-2
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+BUSY_CORES = 0.25          # other processes using more cores than this during a run: a noisy run
+GB = 1e9
+
+
+@dataclass
+class Options:
+    """Everything a benchmark pass needs (the CLI options, resolved)."""
+    shapes: list
+    backends: list
+    runs: int = 3
+    decode_tokens: int = 32
+    warmup: int = 8
+    prefill: tuple = (512, 2048)
+    prefill_budget: float = 60.0
+    threads: int | None = None
+    seed: int = 0
+    quick: bool = False
+    timeout: float = 3600.0
+    verbose: bool = True
+    cache_dir: str | None = None
+    wait_quiet: float = 0.0
+    retry_busy: int = 0
+
+
+BACKENDS = ("numpy", "numba", "numba-bf16", "official")
+
+
+def backend_setup(name):
+    """'numpy', 'numba', 'numba-bf16', 'numpy-bf16', 'official' -> (backend, weights)."""
+    if name == "official":
+        return "official", "float32"
+    backend, _, suffix = name.partition("-")
+    if backend not in ("numpy", "numba") or suffix not in ("", "bf16"):
+        raise ValueError(f"unknown backend {name!r}: use {', '.join(BACKENDS)} or numpy-bf16")
+    return backend, "bfloat16" if suffix == "bf16" else "float32"
+
+
+def installed_version(dist):
+    """The installed version of a distribution, read without importing it."""
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return "not installed"
