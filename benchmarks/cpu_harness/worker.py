@@ -129,7 +129,8 @@ def _load_tinyrwkv(spec):
     has = inspect.signature(tinyrwkv.load).parameters
     kwargs = {"dtype": "float32", "progress": False}
     for option, value, implied in (("backend", spec["backend"], "numpy"),
-                                   ("weights", spec["weights"], "float32"),
+                                   ("storage" if "storage" in has else "weights", spec["weights"],
+                                    "float32"),
                                    ("threads", spec.get("threads"), None)):
         if option in has:
             kwargs[option] = value
