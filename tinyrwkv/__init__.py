@@ -1,7 +1,7 @@
 """tinyrwkv: a readable NumPy RWKV-7 (x070) you can learn from, run and test against.
 
     import tinyrwkv
-    model = tinyrwkv.load("model.pth")            # .pth or .safetensors; dtype="float32"|"float64"
+    model = tinyrwkv.load("model.pth")            # any format (tinyrwkv.formats); dtype="float32"|"float64"
     logits, state = model.forward([1, 2, 3])
     for piece in tinyrwkv.generate(model, "Once upon a time", max_tokens=50):
         print(piece, end="")
@@ -11,7 +11,8 @@
 
 from . import oracle  # traces and compare; also gives every model its .trace(ids) method
 from . import train  # tinyrwkv.train.loss_and_grad: the hand-written backward (NumPy only)
-from .checkpoint import CheckpointError, UnsupportedCheckpoint, read_checkpoint
+from .errors import CheckpointError, UnsupportedCheckpoint
+from .formats import read_checkpoint
 from .generate import Session, generate
 from .loader import load
 from .model import RWKV7, Config, State
