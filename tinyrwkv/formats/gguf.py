@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import CheckpointError
 from ..schema import ModelSize, sizes_from_shapes
 from .gguf_vocab import add_tokenizer, read_tokenizer
-from .numerics import BF16_BITS, from_float32, parse_target, to_bf16_bits
+from .numerics import BF16_BITS, FP32, from_float32, parse_target, result_dtype, to_bf16_bits
+from .reading import read_exactly
 from .renamed import Renamed
 from .source import TensorInfo, as_source
 
@@ -49,6 +50,9 @@ _BLOCK = {"ln1.weight": "attn_norm.weight", "ln1.bias": "attn_norm.bias",
           "ffn.x_k": "channel_mix_lerp_k.weight", "ffn.key.weight": "channel_mix_key.weight",
           "ffn.value.weight": "channel_mix_value.weight"}
 LERPS = "rwkvag"                  # the order of the fused lerp's six rows
+# Bytes of rows (de)quantised at a time: gguf.quants makes several float32 temporaries the size
+# of its input, which for a whole (V, C) embedding would triple a conversion's memory.
+_CHUNK_BYTES = 4 * 2**20
 
 
 def gguf_module():
@@ -114,34 +118,47 @@ class _GGUFTensors:
         return {name: TensorInfo(_numpy_shape(t), t.tensor_type.name.lower())
                 for name, t in self.by_name.items()}
 
-    def raw(self, name):
-        """The stored bytes of one tensor, uint8 (rows, bytes per row)."""
-        t = self.by_name[name]
-        data = np.empty(t.n_bytes, np.uint8)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(t.data_offset)
-            if f.readinto(memoryview(data)) != t.n_bytes:
-                raise CheckpointError(f"{self.path} is truncated or corrupt: it ends inside "
-                                      f"tensor {name}; re-download it")
-        return data.reshape(self.gguf.quants.quant_shape_to_byte_shape(_numpy_shape(t),
-                                                                       t.tensor_type))
-
     def read(self, name, dtype=None):
-        """One tensor: F32/F16/BF16 and quantised types decoded to float32, then as `dtype`
-        asks (bf16 stored and bf16 asked: the bits, untouched)."""
+        """One tensor, read from the file _CHUNK_BYTES of rows at a time and decoded straight
+        into the result: every type to float32 (quantised ones dequantised), then as `dtype`
+        asks; stored bytes that already are the answer (f32 as float32, f16 as float16, bf16 as
+        bf16 bits) are copied as they are."""
         Q = self.gguf.GGMLQuantizationType
         t, target = self.by_name[name], parse_target(dtype)
-        raw = self.raw(name)
         shape = _numpy_shape(t)
-        if t.tensor_type == Q.BF16 and target is BF16_BITS:
-            return raw.view("<u2").reshape(shape)
-        if t.tensor_type == Q.F16 and target == np.float16:
-            return raw.view("<f2").reshape(shape)
-        if t.tensor_type == Q.F32:
-            values = raw.view("<f4").reshape(shape)
-        else:
-            values = self.gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
-        return from_float32(values.reshape(shape), target)
+        byte_shape = self.gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
+        exact = _exact_view(t.tensor_type, target, Q)
+        out = np.empty(shape, exact or result_dtype(FP32, target))
+        rows = out.reshape(-1, shape[-1])                           # (R, cols)
+        row_bytes = byte_shape[-1]
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        buffer = np.empty(min(step, rows.shape[0]) * row_bytes, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for i in range(0, rows.shape[0], step):
+                n = min(step, rows.shape[0] - i)
+                raw = buffer[: n * row_bytes]
+                read_exactly(f, self.path, t.data_offset + i * row_bytes, raw)
+                raw = raw.reshape(n, row_bytes)                     # (n, bytes per row)
+                if exact:
+                    rows[i: i + n] = raw.view(exact)
+                elif t.tensor_type == Q.F32:
+                    rows[i: i + n] = from_float32(raw.view("<f4"), target)
+                else:
+                    values = self.gguf.quants.dequantize(raw, t.tensor_type)    # (n, cols)
+                    rows[i: i + n] = from_float32(values.astype(np.float32, copy=False), target)
+        return out
+
+
+def _exact_view(ggml_type, target, Q):
+    """The stored element type when the stored bytes already are what `target` asks for."""
+    floating = target is not None and target is not BF16_BITS
+    if ggml_type == Q.BF16 and target is BF16_BITS:
+        return np.dtype("<u2")
+    if ggml_type == Q.F16 and floating and target == np.float16:
+        return np.dtype("<f2")
+    if ggml_type == Q.F32 and (target is None or floating and target == np.float32):
+        return np.dtype("<f4")
+    return None
 
 
 def _numpy_shape(t):
@@ -263,7 +280,12 @@ def _encode(array, qtype, gguf):
         return array.astype(np.float16)
     if qtype == Q.BF16:
         return to_bf16_bits(array).view(np.uint8).reshape(*array.shape[:-1], -1)
-    return gguf.quants.quantize(array, qtype)
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(array.shape, qtype), np.uint8)
+    rows, blocks = array.reshape(-1, array.shape[-1]), out.reshape(-1, out.shape[-1])
+    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1]))          # rows of float32 at a time
+    for i in range(0, rows.shape[0], step):
+        blocks[i: i + step] = gguf.quants.quantize(rows[i: i + step], qtype)
+    return out
 
 
 def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):

@@ -235,20 +235,20 @@ def _read_converted(f, path, region_offset, stored, t, target, arr, buffer):
         for i in range(0, flat.size, per_piece):
             piece = flat[i: i + per_piece]                          # (n,)
             raw = buffer[: piece.size * itemsize]
-            _read_exactly(f, path, start + i * itemsize, raw)
+            read_exactly(f, path, start + i * itemsize, raw)
             convert_into(raw.view(stored), t.dtype, target, piece)
         return
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride))  # elements from first to last
     raw = buffer[: span * itemsize] if span * itemsize <= len(buffer) else \
         np.empty(span * itemsize, np.uint8)
-    _read_exactly(f, path, start, raw)
+    read_exactly(f, path, start, raw)
     view = np.lib.stride_tricks.as_strided(
         raw.view(stored), shape=t.shape, strides=tuple(s * itemsize for s in t.stride),
         writeable=False)
     convert_into(view, t.dtype, target, arr)
 
 
-def _read_exactly(f, path, offset, raw):
+def read_exactly(f, path, offset, raw):
     """Read len(raw) bytes of the file from `offset` into the uint8 array `raw`."""
     f.seek(offset)
     view = memoryview(raw)

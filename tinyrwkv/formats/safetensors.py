@@ -127,6 +127,7 @@ def write_safetensors(path, entries, fetch, metadata=None):
                                  f"{code} {tuple(shape)}")
             array = np.asarray(array, dtype=stored, order="C")      # little-endian, contiguous
             f.write(array.reshape(-1).view(np.uint8).data)           # no extra copy
+            del array              # before the next fetch: hold one tensor at a time, not two
 
 
 def save_safetensors(path, tensors, metadata=None, bf16_keys=()):
