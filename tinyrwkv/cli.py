@@ -78,7 +78,7 @@ def cmd_merge_lora(args):
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
     merged = LoraMerged(base, lora, args.alpha)  # is not trusted over the user's
-    write_weights(Path(args.output), merged, args.type, base.tokenizer)
+    write_weights(Path(args.output), merged, args.type, _tokenizer_of(base))
     print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
 
 
@@ -92,6 +92,18 @@ def _model_source(path):
     detect_version(infos.keys())
     check_x070_keys(infos, source=source.path)
     return source
+
+
+def _tokenizer_of(source):
+    """The tokenizer to write beside (or into) a converted model: the one the file carries, else
+    the one `load` would choose from the vocabulary size, else None (then none is written)."""
+    from .tokenizer import TokenizerError, get_tokenizer
+    if source.tokenizer is not None:
+        return source.tokenizer
+    try:
+        return get_tokenizer(source.tensors()["emb.weight"].shape[0], None, model_path=source.path)
+    except TokenizerError:
+        return None
 
 
 def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
@@ -281,16 +293,9 @@ def cmd_golden(args):
 def cmd_convert(args):
     """Any format load reads -> OUT, streamed: each tensor is read, converted and written before
     the next is read (formats/source.py), so memory holds one tensor, not the model."""
-    from .tokenizer import TokenizerError, get_tokenizer
     source, out = _model_source(args.input), Path(args.output)
     src = source.path
-    tok = source.tokenizer
-    if tok is None:
-        try:
-            tok = get_tokenizer(source.tensors()["emb.weight"].shape[0], None, model_path=src)
-        except TokenizerError:
-            tok = None
-    write_weights(out, source, args.type, tok, name=src.stem)
+    write_weights(out, source, args.type, _tokenizer_of(source), name=src.stem)
     print(f"tinyrwkv: {src.name} ({source.description}) -> {out} "
           f"({args.type if out.suffix else 'HF/fla ' + args.type})", file=sys.stderr)
 
