@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinyrwkv  # noqa: E402
-from tinyrwkv.checkpoint import read_checkpoint  # noqa: E402
+from tinyrwkv.formats import read_checkpoint  # noqa: E402
 
 
 def rel(a, b):

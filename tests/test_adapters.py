@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv.adapters import initial_state, merge_lora
-from tinyrwkv.checkpoint import read_checkpoint, save_safetensors
+from tinyrwkv.formats import read_checkpoint, save_safetensors
+from tinyrwkv.formats.lora import initial_state, merge_lora
 from tinyrwkv.synthetic import make_weights
 
 from conftest import ROOT

@@ -26,7 +26,7 @@ BACKENDS = [("numpy", "float32"), ("numba", "float32"), ("numba", "bfloat16")]
 def test_trace_of_every_backend_is_of_its_stored_weights(tmp_path, backend, storage):
     if backend == "numba" and not have("numba"):
         pytest.skip("numba is not installed")
-    from tinyrwkv.checkpoint import save_safetensors
+    from tinyrwkv.formats import save_safetensors
     path = tmp_path / "m.safetensors"
     # official 0.1B LoRA ranks (unequal), head size 64, an awkward vocabulary
     save_safetensors(path, make_weights(2, 256, 1003, ranks=(64, 64, 32, 128), seed=9))
@@ -68,9 +68,8 @@ def test_stored_tensors_keep_checkpoint_keys():
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"tinyrwkv.model"},
-    {"tinyrwkv.sampling", "tinyrwkv.tokenizer", "tinyrwkv.synthetic", "tinyrwkv.schema",
-     "tinyrwkv.checkpoint", "tinyrwkv.formats", "tinyrwkv.gguf_io", "tinyrwkv.hf_format",
-     "tinyrwkv.adapters"},
+    {"tinyrwkv.errors", "tinyrwkv.sampling", "tinyrwkv.tokenizer", "tinyrwkv.schema",
+     "tinyrwkv.synthetic", "tinyrwkv.formats"},
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
     {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer"},

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tinyrwkv import checkpoint as ck
-from tinyrwkv.checkpoint import (CheckpointError, ProgressBar, UnsupportedCheckpoint,
-                                 bf16_to_float32, check_x070_keys, detect_version,
-                                 inspect_checkpoint, read_checkpoint, save_safetensors,
-                                 to_bf16_bits)
+from tinyrwkv import CheckpointError, UnsupportedCheckpoint
+from tinyrwkv.formats import (ProgressBar, bf16_to_float32, inspect_checkpoint, read_checkpoint,
+                              save_safetensors, to_bf16_bits)
+from tinyrwkv.formats import progress as progress_module
+from tinyrwkv.formats import reading
+from tinyrwkv.schema import check_x070_keys, detect_version
 
 torch = pytest.importorskip("torch", reason="torch is the oracle for .pth files: pip install -e '.[test]'")
 
@@ -374,8 +375,8 @@ def test_conversions_in_pieces_and_threads(tmp_path, monkeypatch, dtype, threads
                "big_transposed": torch.randn(50, 9, generator=g).to(torch.bfloat16).t()})
     path = tmp_path / "zoo.pth"
     torch.save(sd, path)
-    monkeypatch.setattr(ck, "_PIECE_BYTES", 40)       # 5 float64s, 10 float32s, 20 bf16s
-    monkeypatch.setattr(ck, "_READ_THREADS", threads)
+    monkeypatch.setattr(reading, "PIECE_BYTES", 40)       # 5 float64s, 10 float32s, 20 bf16s
+    monkeypatch.setattr(reading, "READ_THREADS", threads)
     with np.errstate(over="ignore"):                  # 1e300 -> float32 is inf, as astype says
         assert_same(read_checkpoint(path, dtype=dtype), torch_expected(sd, dtype))
 
@@ -419,13 +420,13 @@ def test_file_shrinking_while_reading(tmp_path, monkeypatch):
     names the file, also when the short read happens on a read thread."""
     path = tmp_path / "model.pth"
     path.write_bytes(fixture_path("synthetic_L3_C256").read_bytes())
-    plan = ck._plan
+    plan = reading.plan
 
     def plan_then_truncate(p):
         result = plan(p)
         os.truncate(p, p.stat().st_size // 2)
         return result
-    monkeypatch.setattr(ck, "_plan", plan_then_truncate)
+    monkeypatch.setattr(reading, "plan", plan_then_truncate)
     assert "truncated or corrupt" in raises_checkpoint_error(path, dtype="float32")
 
 
@@ -437,7 +438,7 @@ pid = os.fork()
 if pid:
     sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 import numpy as np
-from tinyrwkv.checkpoint import read_checkpoint
+from tinyrwkv.formats import read_checkpoint
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: kB
 weights = read_checkpoint(sys.argv[1], dtype=sys.argv[2], progress=False)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -460,7 +461,7 @@ def test_peak_memory_of_a_conversion(tmp_path):
     path = tmp_path / "big.pth"
     torch.save({f"blocks.{i}.w": torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
                 for i in range(6)}, path)                                      # 6 x 32 MiB
-    env = dict(os.environ, PYTHONPATH=str(Path(ck.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(reading.__file__).parents[2]))
     for dtype, dtypes, nbytes, allowed in (("float32", ["float32"], 6 * 2**26, 1.1 * 6 * 2**26),
                                            ("bfloat16", ["uint16"], 6 * 2**25, 0)):
         proc = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(path), dtype], env=env,
@@ -583,7 +584,7 @@ def test_automatic_progress_bar(monkeypatch):
     monkeypatch.setattr(sys, "stderr", fake)
     read_checkpoint(path)                               # 5.8 MB < 256 MB: no bar
     assert fake.getvalue() == ""
-    monkeypatch.setattr(ck, "_AUTO_PROGRESS_BYTES", 1000)
+    monkeypatch.setattr(progress_module, "AUTO_PROGRESS_BYTES", 1000)
     read_checkpoint(path)
     assert "100.0%" in fake.getvalue() and fake.getvalue().endswith("\n")
     fake.seek(0), fake.truncate()
@@ -993,7 +994,7 @@ def test_unsupported_versions(case):
     if case == "rwkv7b":
         assert "cache" in message and "not supported" in message
     if case == "fla":
-        assert "not supported yet" in message and "official tools" in message
+        assert "not official key names" in message and "tinyrwkv.load" in message
 
 
 def test_supported_versions():
@@ -1058,6 +1059,11 @@ def test_check_x070_keys_accepts_valid_layouts():
     for k in ("blocks.0.att.v0", "blocks.0.att.v2"):
         del w[k]
     check_x070_keys(w)
+    w = tiny_x070()                                           # llama.cpp's layer 0: copies
+    w.update({f"blocks.0.att.v{n}": w[f"blocks.0.att.a{n}"] for n in "012"})    # of a0/a1/a2
+    check_x070_keys(w)
+    w["blocks.0.att.v1"] = np.zeros((8, 3), np.float32)       # any shape: layer 0 never uses it
+    check_x070_keys(w)
     squeezed = {k: v.reshape(-1) if v.ndim == 3 else v for k, v in tiny_x070(deep=True).items()}
     check_x070_keys(squeezed)                                # (1, 1, C) stored as (C,)
 
@@ -1090,9 +1096,6 @@ def test_check_x070_keys_reports_problems():
     del w["blocks.1.ffn.s2"]
     assert "blocks.1.ffn.s2" in check_error(w)
 
-    w = tiny_x070()
-    w["blocks.0.att.v1"] = np.zeros((8, 3), np.float32)           # present, so it must fit
-    assert "blocks.0.att.v1 (8, 3)" in check_error(w)
 
     w = tiny_x070()
     w["emb.weight"] = np.zeros((11, 12), np.float32)              # C != H * N

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinyrwkv.checkpoint import save_safetensors
+from tinyrwkv.formats import save_safetensors
 from tinyrwkv.synthetic import make_weights
 
 from conftest import ROOT, TOKENIZER_20B, have

@@ -115,7 +115,7 @@ def test_bf16_storage_cost_on_float32_weights():
 
 
 def test_backend_errors(tmp_path):
-    from tinyrwkv.checkpoint import save_safetensors
+    from tinyrwkv.formats import save_safetensors
     path = tmp_path / "m.safetensors"
     save_safetensors(path, make_weights())
     with pytest.raises(ValueError, match="float32"):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv.checkpoint import CheckpointError, read_checkpoint, save_safetensors
+from tinyrwkv import CheckpointError
+from tinyrwkv.formats import read_checkpoint, read_model, save_safetensors
 from tinyrwkv.synthetic import make_weights
 
 from conftest import ROOT, TOL_F32, have, rel_err
@@ -28,7 +29,7 @@ TOL = {"f32": TOL_F32, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
 
 @pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0"])
 def test_gguf_round_trip_keeps_logits(tmp_path, out_type):
-    from tinyrwkv.gguf_io import write_gguf
+    from tinyrwkv.formats import write_gguf
     w = make_weights(3, 128, 301, head_size=32, seed=7)           # float32 weights, awkward V
     ids = np.random.default_rng(0).integers(0, 301, 17)
     ref, ref_state = tinyrwkv.RWKV7(w).forward(ids, full_output=True)
@@ -46,10 +47,10 @@ def test_gguf_round_trip_keeps_logits(tmp_path, out_type):
 @pytest.mark.parametrize("out_type", ["q5_0", "q4_1", "q4_0"])
 def test_low_bit_gguf_reads_exactly_what_was_stored(tmp_path, out_type):
     import gguf
-    from tinyrwkv.gguf_io import read_gguf, write_gguf
+    from tinyrwkv.formats import write_gguf
     w = make_weights(2, 64, 97, head_size=32, seed=9)
     write_gguf(tmp_path / "m.gguf", w, out_type)
-    back, _ = read_gguf(tmp_path / "m.gguf")
+    back = read_model(tmp_path / "m.gguf").tensors
     qt = getattr(gguf.GGMLQuantizationType, out_type.upper())
     for key in ("blocks.1.att.key.weight", "blocks.0.ffn.value.weight", "head.weight"):
         x = np.asarray(w[key], np.float32)
@@ -88,7 +89,7 @@ def test_bad_gguf_files_are_named(tmp_path):
     wr.close()
     with pytest.raises(CheckpointError, match="architecture 'llama'"):
         tinyrwkv.load(tmp_path / "llama.gguf")
-    from tinyrwkv.gguf_io import write_gguf
+    from tinyrwkv.formats import write_gguf
     write_gguf(tmp_path / "m.gguf", make_weights(1, 64, 50), "f32")
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
@@ -113,7 +114,7 @@ def test_hugging_face_fla_format_round_trip(tmp_path):
     folder and the single file both load, with fla's names and shapes as fla 0.6.0 declares
     them (fla/layers/rwkv7.py: r_proj, w_lora.lora.0/2, no v_lora in layer 0, ffn.x_k (C,))."""
     import json
-    from tinyrwkv.hf_format import read_hf, write_hf
+    from tinyrwkv.formats import write_hf
     w = make_weights(2, 128, 301, head_size=64, seed=8)
     write_hf(tmp_path / "hf", w)
     t = read_checkpoint(tmp_path / "hf" / "model.safetensors")
@@ -127,7 +128,7 @@ def test_hugging_face_fla_format_round_trip(tmp_path):
     assert t["model.layers.0.ffn.x_k"].shape == (C,) and t["model.layers.0.attn.x_r"].shape == (1, 1, C)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["RWKV7ForCausalLM"] and config["head_dim"] == 64
-    back = read_hf(tmp_path / "hf")
+    back = read_model(tmp_path / "hf").tensors
     assert all(np.array_equal(back[k], w[k]) for k in back)
     assert set(w) - set(back) == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
     ids = np.arange(1, 20)

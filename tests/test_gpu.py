@@ -96,7 +96,7 @@ def test_importing_tinyrwkv_does_not_import_cupy():
 
 @pytest.mark.skipif(HAVE_GPU, reason="this machine has a GPU")
 def test_cupy_backend_without_gpu_is_a_clear_error(tmp_path):
-    from tinyrwkv.checkpoint import save_safetensors
+    from tinyrwkv.formats import save_safetensors
     path = tmp_path / "m.safetensors"
     save_safetensors(path, make_weights())
     with pytest.raises(ValueError, match="(needs CuPy|needs a CUDA GPU)") as e:
@@ -111,7 +111,7 @@ def test_cupy_backend_without_gpu_is_a_clear_error(tmp_path):
 def stored_like_gpu(weights, weight_dtype):
     """float64 copies of the weights exactly as the GPU holds them: float32 everywhere, and the
     matrices rounded to the storage type."""
-    from tinyrwkv.checkpoint import bf16_to_float32, to_bf16_bits
+    from tinyrwkv.formats import bf16_to_float32, to_bf16_bits
     out = {}
     for key, value in weights.items():
         v = np.asarray(value, np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv.checkpoint import read_checkpoint
+from tinyrwkv.formats import read_checkpoint
 
 from conftest import ROOT, have
 
@@ -24,7 +24,7 @@ TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 1e-1}
 @pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
 def test_llama_cpp_runs_our_gguf_and_agrees(tmp_path, out_type):
     from llama_cpp import Llama
-    from tinyrwkv.gguf_io import write_gguf
+    from tinyrwkv.formats import write_gguf
     if not (ROOT / "weights" / "model.safetensors").exists():
         pytest.skip("no shipped model")
     model = tinyrwkv.load(backend="numpy")
@@ -52,7 +52,7 @@ def test_k_quant_files_from_llama_cpp_are_read(tmp_path, ftype):
     Q6_K, 5.6e-2 Q5_K_M, 1.8e-1 Q4_K_M); a mis-read block layout gives O(1) or worse."""
     import ctypes
     import llama_cpp
-    from tinyrwkv.gguf_io import write_gguf
+    from tinyrwkv.formats import write_gguf
     if not (ROOT / "weights" / "model.safetensors").exists():
         pytest.skip("no shipped model")
     model = tinyrwkv.load(backend="numpy")
@@ -74,7 +74,7 @@ def test_k_quant_files_from_llama_cpp_are_read(tmp_path, ftype):
 
 def test_world_vocabulary_written_into_gguf_tokenizes_like_llama_cpp(tmp_path):
     from llama_cpp import Llama
-    from tinyrwkv.gguf_io import write_gguf
+    from tinyrwkv.formats import write_gguf
     from tinyrwkv.synthetic import make_weights
     from tinyrwkv.tokenizer import WorldTokenizer
     tok = WorldTokenizer()

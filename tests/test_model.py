@@ -57,7 +57,7 @@ def test_tolerance_catches_a_small_bug():
 
 def test_old_keyword_names_still_work_with_a_warning(tmp_path):
     """load(weights=, wkv=) are the old names of storage= and wkv_method= (one more release)."""
-    from tinyrwkv.checkpoint import save_safetensors
+    from tinyrwkv.formats import save_safetensors
     path = tmp_path / "m.safetensors"
     save_safetensors(path, make_weights(1, 64, 97, seed=1))
     with pytest.warns(DeprecationWarning, match="storage"):

@@ -104,7 +104,7 @@ def test_subset_and_key_value_layout(setup, tmp_path):
 
 def test_trace_and_compare_commands(tmp_path):
     w = make_weights(1, 64, 97, seed=3)
-    from tinyrwkv.checkpoint import save_safetensors
+    from tinyrwkv.formats import save_safetensors
     save_safetensors(tmp_path / "m.safetensors", w)
     (tmp_path / "ids.txt").write_text("1 5 9\n12 3")
     run = lambda *a: subprocess.run([sys.executable, "-m", "tinyrwkv", *a], capture_output=True,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import tinyrwkv
-from tinyrwkv.checkpoint import read_checkpoint
+from tinyrwkv.formats import read_checkpoint
 from tinyrwkv.loader import shipped_model_path
 
 from conftest import ROOT, SHARED, TOL_F32, needs_official, rel_err, run_official

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 import tinyrwkv
-from tinyrwkv.checkpoint import read_checkpoint
+from tinyrwkv.formats import read_checkpoint
 from tinyrwkv.cli import main
 
 from conftest import SHARED

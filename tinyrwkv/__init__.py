@@ -11,7 +11,8 @@
 """
 
 from . import oracle, train  # tinyrwkv.oracle.compare, tinyrwkv.train.loss_and_grad
-from .checkpoint import CheckpointError, UnsupportedCheckpoint, read_checkpoint
+from .errors import CheckpointError, UnsupportedCheckpoint
+from .formats import read_checkpoint
 from .generate import Session, generate
 from .loader import load
 from .model import RWKV7, STEPS, Config, State, Steps

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 def default_model():
     """The model shipped in weights/, if there is one."""
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
     from .loader import shipped_model_path
     try:
         return shipped_model_path()
@@ -69,50 +69,78 @@ def rate(n, seconds):
 
 def load_state(path, config):
     """--state: a tinyrwkv state (.npz, --save-state) or a state-tuning checkpoint (.pth or
-    .safetensors with blocks.{i}.att.time_state, RWKV-PEFT)."""
+    .safetensors with blocks.{i}.att.time_state, RWKV-PEFT), read through tinyrwkv.formats."""
+    from .formats import open_model
+    from .formats.lora import initial_state
     from .model import State
     if str(path).endswith(".npz"):
         return State.load(path, config)
-    from .adapters import initial_state
-    from .checkpoint import read_checkpoint
-    return initial_state(read_checkpoint(path, dtype="float32"), config)
+    return initial_state(open_model(path).read_all("float32", progress=False), config)
 
 
 def cmd_merge_lora(args):
-    from .adapters import merge_lora
-    from .checkpoint import read_checkpoint
-    from .loader import resolve_model_path
-    base = read_checkpoint(resolve_model_path(args.base), dtype="float32")
-    merged = merge_lora(base, read_checkpoint(args.lora, dtype="float32"), args.alpha)
-    write_weights(Path(args.output), merged, args.type)
+    """Base (any format load reads) + adapter (RWKV-PEFT .pth/.safetensors, PEFT folder or
+    llama.cpp LoRA GGUF) -> OUT, merged tensor by tensor while it is written."""
+    from .formats.lora import LoraMerged, read_adapter
+    base = _model_source(args.base)
+    lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
+    merged = LoraMerged(base, lora, args.alpha)  # is not trusted over the user's
+    write_weights(Path(args.output), merged, args.type, _tokenizer_of(base))
     print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
 
 
+def _model_source(path):
+    """The model file at `path` (any format), checked to be an RWKV-7 x070 model before anything
+    is written from it: as tinyrwkv.load checks it."""
+    from .formats import open_model
+    from .schema import check_x070_keys, detect_version
+    source = open_model(path)
+    infos = source.tensors()
+    detect_version(infos.keys())
+    check_x070_keys(infos, source=source.path)
+    return source
+
+
+def _tokenizer_of(source):
+    """The tokenizer to write beside (or into) a converted model: the one the file carries, else
+    the one `load` would choose from the vocabulary size, else None (then none is written)."""
+    from .tokenizer import TokenizerError, get_tokenizer
+    if source.tokenizer is not None:
+        return source.tokenizer
+    try:
+        return get_tokenizer(source.tensors()["emb.weight"].shape[0], None, model_path=source.path)
+    except TokenizerError:
+        return None
+
+
 def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
-    """Write official-keyed weights as out's suffix says (.gguf, .safetensors, .pth)."""
+    """Write official-keyed weights (a dict, or a TensorSource: then streamed, one tensor at a
+    time) as out's suffix says (.gguf, .safetensors, .pth, or a folder for HF/fla)."""
     import numpy as np
-    from .checkpoint import save_safetensors
+    from .formats import as_source, write_gguf, write_hf, write_safetensors
+    source = as_source(weights)
     suffix = out.suffix.lower()
+    if suffix != ".gguf" and out_type not in ("f32", "f16", "bf16"):
+        fail(f"{out_type} is a GGUF type; .safetensors, .pth and folders take f32, f16 or bf16")
+    dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(out_type)
     if suffix == "":                             # a folder: Hugging Face / fla format
-        from .hf_format import write_hf
-        write_hf(out, weights, tok)
+        write_hf(out, source, tok, dtype=dtype)
     elif suffix == ".gguf":
-        from .gguf_io import write_gguf
-        write_gguf(out, weights, out_type, tokenizer=tok, name=name)
+        write_gguf(out, source, out_type, tokenizer=tok, name=name)
     elif suffix in (".safetensors", ".pth"):
-        if out_type not in ("f32", "f16", "bf16"):
-            fail(f"{out_type} is a GGUF type; .safetensors and .pth take f32, f16 or bf16")
         if suffix == ".pth":
             try:
                 import torch
             except ImportError:
                 fail("writing .pth needs torch (pip install torch); .safetensors does not")
+            # torch.save takes the whole dict: .pth output is not streamed
             dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[out_type]
-            torch.save({k: torch.tensor(np.asarray(v)).to(dt) for k, v in weights.items()}, out)
+            torch.save({k: torch.tensor(np.asarray(source.read(k, "float32"))).to(dt)
+                        for k in source.keys()}, out)
         else:
-            cast = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}[out_type]
-            save_safetensors(out, {k: np.asarray(v, cast) for k, v in weights.items()},
-                             bf16_keys=weights.keys() if out_type == "bf16" else ())
+            code = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[out_type]
+            entries = {k: (code, info.shape) for k, info in source.tensors().items()}
+            write_safetensors(out, entries, lambda key: source.read(key, dtype))
         from .tokenizer import HFTokenizer
         if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
             tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
@@ -189,23 +217,25 @@ def cmd_chat(args):
 
 
 def cmd_info(args):
-    from .checkpoint import detect_version, inspect_checkpoint
-    from .loader import resolve_model_path
     from .model import Config
+    from .schema import detect_version
     from .tokenizer import TokenizerError, get_tokenizer
-    path = resolve_model_path(args.path)
-    tensors = inspect_checkpoint(path)                       # shapes and dtypes, no data read
+    source = _model_source(args.path)                     # shapes and dtypes, no data read
+    path, tensors = source.path, source.tensors()
     variant = detect_version(tensors.keys())
-    config = Config.from_weights({k: SimpleNamespace(shape=shape) for k, (shape, _) in tensors.items()})
+    config = Config.from_weights({k: SimpleNamespace(shape=t.shape) for k, t in tensors.items()})
     unused = {f"blocks.0.att.{n}" for n in ("v0", "v1", "v2")}
-    n_params = sum(int(_prod(shape)) for k, (shape, _) in tensors.items() if k not in unused)
-    dtypes = sorted({dt for _, dt in tensors.values()})
+    n_params = sum(int(_prod(t.shape)) for k, t in tensors.items() if k not in unused)
     try:
-        tok = get_tokenizer(config.vocab_size, args.tokenizer, model_path=path).name
+        tok = source.tokenizer.name if source.tokenizer is not None else \
+            get_tokenizer(config.vocab_size, args.tokenizer, model_path=path).name
     except TokenizerError as e:
         tok = f"unknown ({e})"
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else \
+        path.stat().st_size
     rows = [
-        ("file", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
+        ("file", f"{path} ({size / 1e6:.1f} MB)"),
+        ("format", source.description),
         ("architecture", f"RWKV-7 ({variant})"),
         ("layers", config.n_layer), ("width (n_embd)", config.n_embd),
         ("heads x head size", f"{config.n_head} x {config.head_size}"),
@@ -213,11 +243,11 @@ def cmd_info(args):
         ("LoRA ranks w/a/v/g", f"{config.d_decay}/{config.d_aaa}/{config.d_mv}/{config.d_gate}"),
         ("vocabulary rows", config.vocab_size), ("tokenizer", tok),
         ("parameters", f"{n_params:,} ({n_params / 1e6:.1f}M; layer-0 v0/v1/v2 not counted)"),
-        ("stored dtype", ", ".join(dtypes)), ("tensors", len(tensors)),
+        ("tensors", len(tensors)),
         ("state size", f"{config.n_layer * config.n_embd * (config.head_size + 2):,} numbers"),
     ]
     if config.d_deepembed:
-        rows.insert(7, ("DeepEmbed rank", config.d_deepembed))
+        rows.insert(8, ("DeepEmbed rank", config.d_deepembed))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -268,34 +298,13 @@ def cmd_golden(args):
 
 
 def cmd_convert(args):
-    from .checkpoint import read_checkpoint
-    from .loader import resolve_model_path
-    from .tokenizer import TokenizerError, get_tokenizer
-    from .hf_format import from_hf, is_hf, read_hf
-    src, out = resolve_model_path(args.input), Path(args.output)
-    tok = None
-    if src.is_dir():
-        weights = read_hf(src, dtype="float32")
-        if (src / "tokenizer.json").is_file():
-            from .tokenizer import HFTokenizer
-            tok = HFTokenizer(src / "tokenizer.json")
-    else:
-        with open(src, "rb") as f:
-            gguf_file = f.read(4) == b"GGUF"
-        if gguf_file:
-            from .gguf_io import read_gguf
-            weights, tok = read_gguf(src)
-        else:
-            weights = read_checkpoint(src, dtype="float32")
-            weights = from_hf(weights) if is_hf(weights) else weights
-    if tok is None:
-        try:
-            tok = get_tokenizer(weights["emb.weight"].shape[0], None, model_path=src)
-        except TokenizerError:
-            tok = None
-    write_weights(out, weights, args.type, tok, name=src.stem)
-    print(f"tinyrwkv: {src.name} -> {out} ({args.type if out.suffix else 'HF/fla float32'})",
-          file=sys.stderr)
+    """Any format load reads -> OUT, streamed: each tensor is read, converted and written before
+    the next is read (formats/source.py), so memory holds one tensor, not the model."""
+    source, out = _model_source(args.input), Path(args.output)
+    src = source.path
+    write_weights(out, source, args.type, _tokenizer_of(source), name=src.stem)
+    print(f"tinyrwkv: {src.name} ({source.description}) -> {out} "
+          f"({args.type if out.suffix else 'HF/fla ' + args.type})", file=sys.stderr)
 
 
 def cmd_bench(args):
@@ -466,7 +475,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
     from .tokenizer import TokenizerError
     try:
         args.func(args)

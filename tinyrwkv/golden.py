@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import oracle
-from .checkpoint import save_safetensors
+from .formats import save_safetensors
 from .model import RWKV7
 from .synthetic import make_weights
 

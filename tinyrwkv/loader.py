@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_x070_keys, detect_version, inspect_checkpoint,
-                         read_checkpoint)
 from .backends import NAMES as BACKENDS, STORAGE
+from .errors import CheckpointError
+from .formats import open_model, resolve_model_path
 from .model import RWKV7
+from .schema import check_x070_keys, detect_version
 from .tokenizer import TokenizerError, get_tokenizer
 
 
@@ -31,24 +32,6 @@ def shipped_model_path():
     raise CheckpointError(
         f"no model path given, and no shipped model was found in {where}: pass an RWKV-7 "
         "checkpoint (README: 'Official models'), or train one with `tinyrwkv train`")
-
-
-def resolve_model_path(path):
-    """The file to open. Like the official package, accept a path given without its '.pth'."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    for suffix in (".pth", ".safetensors", ".gguf"):
-        candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
-            return candidate
-    if path.is_dir():
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            return path                     # a Hugging Face / fla model folder
-        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it "
-                              "(a .pth, .safetensors or .gguf file), or a Hugging Face model "
-                              "folder (config.json and .safetensors files)")
-    raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
 def numba_missing():
@@ -120,10 +103,12 @@ def _renamed(old, old_value, new, new_value, default=None):
 def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="auto",
          backend=None, storage=None, threads=None, strategy=None, device=None, *, weights=None,
          wkv=None):
-    """Load an RWKV-7 checkpoint (.pth or .safetensors, official key names) without torch.
+    """Load an RWKV-7 checkpoint without torch: .pth, .safetensors (official or fla names),
+    llama.cpp .gguf, or a Hugging Face / fla folder (tinyrwkv.formats.open_model reads them all).
 
     Args:
-        path: the checkpoint file (the '.pth' may be left off, as with the official package);
+        path: the checkpoint file or folder (the '.pth' may be left off, as with the official
+            package);
             None: the small model shipped in weights/ (with its own tokenizer)
         dtype: "float32" (default) or "float64" (the oracle mode, NumPy backend only)
         tokenizer: None to choose from the vocabulary size (65536 rows: World), "world", or a
@@ -182,41 +167,30 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
         from .backends.cupy_gpu import check_available
         check_available(device or 0)         # before reading a large file: say so now
     path = shipped_model_path() if path is None else resolve_model_path(path)
-    # 16-bit storage: bf16 tensors stay memory-mapped as they are in the file (uint16 bits); the
-    # GPU converts them to its storage type itself.
-    gguf_tokenizer = None
-    if path.is_dir():                       # Hugging Face / fla folder
-        from .hf_format import read_hf
-        hf_tok = path / "tokenizer.json"
-        from .tokenizer import HFTokenizer
-        own = HFTokenizer(hf_tok) if hf_tok.is_file() and tokenizer is None else None
-        return _build(read_hf(path, dtype="float32"), path, backend, dtype, wkv_method, storage, threads,
-                      device, tokenizer, own)
-    with open(path, "rb") as f:
-        is_gguf = f.read(4) == b"GGUF"
-    if is_gguf:                             # llama.cpp's format: dequantised to float32
-        from .gguf_io import read_gguf
-        tensors, gguf_tokenizer = read_gguf(path)
-        return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device,
-                      tokenizer, gguf_tokenizer)
-    read_as = dtype
+    source = open_model(path)               # any format, official keys (tinyrwkv/formats)
+    tensors = source.read_all(dtype=_read_dtype(source, backend, dtype, storage), progress=progress)
+    return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device,
+                  tokenizer,
+                  source.tokenizer)
+
+
+def _read_dtype(source, backend, dtype, storage):
+    """How to read the tensors. 16-bit storage: bf16 tensors stay memory-mapped as they are in
+    the file (uint16 bits); the GPU converts them to its storage type itself. Otherwise the
+    compute dtype (a float32 file read as float32 stays memory-mapped too)."""
     if storage == "bfloat16":
-        read_as = "bfloat16"
-    elif backend == "cupy":
-        stored = {dt for _, dt in inspect_checkpoint(path).values()}
-        read_as = "bfloat16" if stored == {"bf16"} else None
-    tensors = read_checkpoint(path, dtype=read_as, progress=progress)
-    from .hf_format import from_hf, is_hf
-    if is_hf(tensors.keys()):               # one safetensors file with fla's names
-        tensors = from_hf(tensors)
-    return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device, tokenizer, None)
+        return "bfloat16"
+    if backend == "cupy":
+        stored = {info.dtype for info in source.tensors().values()}
+        return "bfloat16" if stored == {"bf16"} else None
+    return dtype
 
 
 def _build(tensors, path, backend, dtype, wkv_method, storage, threads, device, tokenizer, own_tokenizer):
     """The model object for the tensors of `path`, checked, with its tokenizer (`own_tokenizer`:
     one the file carried, e.g. a GGUF's vocabulary; an explicit `tokenizer` wins)."""
-    detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, fla/HF layouts
-    check_x070_keys(tensors)                # every key present with the right shape, no extras
+    detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, other layouts
+    check_x070_keys(tensors, source=path)   # every key present with the schema's shape, no extras
     if backend == "cupy":
         from .backends.cupy_gpu import RWKV7CuPy
         model = RWKV7CuPy(tensors, name=path.name, wkv_method=wkv_method, storage=storage,

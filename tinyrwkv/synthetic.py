@@ -1,8 +1,8 @@
 """Synthetic RWKV-7 checkpoints with realistic statistics, for tests and benchmarks.
 
 The initialisation follows the RWKV-LM training code (RWKV-v7/train_temp/src/model.py, as
-summarised in rwkv7.md §4): decays spread over [-8, 3], lerps that depend on depth, orthogonal
-projections. At that initialisation several matrices are zero (w1, a1, v1, g1, output, ffn.value),
+summarised in docs/architecture.md): decays spread over [-8, 3], lerps that depend on depth,
+orthogonal projections. At that initialisation several matrices are zero (w1, a1, v1, g1, output, ffn.value),
 which would leave whole paths of the model untested, so every such tensor gets small random
 values, and every other tensor a small random perturbation. The result is not a language model,
 but every weight matters to its logits.
@@ -12,28 +12,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from .schema import lora_ranks, x070_shapes
 
-def lora_ranks(n_embd):
-    """(Dw, Da, Dv, Dg) by the formula of the training code the released models came from
-    (RWKV-LM RWKV-v5/src/model.py x070 section): R(x) = max(32, round(x / 32) * 32)."""
-    R = lambda x: max(32, int(round(x / 32)) * 32)
-    C = n_embd
-    return R(1.8 * C ** 0.5), R(1.8 * C ** 0.5), R(1.3 * C ** 0.5), R(0.6 * C ** 0.8)
+__all__ = ["make_weights", "lora_ranks"]
 
 
 def make_weights(n_layer=2, n_embd=128, vocab_size=300, head_size=64, dim_ffn=None, ranks=None,
                  deep_embed=False, d_deepembed=32, seed=0, dtype=np.float32, training_init=False):
     """A dict official key -> array in the stored shapes ((1, 1, C) lerps, (H, N) r_k, ...).
 
-    ranks: (Dw, Da, Dv, Dg), default `lora_ranks(n_embd)`. Layer 0 includes v0/v1/v2, as released
-    files do (they are unused). deep_embed adds the DeepEmbed keys (rwkv7.md §5.2).
+    Keys and shapes: schema.x070_shapes. ranks: (Dw, Da, Dv, Dg), default `lora_ranks(n_embd)`.
+    Layer 0 includes v0/v1/v2, as released files do (they are unused). deep_embed adds the
+    DeepEmbed keys (docs/architecture.md).
     training_init: exactly RWKV-LM's initialisation, the start of training (no perturbation; w1,
     a1, v1, g1, att.output and ffn.value are zero), instead of the test-friendly version.
     """
     L, C, V, N = n_layer, n_embd, vocab_size, head_size
     assert C % N == 0, "n_embd must be a multiple of head_size"
-    H, F = C // N, dim_ffn or 4 * C
-    Dw, Da, Dv, Dg = ranks or lora_ranks(C)
+    F = dim_ffn or 4 * C
+    ranks = ranks or lora_ranks(C)
+    shapes = x070_shapes(L, C, V, N, F, ranks, d_deepembed if deep_embed else 0)   # the schema
     rng = np.random.default_rng(seed)
 
     def orthogonal(rows, cols, gain):
@@ -50,56 +48,68 @@ def make_weights(n_layer=2, n_embd=128, vocab_size=300, head_size=64, dim_ffn=No
     if training_init:
         noise = lambda *shape, scale=0.0: np.zeros(shape)
         small = lambda rows, cols: np.zeros((rows, cols))
-    vec = lambda a: a.reshape(1, 1, -1)                  # stored shape of per-channel vectors
 
     n = np.arange(C)
     ddd, lin = n / C, n / (C - 1) - 0.5
     zz = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
     zigzag = zz * np.abs(zz)
 
-    w = {"emb.weight": rng.uniform(-1e-4, 1e-4, (V, C)),
-         "blocks.0.ln0.weight": 1 + noise(C, scale=0.1), "blocks.0.ln0.bias": noise(C, scale=0.1)}
-    for i in range(L):
+    def block_init(i):
+        """{name inside block i: shape -> values}. Called in the schema's key order, which is
+        the order of the random draws (so a seed gives the same weights as ever)."""
         r01, r10 = i / max(L - 1, 1), 1 - i / L
         www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
-        b = f"blocks.{i}."
-        w.update({
-            b + "ln1.weight": 1 + noise(C, scale=0.1), b + "ln1.bias": noise(C, scale=0.1),
-            b + "ln2.weight": 1 + noise(C, scale=0.1), b + "ln2.bias": noise(C, scale=0.1),
-            b + "att.x_r": vec(1 - ddd ** (0.2 * r10) + noise(C)),
-            b + "att.x_w": vec(1 - ddd ** (0.9 * r10) + noise(C)),
-            b + "att.x_k": vec(1 - ddd ** (0.7 * r10) + noise(C)),
-            b + "att.x_v": vec(1 - ddd ** (0.7 * r10) + noise(C)),
-            b + "att.x_a": vec(1 - ddd ** (0.9 * r10) + noise(C)),
-            b + "att.x_g": vec(1 - ddd ** (0.2 * r10) + noise(C)),
-            b + "att.w0": vec(www + 0.5 + 2.5 * zigzag + noise(C, scale=0.3)),
-            b + "att.w1": small(C, Dw), b + "att.w2": orthogonal(Dw, C, 0.1),
-            b + "att.a0": vec(-0.19 + 0.3 * zigzag + 0.4 * lin + noise(C, scale=0.3)),
-            b + "att.a1": small(C, Da), b + "att.a2": orthogonal(Da, C, 0.1),
-            b + "att.v0": vec(0.73 - 0.4 * lin + noise(C, scale=0.3)),
-            b + "att.v1": small(C, Dv), b + "att.v2": orthogonal(Dv, C, 0.1),
-            b + "att.g1": small(C, Dg), b + "att.g2": orthogonal(Dg, C, 0.1),
-            b + "att.k_k": vec(0.71 - 0.1 * lin + noise(C)),
-            b + "att.k_a": vec(1.02 + noise(C)),
-            b + "att.r_k": -0.04 + noise(H, N, scale=0.3),
-            b + "att.receptance.weight": orthogonal(C, C, 1.0),
-            b + "att.key.weight": orthogonal(C, C, 0.1) + small(C, C) * 0.3,   # small: 0 in training
-            b + "att.value.weight": orthogonal(C, C, 1.0),
-            b + "att.output.weight": small(C, C),
-            b + "att.ln_x.weight": ((1 + i) / L) ** 0.7 + noise(C, scale=0.1),
-            b + "att.ln_x.bias": noise(C, scale=0.1),
-            b + "ffn.x_k": vec(1 - ddd ** (r10 ** 4) + noise(C)),
-            b + "ffn.key.weight": orthogonal(F, C, 1.0),
-            b + "ffn.value.weight": small(C, F),
-        })
-        if deep_embed:
-            D = d_deepembed
-            w.update({
-                b + "ffn.s_emb.weight": noise(V, D * D, scale=0.2),
-                b + "ffn.s_emb_x.weight": small(D * D, C) * 0.3,
-                b + "ffn.s1": small(C, D), b + "ffn.s2": small(D, F),
-                b + "ffn.s0": vec(1 + noise(F, scale=0.1)),
-            })
-    w.update({"ln_out.weight": 1 + noise(C, scale=0.1), "ln_out.bias": noise(C, scale=0.1),
-              "head.weight": orthogonal(V, C, 0.5 * np.sqrt(V / C) if V > C else 0.5)})
-    return {key: np.ascontiguousarray(value, dtype=dtype) for key, value in w.items()}
+        lerp = lambda power: lambda shape: 1 - ddd ** power + noise(C)
+        norm = lambda shape: 1 + noise(C, scale=0.1)
+        bias = lambda shape: noise(C, scale=0.1)
+        low_rank = lambda shape: small(*shape)
+        out_proj = lambda shape: orthogonal(*shape, 0.1)
+        return {
+            "ln1.weight": norm, "ln1.bias": bias, "ln2.weight": norm, "ln2.bias": bias,
+            "att.x_r": lerp(0.2 * r10), "att.x_w": lerp(0.9 * r10), "att.x_k": lerp(0.7 * r10),
+            "att.x_v": lerp(0.7 * r10), "att.x_a": lerp(0.9 * r10), "att.x_g": lerp(0.2 * r10),
+            "att.w0": lambda shape: www + 0.5 + 2.5 * zigzag + noise(C, scale=0.3),
+            "att.w1": low_rank, "att.w2": out_proj,
+            "att.a0": lambda shape: -0.19 + 0.3 * zigzag + 0.4 * lin + noise(C, scale=0.3),
+            "att.a1": low_rank, "att.a2": out_proj,
+            "att.v0": lambda shape: 0.73 - 0.4 * lin + noise(C, scale=0.3),
+            "att.v1": low_rank, "att.v2": out_proj,
+            "att.g1": low_rank, "att.g2": out_proj,
+            "att.k_k": lambda shape: 0.71 - 0.1 * lin + noise(C),
+            "att.k_a": lambda shape: 1.02 + noise(C),
+            "att.r_k": lambda shape: -0.04 + noise(*shape, scale=0.3),
+            "att.receptance.weight": lambda shape: orthogonal(*shape, 1.0),
+            # small: 0 in training
+            "att.key.weight": lambda shape: orthogonal(*shape, 0.1) + small(*shape) * 0.3,
+            "att.value.weight": lambda shape: orthogonal(*shape, 1.0),
+            "att.output.weight": low_rank,
+            "att.ln_x.weight": lambda shape: ((1 + i) / L) ** 0.7 + noise(C, scale=0.1),
+            "att.ln_x.bias": bias,
+            "ffn.x_k": lerp(r10 ** 4),
+            "ffn.key.weight": lambda shape: orthogonal(*shape, 1.0),
+            "ffn.value.weight": low_rank,
+            # DeepEmbed (docs/architecture.md)
+            "ffn.s_emb.weight": lambda shape: noise(*shape, scale=0.2),
+            "ffn.s_emb_x.weight": lambda shape: small(*shape) * 0.3,
+            "ffn.s1": low_rank, "ffn.s2": low_rank,
+            "ffn.s0": lambda shape: 1 + noise(F, scale=0.1),
+        }
+
+    model_init = {
+        "emb.weight": lambda shape: rng.uniform(-1e-4, 1e-4, shape),
+        "blocks.0.ln0.weight": lambda shape: 1 + noise(C, scale=0.1),
+        "blocks.0.ln0.bias": lambda shape: noise(C, scale=0.1),
+        "ln_out.weight": lambda shape: 1 + noise(C, scale=0.1),
+        "ln_out.bias": lambda shape: noise(C, scale=0.1),
+        "head.weight": lambda shape: orthogonal(*shape, 0.5 * np.sqrt(V / C) if V > C else 0.5),
+    }
+    blocks = [block_init(i) for i in range(L)]
+    w = {}
+    for key, shape in shapes.items():
+        if key in model_init:
+            value = model_init[key](shape)
+        else:
+            _, i, name = key.split(".", 2)                       # blocks.{i}.{name}
+            value = blocks[int(i)][name](shape)
+        w[key] = np.ascontiguousarray(np.reshape(value, shape), dtype=dtype)
+    return w

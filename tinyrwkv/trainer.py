@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import train
-from .checkpoint import read_checkpoint, save_safetensors
+from .formats import read_checkpoint, save_safetensors
 from .loader import numba_missing
 from .synthetic import lora_ranks, make_weights
 

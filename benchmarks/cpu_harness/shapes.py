@@ -189,7 +189,7 @@ def write_checkpoint(shape, seed, folder):
         tmp = path.with_name(path.name + ".partial")
         torch.save(tensors, tmp)
     else:
-        from tinyrwkv.checkpoint import save_safetensors
+        from tinyrwkv.formats import save_safetensors
         path = folder / checkpoint_name(shape, seed, ".safetensors")
         tensors = {k: synthetic_tensor(k, s, seed) for k, s in shapes.items()}
         tmp = path.with_name(path.name + ".partial")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import tinyrwkv
-from tinyrwkv.checkpoint import save_safetensors
+from tinyrwkv.formats import save_safetensors
 from tinyrwkv.synthetic import make_weights
 
 path = os.environ.get("TINYRWKV_MODEL")

@@ -36,7 +36,7 @@ import numpy as np
 
 import tinyrwkv
 from tinyrwkv import SamplingParams, Session, State
-from tinyrwkv.checkpoint import inspect_checkpoint, read_checkpoint, save_safetensors, to_bf16_bits
+from tinyrwkv.formats import inspect_checkpoint, read_checkpoint, save_safetensors, to_bf16_bits
 from tinyrwkv.model import block as lib_block
 from tinyrwkv.model import channel_mix, layer_norm as lib_layer_norm, time_mix
 from tinyrwkv.sampling import Penalties, sampling_probs

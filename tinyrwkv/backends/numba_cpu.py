@@ -35,7 +35,7 @@ except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear m
 from dataclasses import replace
 
 from .. import model as ref
-from ..checkpoint import bf16_to_float32, to_bf16_bits
+from ..formats import bf16_to_float32, to_bf16_bits
 
 FASTMATH = {"reassoc", "contract"}
 DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in the kernels

@@ -1,0 +1,348 @@
+"""GGUF (llama.cpp's format) in and out for RWKV-7, through the `gguf` package (pip install gguf).
+
+    source = open_gguf("model.gguf")      # a TensorSource: official keys, nothing read yet
+    source.read("blocks.0.att.key.weight")                 # float32 (C, C), dequantised
+    source.quantized("blocks.0.att.key.weight")            # the raw q8_0 blocks, not widened
+    write_gguf("out.gguf", weights, out_type="q8_0", tokenizer=model.tokenizer)
+
+The layout is llama.cpp's RWKV7 architecture (its HF->GGUF converter, Rwkv7Model; docs/formats.md):
+the six time-mix lerps fused into one (6, 1, 1, C) tensor, the LoRA matrices transposed, r_k
+flattened, vectors squeezed, and in layer 0 **copies of a0/a1/a2 where v0/v1/v2 go**: llama.cpp
+requires layer-0 v tensors, although layer 0 never uses them. Those copies have the rank Da, not
+Dv (0.1B: Da = 64, Dv = 32), so the reader drops them: a model read from a GGUF has no layer-0
+v0/v1/v2, like one read from fla, and validates and converts like any other.
+
+Quantised tensors (q8_0, q4_0, ...) are widened to float32 by `read`: no backend computes on them
+yet. `quantized(key)` gives a tensor's blocks as stored, for a backend that will.
+Reading uses plain file reads, one tensor at a time, and writing uses the gguf package's
+streaming mode (tensor infos first, then each tensor's data as it is made), so converting to or
+from GGUF holds one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..schema import ModelSize, sizes_from_shapes
+from .gguf_vocab import add_tokenizer, read_tokenizer
+from .numerics import BF16_BITS, FP32, from_float32, parse_target, result_dtype, to_bf16_bits
+from .reading import read_exactly
+from .renamed import Renamed
+from .source import TensorInfo, as_source
+
+ARCH = "rwkv7"
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_1", "q4_0")
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "bf16": 32}
+
+# official name inside a block -> GGUF name inside blk.{i}. (stored "same" or transposed "T")
+_BLOCK = {"ln1.weight": "attn_norm.weight", "ln1.bias": "attn_norm.bias",
+          "ln2.weight": "attn_norm_2.weight", "ln2.bias": "attn_norm_2.bias",
+          "att.k_k": "time_mix_k_k.weight", "att.k_a": "time_mix_k_a.weight",
+          "att.r_k": "time_mix_r_k.weight",                          # (H, N) flattened to (C,)
+          "att.receptance.weight": "time_mix_receptance.weight",
+          "att.key.weight": "time_mix_key.weight", "att.value.weight": "time_mix_value.weight",
+          "att.output.weight": "time_mix_output.weight",
+          "att.ln_x.weight": "time_mix_ln.weight", "att.ln_x.bias": "time_mix_ln.bias",
+          "ffn.x_k": "channel_mix_lerp_k.weight", "ffn.key.weight": "channel_mix_key.weight",
+          "ffn.value.weight": "channel_mix_value.weight"}
+LERPS = "rwkvag"                  # the order of the fused lerp's six rows
+# Bytes of rows (de)quantised at a time: gguf.quants makes several float32 temporaries the size
+# of its input, which for a whole (V, C) embedding would triple a conversion's memory.
+_CHUNK_BYTES = 4 * 2**20
+
+
+def gguf_module():
+    try:
+        import gguf
+    except ImportError as e:
+        raise CheckpointError("GGUF files need the `gguf` package: pip install gguf "
+                              "(or pip install -e '.[gguf]')") from e
+    return gguf
+
+
+def gguf_table(n_layer, layer0_v=False):
+    """{official key: (GGUF name, how)} (how: formats/renamed.py). layer0_v adds llama.cpp's
+    layer-0 v0/v1/v2, which hold copies of a0/a1/a2 (the writer's view; the reader drops them)."""
+    table = {"emb.weight": ("token_embd.weight", "same"),
+             "blocks.0.ln0.weight": ("token_embd_norm.weight", "same"),
+             "blocks.0.ln0.bias": ("token_embd_norm.bias", "same")}
+    for i in range(n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        table.update({b + k: (g + name, "same") for k, name in _BLOCK.items()})
+        table.update({b + f"att.x_{c}": (g + "time_mix_lerp_fused.weight", ("part", j, 6))
+                      for j, c in enumerate(LERPS)})
+        for x in "wavg":
+            if x == "v" and i == 0 and not layer0_v:
+                continue
+            if x != "g":
+                table[b + f"att.{x}0"] = (g + f"time_mix_{x}0.weight", "same")
+            table[b + f"att.{x}1"] = (g + f"time_mix_{x}1.weight", "T")     # (C, D) -> (D, C)
+            table[b + f"att.{x}2"] = (g + f"time_mix_{x}2.weight", "T")     # (D, C) -> (C, D)
+    table.update({"ln_out.weight": ("output_norm.weight", "same"),
+                  "ln_out.bias": ("output_norm.bias", "same"),
+                  "head.weight": ("output.weight", "same")})
+    return table
+
+
+# ---- reading ----
+
+@dataclass
+class QuantizedTensor:
+    """A GGUF tensor as stored, not widened (GGUFModel.quantized).
+
+    blocks: uint8 (rows, bytes per row), a read-only memory map of the file: each row is
+        cols / block_size blocks of ggml type `ggml_type` (q8_0: 32 int8 + an fp16 scale).
+    shape: (rows, cols), the numpy shape of the values in the GGUF (ne reversed).
+    transposed: the official tensor is shape's transpose (the LoRA matrices w1, w2, ...).
+    """
+    name: str
+    ggml_type: str
+    shape: tuple
+    blocks: np.ndarray
+    transposed: bool
+
+
+class _GGUFTensors:
+    """A GGUF file's tensors by GGUF name: header from gguf.GGUFReader, data by plain reads
+    (not its memory map: mapped pages would stay in this process's memory)."""
+
+    def __init__(self, path, reader, gguf):
+        self.path, self.reader, self.gguf = path, reader, gguf
+        self.by_name = {t.name: t for t in reader.tensors}
+
+    def infos(self):
+        return {name: TensorInfo(_numpy_shape(t), t.tensor_type.name.lower())
+                for name, t in self.by_name.items()}
+
+    def read(self, name, dtype=None):
+        """One tensor, read from the file _CHUNK_BYTES of rows at a time and decoded straight
+        into the result: every type to float32 (quantised ones dequantised), then as `dtype`
+        asks; stored bytes that already are the answer (f32 as float32, f16 as float16, bf16 as
+        bf16 bits) are copied as they are."""
+        Q = self.gguf.GGMLQuantizationType
+        t, target = self.by_name[name], parse_target(dtype)
+        shape = _numpy_shape(t)
+        byte_shape = self.gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
+        exact = _exact_view(t.tensor_type, target, Q)
+        out = np.empty(shape, exact or result_dtype(FP32, target))
+        rows = out.reshape(-1, shape[-1])                           # (R, cols)
+        row_bytes = byte_shape[-1]
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        buffer = np.empty(min(step, rows.shape[0]) * row_bytes, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for i in range(0, rows.shape[0], step):
+                n = min(step, rows.shape[0] - i)
+                raw = buffer[: n * row_bytes]
+                read_exactly(f, self.path, t.data_offset + i * row_bytes, raw)
+                raw = raw.reshape(n, row_bytes)                     # (n, bytes per row)
+                if exact:
+                    rows[i: i + n] = raw.view(exact)
+                elif t.tensor_type == Q.F32:
+                    rows[i: i + n] = from_float32(raw.view("<f4"), target)
+                else:
+                    values = self.gguf.quants.dequantize(raw, t.tensor_type)    # (n, cols)
+                    rows[i: i + n] = from_float32(values.astype(np.float32, copy=False), target)
+        return out
+
+
+def _exact_view(ggml_type, target, Q):
+    """The stored element type when the stored bytes already are what `target` asks for."""
+    floating = target is not None and target is not BF16_BITS
+    if ggml_type == Q.BF16 and target is BF16_BITS:
+        return np.dtype("<u2")
+    if ggml_type == Q.F16 and floating and target == np.float16:
+        return np.dtype("<f2")
+    if ggml_type == Q.F32 and (target is None or floating and target == np.float32):
+        return np.dtype("<f4")
+    return None
+
+
+def _numpy_shape(t):
+    return tuple(int(d) for d in reversed(t.shape.tolist()))     # GGUF ne is innermost first
+
+
+class GGUFModel(Renamed):
+    """An RWKV7 GGUF as a TensorSource, plus `quantized(key)` for the stored blocks."""
+
+    def quantized(self, key):
+        """The stored form of the tensor under official `key`, without dequantising: its GGUF
+        name, ggml type ("q8_0", "f16", ...), shape as stored and blocks (a lazy memory map),
+        and whether the official tensor is its transpose. The fused lerps have no stored form
+        of their own (they are rows of one (6, 1, 1, C) tensor): ValueError."""
+        name, how = self.table[key]
+        if isinstance(how, tuple):
+            raise ValueError(f"{key} is row {how[1]} of {name}, not a tensor of its own")
+        t = self.raw.by_name[name]
+        gguf = self.raw.gguf
+        shape = _numpy_shape(t)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
+        blocks = np.memmap(self.path, np.uint8, "r", offset=t.data_offset, shape=byte_shape)
+        return QuantizedTensor(name, t.tensor_type.name.lower(), shape, blocks, how == "T")
+
+
+def open_gguf(path):
+    """An RWKV7 GGUF (ours, or llama.cpp's converter's) as a GGUFModel with official keys, and
+    the vocabulary it carries as its tokenizer. Reads only the header."""
+    gguf = gguf_module()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                              "it may be cut short: re-download it") from e
+
+    def value(key):
+        f = reader.fields.get(key)
+        if f is None or not f.data:
+            return None
+        v = f.parts[f.data[0]]
+        return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
+
+    arch, kind = value("general.architecture"), value("general.type")
+    if arch != ARCH:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r}; tinyrwkv reads RWKV-7 "
+                              f"('{ARCH}') GGUFs only")
+    if kind == "adapter":
+        raise CheckpointError(f"{path} is a llama.cpp LoRA adapter, not a model: merge it into "
+                              "its base model with `tinyrwkv merge-lora BASE ADAPTER.gguf OUT`")
+    raw = _GGUFTensors(path, reader, gguf)
+    size = _sizes(raw.infos(), value(f"{ARCH}.wkv.head_size"), path)
+    ignored = {f"blk.0.time_mix_v{n}.weight" for n in "012"}       # llama.cpp's dummies
+    return GGUFModel(path, "GGUF (llama.cpp rwkv7)", gguf_table(size.n_layer),
+                     size.shapes(layer0_v=False), raw, ignored, read_tokenizer(reader, value))
+
+
+def _sizes(infos, head_size, path):
+    """The model's sizes from the GGUF's shapes (R5); N from metadata, since r_k is flattened."""
+    rows = lambda name: infos[name].shape[0]
+    try:
+        if not head_size:
+            raise KeyError(f"{ARCH}.wkv.head_size (metadata)")
+        L = 1 + max(int(k.split(".")[1]) for k in infos if k.startswith("blk."))
+        V, C = infos["token_embd.weight"].shape
+        lora = lambda x, i: rows(f"blk.{i}.time_mix_{x}1.weight")
+        ranks = (lora("w", 0), lora("a", 0), lora("v", 1) if L > 1 else None, lora("g", 0))
+        return ModelSize(L, C, V, int(head_size), rows("blk.0.channel_mix_key.weight"), ranks)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is an rwkv7 GGUF without {e}, which gives the model's "
+                              "sizes; the file is damaged or incomplete: re-convert it") from e
+
+
+# ---- writing ----
+
+def _always_f32(name, shape):
+    """llama.cpp's converter keeps these F32 whatever the file type: 1-D tensors, the decay
+    LoRA and the fused lerps."""
+    return len(shape) == 1 or any(s in name for s in ("time_mix_w1", "time_mix_w2", "lerp_fused"))
+
+
+def _write_plan(infos, n_layer):
+    """[(GGUF name, written shape, official keys, how)] in writing order. Layer 0's v0/v1/v2
+    are written as copies of a0/a1/a2, as llama.cpp's converter does (the module docstring)."""
+    plan, fused = [], set()
+    for key, (name, how) in gguf_table(n_layer, layer0_v=True).items():
+        source = key.replace("att.v", "att.a") if key in ("blocks.0.att.v0", "blocks.0.att.v1",
+                                                          "blocks.0.att.v2") else key
+        shape = infos[source].shape
+        if isinstance(how, tuple):                       # the six lerps: one (6, 1, 1, C) tensor
+            if name not in fused:
+                fused.add(name)
+                keys = tuple(key.rsplit("x_", 1)[0] + f"x_{c}" for c in LERPS)
+                plan.append((name, (6, 1, 1, math.prod(shape)), keys, "stack"))
+        elif how == "T":
+            plan.append((name, tuple(reversed(shape)), (source,), "T"))
+        elif len(shape) == 2 and not key.endswith("att.r_k"):
+            plan.append((name, tuple(shape), (source,), "same"))           # matrices as stored
+        else:
+            plan.append((name, (math.prod(shape),), (source,), "flat"))    # vectors, r_k: (C,)
+    return plan
+
+
+def _build(source, keys, how, shape):
+    """One GGUF tensor (float32, `shape`) from the official tensors `keys` of `source`."""
+    arrays = [np.asarray(source.read(k, "float32"), np.float32) for k in keys]
+    if how == "stack":
+        return np.stack([a.reshape(1, 1, -1) for a in arrays])         # (6, 1, 1, C)
+    if how == "T":
+        return np.ascontiguousarray(arrays[0].T)
+    return np.ascontiguousarray(arrays[0]).reshape(shape)
+
+
+def _encode(array, qtype, gguf):
+    """float32 -> the bytes of ggml type qtype (F32/F16 as float arrays, the rest as uint8)."""
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return array
+    if qtype == Q.F16:
+        return array.astype(np.float16)
+    if qtype == Q.BF16:
+        return to_bf16_bits(array).view(np.uint8).reshape(*array.shape[:-1], -1)
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(array.shape, qtype), np.uint8)
+    rows, blocks = array.reshape(-1, array.shape[-1]), out.reshape(-1, out.shape[-1])
+    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1]))          # rows of float32 at a time
+    for i in range(0, rows.shape[0], step):
+        blocks[i: i + step] = gguf.quants.quantize(rows[i: i + step], qtype)
+    return out
+
+
+def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
+    """Write official-keyed weights as a llama.cpp RWKV7 GGUF, a tensor at a time.
+
+    weights: {official key: array} or a TensorSource (a conversion: streamed from the file).
+    out_type: "f32", "f16", "bf16", "q8_0", "q5_0", "q4_1" or "q4_0" (gguf's quantisers) for the
+        matrices; 1-D tensors, w1/w2 and the fused lerps stay F32, and a matrix whose rows are not
+        whole blocks is written F16, as llama.cpp's converter does.
+    tokenizer: a WorldTokenizer or HFTokenizer to embed (vocabulary metadata).
+    """
+    gguf = gguf_module()
+    source = as_source(weights)
+    infos = source.tensors()
+    if any(k.endswith("ffn.s1") for k in infos):
+        raise CheckpointError("DeepEmbed models have no GGUF mapping in llama.cpp's RWKV7 "
+                              "architecture; write .safetensors instead")
+    if out_type not in OUT_TYPES:
+        raise ValueError(f"out_type must be one of {', '.join(OUT_TYPES)}, not {out_type!r}")
+    size = sizes_from_shapes({k: t.shape for k, t in infos.items()})
+    Q = gguf.GGMLQuantizationType
+    wanted = getattr(Q, out_type.upper())
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    _add_metadata(writer, size, out_type, name)
+    if tokenizer is not None:
+        add_tokenizer(writer, tokenizer, size.vocab_size, gguf)
+    plan = []
+    for gname, shape, keys, how in _write_plan(infos, size.n_layer):
+        qtype = Q.F32 if _always_f32(gname, shape) else wanted
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if shape[-1] % block:
+            qtype = Q.F16                                # blocks need whole rows
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)) \
+            if qtype not in (Q.F32, Q.F16) else math.prod(shape) * (4 if qtype == Q.F32 else 2)
+        writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        plan.append((shape, keys, how, qtype))
+    writer.write_header_to_file()                        # the streaming mode: header, metadata,
+    writer.write_kv_data_to_file()                       # tensor infos, then each tensor's data
+    writer.write_ti_data_to_file()
+    for shape, keys, how, qtype in plan:
+        writer.write_tensor_data(_encode(_build(source, keys, how, shape), qtype, gguf))
+    writer.close()
+
+
+def _add_metadata(writer, size, out_type, name):
+    """The hyper-parameters llama.cpp's converter writes for rwkv7 (docs/formats.md)."""
+    Dw, Da, Dv, Dg = size.ranks
+    writer.add_name(name)
+    writer.add_context_length(1048576)                   # RWKV has no context limit
+    writer.add_embedding_length(size.n_embd)
+    writer.add_block_count(size.n_layer)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_wkv_head_size(size.head_size)
+    writer.add_decay_lora_rank(Dw)
+    writer.add_iclr_lora_rank(Da)
+    writer.add_value_residual_mix_lora_rank(Dv or Da)    # a one-layer model has no Dv
+    writer.add_gate_lora_rank(Dg)
+    writer.add_feed_forward_length(size.dim_ffn)
+    writer.add_head_count(0)                             # required by llama.cpp, unused
+    writer.add_file_type(_FILE_TYPES[out_type])

@@ -1,0 +1,191 @@
+"""What people fine-tune on top of a base model: LoRA adapters and state-tuned initial states
+(JL-er/RWKV-PEFT conventions; docs/formats.md).
+
+    merged = merge_lora(base, lora, alpha=32)          # dicts official key -> array
+    state = initial_state(read_checkpoint("state.pth"), model.config)
+
+An adapter is read by `read_adapter` from any of the files people have:
+    RWKV-PEFT (.pth/.safetensors)   official names: blocks.0.att.key.lora_A (r, in) / lora_B (out, r),
+                                    maybe with "model." in front, plus other trained tensors
+    PEFT folder (adapter_model.safetensors + adapter_config.json, fla names):
+                                    base_model.model.model.layers.0.attn.k_proj.lora_A.weight
+    llama.cpp LoRA GGUF (general.type "adapter"): blk.0.time_mix_key.weight.lora_a (r, in) /
+                                    .lora_b (out, r), GGUF tensor names
+Each becomes {official key: array} with the official `X.lora_A` / `X.lora_B` names.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..model import State
+from .container import resolve_model_path
+from .gguf import gguf_module, gguf_table
+from .hf import official_name
+from .reading import read_checkpoint
+from .source import InMemory, TensorInfo, TensorSource
+
+
+def _strip(key):
+    for prefix in ("base_model.model.", "model."):
+        if key.startswith(prefix) and not key.startswith("model.layers."):
+            key = key[len(prefix):]
+    return key
+
+
+def _merge_one(W, A, B, alpha, stem):
+    """W + (B @ A) * alpha / r for one matrix; r = B's columns. float32 result."""
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    r = B.shape[1]
+    if A.shape[0] != r or (B.shape[0], A.shape[1]) != tuple(W.shape):
+        raise ValueError(f"LoRA {stem}: A {A.shape} and B {B.shape} do not fit W {tuple(W.shape)}")
+    return (np.asarray(W, np.float64) + (B @ A) * (alpha / r)).astype(np.float32)
+
+
+def _pairs(lora, base_keys):
+    stems = sorted(k[:-len(".lora_A")] for k in lora if k.endswith(".lora_A"))
+    if not stems:
+        raise ValueError("no LoRA pairs (X.lora_A and X.lora_B) in the LoRA checkpoint")
+    for stem in stems:
+        if stem + ".lora_B" not in lora:
+            raise ValueError(f"{stem}.lora_A has no {stem}.lora_B")
+        if stem + ".weight" not in base_keys:
+            raise ValueError(f"LoRA for {stem}.weight, which the base model does not have")
+    return stems
+
+
+def merge_lora(base, lora, alpha):
+    """Merge an RWKV-PEFT LoRA checkpoint into base weights, as its merge_lora.py does:
+    every non-LoRA tensor of the LoRA file (trained ln/time/emb/head parts) replaces or joins
+    the base's; then each `X.weight` with `X.lora_A` (r, in) and `X.lora_B` (out, r) becomes
+    W + (B @ A) * alpha / r. Returns a new dict (float32 where a merge happened)."""
+    lora = {_strip(k): v for k, v in lora.items()}
+    out = dict(base)
+    out.update({k: v for k, v in lora.items() if "lora" not in k})
+    for stem in _pairs(lora, out):
+        out[stem + ".weight"] = _merge_one(out[stem + ".weight"], lora[stem + ".lora_A"],
+                                           lora[stem + ".lora_B"], alpha, stem)
+    return out
+
+
+class LoraMerged(TensorSource):
+    """merge_lora as a TensorSource: a base model file with an adapter applied tensor by
+    tensor, so merging a large model never holds it whole (merge-lora streams its output)."""
+
+    def __init__(self, base, lora, alpha):
+        self.base, self.alpha = base, alpha
+        self.path, self.format, self.tokenizer = base.path, base.format, base.tokenizer
+        self.lora = {_strip(k): v for k, v in lora.items()}
+        self.replaced = {k: v for k, v in self.lora.items() if "lora" not in k}
+        self.stems = set(_pairs(self.lora, set(base.tensors()) | set(self.replaced)))
+
+    def tensors(self):
+        infos = dict(self.base.tensors())
+        infos.update({k: TensorInfo(tuple(np.shape(v)), "fp32") for k, v in self.replaced.items()})
+        return infos
+
+    def read(self, key, dtype=None):
+        if key in self.replaced:
+            W = InMemory({key: self.replaced[key]}).read(key, "float32")
+        else:
+            W = self.base.read(key, "float32")
+        stem = key[: -len(".weight")]
+        if stem in self.stems:
+            W = _merge_one(W, self.lora[stem + ".lora_A"], self.lora[stem + ".lora_B"],
+                           self.alpha, stem)
+        return InMemory({key: W}).read(key, dtype)
+
+
+def read_adapter(path):
+    """A LoRA adapter file (any layout in the module docstring) as {official key: array}, with
+    `X.lora_A` (r, in) / `X.lora_B` (out, r) names. Also returns the alpha the file records
+    (PEFT's lora_alpha, GGUF's adapter.lora.alpha), or None."""
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return _read_peft_folder(path)
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            return _read_gguf_adapter(path)
+    tensors = read_checkpoint(path, dtype="float32", progress=False)
+    return {_official(k, path): v for k, v in tensors.items()}, None
+
+
+def _official(key, path):
+    """An adapter tensor name -> the official one: prefixes stripped, PEFT's ".lora_A.weight"
+    shortened to ".lora_A", fla module names renamed."""
+    key = _strip(key)
+    for part in ("lora_A", "lora_B"):
+        key = key.replace(f".{part}.weight", f".{part}")
+    if key.startswith("model.layers."):
+        stem, part = key.rsplit(".", 1)
+        official = official_name(stem + ".weight")
+        if official is None:
+            raise CheckpointError(f"{path}: LoRA on {stem}, which has no official RWKV-7 key; "
+                                  "tinyrwkv merges LoRA on the Linear layers (r/k/v/o_proj, "
+                                  "ffn.key/value)")
+        key = official[: -len(".weight")] + "." + part
+    return key
+
+
+def _read_peft_folder(path):
+    files = sorted(path.glob("adapter_model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors in this folder (a PEFT "
+                              "adapter folder has adapter_config.json and adapter_model.safetensors)")
+    lora = {}
+    for f in files:
+        lora.update({_official(k, f): v
+                     for k, v in read_checkpoint(f, dtype="float32", progress=False).items()})
+    config = path / "adapter_config.json"
+    alpha = json.loads(config.read_text()).get("lora_alpha") if config.is_file() else None
+    return lora, alpha
+
+
+def _read_gguf_adapter(path):
+    """llama.cpp's LoRA GGUF: "<GGUF name>.lora_a" (r, in) and ".lora_b" (out, r)."""
+    gguf = gguf_module()
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.type")
+    if field is None or bytes(field.parts[field.data[0]]).decode() != "adapter":
+        raise CheckpointError(f"{path} is a GGUF model, not a LoRA adapter; give the adapter "
+                              "(general.type 'adapter') as the LoRA argument")
+    layers = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    official = {name: key for key, (name, how) in gguf_table(layers).items() if how == "same"}
+    lora = {}
+    for t in reader.tensors:
+        stem, part = t.name.rsplit(".", 1)
+        if stem not in official or part not in ("lora_a", "lora_b"):
+            raise CheckpointError(f"{path}: adapter tensor {t.name} has no official RWKV-7 key "
+                                  "(tinyrwkv merges LoRA on the Linear layers)")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        lora[official[stem][: -len(".weight")] + "." + part.replace("lora_a", "lora_A").replace(
+            "lora_b", "lora_B")] = values.reshape(shape)
+    alpha = reader.fields.get("adapter.lora.alpha")
+    return lora, (float(alpha.parts[alpha.data[0]][0]) if alpha is not None else None)
+
+
+def initial_state(tensors, config):
+    """A State from a state-tuning checkpoint: blocks.{i}.att.time_state (H, N, N), [value][key]
+    like the official state (docs/formats.md); token-shift states are zero."""
+    tensors = {_strip(k): v for k, v in tensors.items()}
+    state = State.zeros(config)
+    found = 0
+    for i in range(config.n_layer):
+        ts = tensors.get(f"blocks.{i}.att.time_state")
+        if ts is None:
+            continue
+        ts = np.asarray(ts, np.float32)
+        if ts.shape != state.wkv[i].shape:
+            raise ValueError(f"blocks.{i}.att.time_state is {ts.shape}; this model's layer state "
+                             f"is {state.wkv[i].shape}")
+        state.wkv[i] = ts
+        found += 1
+    if found == 0:
+        raise ValueError("no blocks.{i}.att.time_state tensors: not a state-tuning checkpoint")
+    if found != config.n_layer:
+        raise ValueError(f"time_state for {found} of {config.n_layer} layers")
+    return state
