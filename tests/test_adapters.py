@@ -1,4 +1,4 @@
-"""LoRA merging and state-tuned initial states (RWKV-PEFT conventions, rwkv7.md §8)."""
+"""LoRA merging and state-tuned initial states (RWKV-PEFT conventions, docs/formats.md §6)."""
 import subprocess
 import sys
 

@@ -98,7 +98,7 @@ def p_global(module, name):
 
 def p_tensor(storage_key, numel, offset, size, stride, storage="FloatStorage"):
     """_rebuild_tensor_v2(<persistent storage>, offset, size, stride, False, OrderedDict()),
-    exactly the opcodes torch.save emits (rwkv7.md §1.5)."""
+    exactly the opcodes torch.save emits (docs/formats.md §1)."""
     pid = p_tuple(p_str("storage"), p_global("torch", storage), p_str(storage_key), p_str("cpu"),
                   p_int(numel)) + b"Q"                                # BINPERSID
     args = p_tuple(pid, p_int(offset), p_tuple(*map(p_int, size)), p_tuple(*map(p_int, stride)),
@@ -1018,7 +1018,7 @@ def test_rwkv6_file_end_to_end(tmp_path):
 # ---- check_x070_keys ----
 
 def tiny_x070(L=2, C=8, H=2, V=11, F=32, ranks=(4, 6, 2, 10), deep=False, D=3):
-    """Zeros in the stored shapes of rwkv7.md §1.1 (and §5.2 with deep=True)."""
+    """Zeros in the stored shapes of docs/architecture.md §7.1 (and §4.2 with deep=True)."""
     N = C // H
     Dw, Da, Dv, Dg = ranks
     w = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),

@@ -18,7 +18,7 @@ def fixture(name):
     return pth, dict(np.load(FIXTURES / f"{name}_official_cpufp32.npz"))
 
 
-# ---- the stored official outputs (rwkv 0.8.32, cpu fp32; see rwkv7.md Appendix A) ----
+# ---- the stored official outputs (rwkv 0.8.32, cpu fp32; see docs/formats.md §9) ----
 
 @pytest.mark.parametrize("wkv", ["recurrent", "chunked"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -1,6 +1,6 @@
 """Tests for tinyrwkv.tokenizer.
 
-The World tokenizer is checked three ways: against the published test vectors (rwkv7.md 6.1),
+The World tokenizer is checked three ways: against the published test vectors (docs/tokenizers.md §1),
 id for id against the official pip ``rwkv`` ``TRIE_TOKENIZER`` on several hundred KB of varied
 text (and on random text from hypothesis), and on a hand-made vocabulary whose greedy result we
 can work out by hand. The HF wrapper is checked against the ``tokenizers`` library itself on the
@@ -152,7 +152,7 @@ def test_varied_text_is_large_and_valid():
 # World tokenizer: published vectors and parity with the official tokenizer
 # ---------------------------------------------------------------------------------------------
 
-# Test vectors published in rwkv7.md 6.1; they were produced with the official pip rwkv 0.8.32
+# Test vectors published in docs/tokenizers.md §1; they were produced with the official pip rwkv 0.8.32
 # TRIE_TOKENIZER, so these hold even where the official package is not installed.
 PUBLISHED_VECTORS = [
     ("\n\n", [261]),
@@ -180,7 +180,7 @@ def test_world_attributes(world):
     assert world.max_id == WORLD_MAX_ID
     assert world.token_bytes(0) == b""
     assert world.encode("") == []
-    # ids 1..256 are the single bytes 0x00..0xFF (rwkv7.md 6.1)
+    # ids 1..256 are the single bytes 0x00..0xFF (docs/tokenizers.md §1)
     assert all(world.token_bytes(b + 1) == bytes([b]) for b in range(256))
 
 
@@ -325,7 +325,7 @@ def test_greedy_longest_match_by_hand(tmp_path, line_end):
 
 
 def test_lf_copy_of_packaged_vocab_is_the_same(tmp_path, world):
-    """The wheel's file has CRLF line ends, the git copies LF (rwkv7.md 10 item 13): same tokenizer."""
+    """The wheel's file has CRLF line ends, the git copies LF (docs/tokenizers.md §1.1): same tokenizer."""
     from tinyrwkv.tokenizer import WORLD_VOCAB_PATH
 
     data = WORLD_VOCAB_PATH.read_bytes()

@@ -1,6 +1,6 @@
 """Tokenizers for RWKV-7 models: text <-> token ids.
 
-Two families of released RWKV-7 checkpoints use two different tokenizers (rwkv7.md section 6):
+Two families of released RWKV-7 checkpoints use two different tokenizers (docs/tokenizers.md):
 
 * **World models** (65536 embedding rows) use the RWKV World tokenizer, vocabulary file
   ``rwkv_vocab_v20230424.txt`` (shipped in ``tinyrwkv/data/``, Apache-2.0, see the licence file
@@ -53,10 +53,10 @@ __all__ = ["TokenizerError", "WorldTokenizer", "HFTokenizer", "get_tokenizer"]
 
 # The World vocabulary that ships with this package.
 WORLD_VOCAB_PATH = Path(__file__).parent / "data" / "rwkv_vocab_v20230424.txt"
-# The World models' embedding has 65536 rows although the file's ids stop at 65529 (rwkv7.md 6.1).
+# The World models' embedding has 65536 rows although the file's ids stop at 65529 (docs/tokenizers.md §1).
 WORLD_EMBEDDING_ROWS = 65536
 # HF vocabulary sizes of the Pile (GPT-NeoX 20B tokenizer) models: 50277 ids in the tokenizer,
-# padded to 50304 (a multiple of 64) in the checkpoints (rwkv7.md 6.2).
+# padded to 50304 (a multiple of 64) in the checkpoints (docs/tokenizers.md §2).
 PILE_VOCAB_SIZES = (50277, 50304)
 
 
@@ -128,7 +128,7 @@ def read_world_vocab(path) -> list[bytes]:
     ``eval`` for this, which would run any code a tampered file contains; ``ast.literal_eval``
     accepts literals only.
 
-    The packaged file has CRLF line ends (the copy in the git repos has LF; rwkv7.md 10 item 13),
+    The packaged file has CRLF line ends (the copy in the git repos has LF; docs/tokenizers.md §1.1),
     so we split on "\\n" and drop one trailing "\\r". We do not use ``str.splitlines``: it also
     splits at characters such as U+2028 or U+0085, which a future vocabulary could contain raw.
 
@@ -224,7 +224,7 @@ class WorldTokenizer:
         vocab_path: a World-format vocabulary file; default the packaged rwkv_vocab_v20230424.txt.
     """
 
-    eot_id = 0  # end-of-text / document separator; has no bytes (rwkv7.md 6.1)
+    eot_id = 0  # end-of-text / document separator; has no bytes (docs/tokenizers.md §1)
 
     def __init__(self, vocab_path=None):
         path = WORLD_VOCAB_PATH if vocab_path is None else Path(vocab_path)
@@ -341,7 +341,7 @@ class HFTokenizer:
     * ``encode`` is ``Tokenizer.encode(text, add_special_tokens=False).ids``: whatever the file
       says (for the 20B tokenizer: NFC normalisation, ByteLevel BPE) happens, and text such as
       "<|endoftext|>" *is* parsed as the special token, unlike the World tokenizer. This is what
-      the official pip ``rwkv`` ``PIPELINE`` does when given a ``.json`` path (rwkv7.md 6.2).
+      the official pip ``rwkv`` ``PIPELINE`` does when given a ``.json`` path (docs/tokenizers.md §2).
     * ``decode_bytes`` gives exact bytes even when a token ends in the middle of a UTF-8
       character. If the file's decoder is ByteLevel, each token string is mapped back through
       the GPT-2 byte table (``_byte_level_char_to_byte``); a token with a character outside that

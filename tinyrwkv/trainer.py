@@ -3,7 +3,7 @@
     tinyrwkv train --data ../shared/data/tinystories-subset/train.txt --out runs/ts
 
 What it does: trains a byte-level BPE tokenizer on the text (HF `tokenizers`; or `--tokenizer`),
-initialises the model as RWKV-LM does (rwkv7.md §4, `make_weights(training_init=True)`), and
+initialises the model as RWKV-LM does (docs/architecture.md §10, `make_weights(training_init=True)`), and
 runs AdamW (weight decay on the 2-D `.weight` matrices only; `att.w0` at twice the learning rate,
 as RWKV-LM) with linear warm-up, cosine decay and gradient-norm clipping on random (B, T) windows
 of the text. Every `--eval-every` steps: validation loss and bits per byte on held-out windows,

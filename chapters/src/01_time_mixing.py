@@ -254,7 +254,7 @@ assert np.all((extreme >= np.exp(-np.exp(-0.5))) & (extreme <= 1))
 # **How fast does each head forget?** The half-life in tokens, $-\ln 2 / \ln w$, for every channel
 # of every token of our sentence, grouped by head, in the first and the last layer. The spread
 # comes from the training code's initialisation of $w_0$ (it ramps across the channels and zigzags
-# inside each head, rwkv7.md §4), so in this untrained model the first head remembers longest and
+# inside each head, docs/architecture.md §10), so in this untrained model the first head remembers longest and
 # the last head forgets within a few tokens. A trained model moves these, but keeps the idea:
 # each head mixes fast and slow channels.
 

@@ -57,7 +57,7 @@ print(f"T = {T} tokens, first ten: {ids[:10]}")
 # %% [markdown]
 # ## 1 · Where the channel mix sits in the block
 #
-# A block is two pre-norm residual steps (rwkv7.md §2.2). The residual stream $x_t$ is never
+# A block is two pre-norm residual steps (docs/architecture.md §2). The residual stream $x_t$ is never
 # normalised in place. Each half reads a LayerNorm of it and adds its output back:
 #
 # $$x_t \leftarrow x_t + \mathrm{TimeMix}\big(\mathrm{LN}_1(x)\big)_t, \qquad
@@ -171,8 +171,8 @@ assert np.allclose(pre, two_matrices, rtol=0, atol=1e-12)
 # %% [markdown]
 # ### How `ffn.x_k` depends on depth at initialisation
 #
-# The training code starts $\mu_k$ from a formula (RWKV-LM `RWKV-v7/train_temp/src/model.py`; rwkv7.md
-# §4). For layer $\ell$ of $L$ and channel $n$ of $C$:
+# The training code starts $\mu_k$ from a formula (RWKV-LM `RWKV-v7/train_temp/src/model.py`; docs/architecture.md
+# §10). For layer $\ell$ of $L$ and channel $n$ of $C$:
 #
 # $$\mu_k[n] = 1 - \Big(\frac{n}{C}\Big)^{r_{10}^{4}}, \qquad r_{10} = 1 - \frac{\ell}{L}.$$
 #
@@ -212,7 +212,7 @@ for i, p_i in enumerate(model.blocks):
 # %% [markdown]
 # ## 3 · The MLP: key, squared ReLU, value
 #
-# With the blended input, the channel mix is a two-layer MLP with no biases (rwkv7.md §2.4):
+# With the blended input, the channel mix is a two-layer MLP with no biases (docs/architecture.md §4.1):
 #
 # $$h_t = \big(\max(0,\ x^{k}_t W_{key}^\top)\big)^2 \in \mathbb{R}^{F}, \qquad
 #   o_t = h_t\, W_{value}^\top \in \mathbb{R}^{C},$$
@@ -426,7 +426,7 @@ print(f"state per layer: ffn_shift {lib_state.ffn_shift.shape[1:]}, att_shift "
 # ## 6 · DeepEmbed: a per-token gate on the hidden units
 #
 # DeepEmbed ("rwkv7a"; BlinkDL/RWKV-LM `RWKV-v7/rwkv_v7a_demo.py`, pip `rwkv` with
-# `RWKV_DE_VERSION=1`; rwkv7.md §5.2) adds a lookup table to every layer's channel mix. Each token
+# `RWKV_DE_VERSION=1`; docs/architecture.md §4.2) adds a lookup table to every layer's channel mix. Each token
 # id owns a row of $D^2 = 1024$ numbers, reshaped row-major to a $32\times32$ matrix $M$. A low-rank
 # path turns the current input into a multiplicative gate on the $F$ hidden units:
 #

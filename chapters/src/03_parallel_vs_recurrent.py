@@ -26,7 +26,7 @@ from dataclasses import replace
 import matplotlib.pyplot as plt
 import numpy as np
 
-# DECAY_SCALE = e^{-1/2}: w = exp(-e^{-1/2} sigmoid(z)), so log w in (-0.6065, 0) (rwkv7.md §2.3 step 10)
+# DECAY_SCALE = e^{-1/2}: w = exp(-e^{-1/2} sigmoid(z)), so log w in (-0.6065, 0) (docs/architecture.md §3.10)
 from tinyrwkv.model import DECAY_SCALE, RWKV7, STEPS, wkv_chunked, wkv_seq, wkv_step
 from tinyrwkv.synthetic import make_weights
 
@@ -44,7 +44,7 @@ def realistic_wkv_inputs(T, H, N, rng, per_channel_decay=False):
 
     r, k, v: standard normal. kappa_hat: unit length per head (it is L2-normalised in the model).
     a: in (0, 1) (a sigmoid). w = exp(-e^{-1/2} sigmoid(z)) with z ~ U(-8, 3), the range the
-    training init spreads the decay bias over (rwkv7.md §4). per_channel_decay: draw z once per
+    training init spreads the decay bias over (docs/architecture.md §10). per_channel_decay: draw z once per
     channel plus a small per-token jitter, as in a trained model where the bias w0 sets most of a
     channel's decay, so a fast channel is fast at *every* token (the worst case for long chunks).
     """
@@ -74,8 +74,8 @@ as32 = lambda arrays: [np.asarray(u, np.float32) for u in arrays]
 # Piece by piece: $\operatorname{diag}(w_t)$ decays each key column; $-S_{t-1}\alpha_t =
 # S_{t-1}\hat\kappa_t$ is what the state currently returns for the removal key $\hat\kappa_t$, and adding
 # $(S_{t-1}\alpha_t)\beta_t^\top$ removes that memory at learning rate $a_t$; then $v_t k_t^\top$
-# writes the new key → value association and $r_t$ reads the new state. (This is rwkv7.md §2.3
-# steps 11-12; the official one-token code is the pip package's `rwkv/model.py`,
+# writes the new key → value association and $r_t$ reads the new state. (This is docs/architecture.md
+# §3.11-3.12; the official one-token code is the pip package's `rwkv/model.py`,
 # `RWKV_x070_TMix_one`, and its CUDA kernel `wkv7s` in `cuda/rwkv7.cu`.)
 #
 # **Why it is inherently sequential.** $S_t$ needs $S_{t-1}$, which needs $S_{t-2}$, and so on:
@@ -124,7 +124,7 @@ print(f"cost per token per layer at H=12, N=64: about 5*H*N^2 = {5 * 12 * 64 ** 
 #
 # ## 2. The chunked form, derived step by step
 #
-# (rwkv7.md §3.6.) Take a chunk of tokens $t = 1,\dots,T$ that starts from a known state $S_0$.
+# (docs/architecture.md §6.) Take a chunk of tokens $t = 1,\dots,T$ that starts from a known state $S_0$.
 #
 # **Step 1: make the rank-one correction an input.** Define
 #
@@ -420,7 +420,7 @@ plt.show()
 #
 # So the factored form is safe only while $0.6065\,L \ll 88.7$. The library keeps $L = 16$
 # (largest factor $e^{9.7}$) by default and docstrings say so; fla, which chunks by 64, adds a lower bound on
-# the decay and a "safe gate" for the same reason (rwkv7.md §3.3). Short chunks are also cheaper:
+# the decay and a "safe gate" for the same reason (docs/architecture.md §11.4). Short chunks are also cheaper:
 # the $T\times T$ matrices cost $O(L)$ work per token, measured in section 4.
 #
 # ## 3. Proof by computation
@@ -590,7 +590,7 @@ for L in (4, 8, 16, 32, 64, 128):
 # factored form, the overflow of section 2). The library's 16 sits near the bottom of that
 # curve (on the machine this chapter was written on, 16 and 32 were the fastest, within the
 # noise; your table is printed above), and 16 is also the state-checkpoint interval of RWKV-LM's training kernel and fla's
-# default chunk size (rwkv7.md §3.2-3.3).
+# default chunk size (docs/architecture.md §11.3-11.4).
 #
 # ## 5. Training, generation and prefill
 #
@@ -645,7 +645,7 @@ print(f"chunked prefill + recurrent steps vs all recurrent: max|Δlogit|/std = {
 assert err < 1e-12
 
 L_, C_, N_ = 12, 768, 64                                                  # the 0.1B World model's sizes
-state_numbers = L_ * C_ * (N_ + 2)                                        # rwkv7.md §2.5
+state_numbers = L_ * C_ * (N_ + 2)                                        # docs/architecture.md §5
 for ctx in (1024, 4096, 16384):
     kv_cache = 2 * L_ * ctx * C_                                          # keys and values, every layer
     print(f"context {ctx:6d}: RWKV-7 state {state_numbers:,} numbers (fixed); a transformer of the "

@@ -90,7 +90,7 @@ print(f"  ... {len(table)} keys in all")
 # `(H, N)`. Linear weights (`receptance`, `key`, `value`, `output`, `ffn.key`, `ffn.value`, `head`)
 # are stored `(out, in)`, as `torch.nn.Linear` keeps them, and are applied as `x @ W.T`. The
 # low-rank pairs (`w1, w2`, `a1, a2`, ...) are stored `(in, rank)`, `(rank, out)` and applied as
-# `x @ w1 @ w2` with no transpose (rwkv7.md §1.1).
+# `x @ w1 @ w2` with no transpose (docs/architecture.md §7.1).
 #
 # ### The config comes from the shapes
 #
@@ -157,7 +157,7 @@ assert total == model.n_params
 #
 # The forward pass wants each layer's weights together, under names without the `blocks.{i}.`
 # prefix, and in the shapes the math uses. Three small steps do that, by name and never by file
-# position (key order differs between released files, rwkv7.md §1.4):
+# position (key order differs between released files, docs/architecture.md §9):
 #
 # 1. cast to the run dtype;
 # 2. squeeze the `(1, 1, C)` vectors to `(C,)`;
@@ -244,7 +244,7 @@ if torch is not None:
 # %% [markdown]
 # ## 2 · The forward pass
 #
-# The whole model (rwkv7.md §2.2), for one token $t$ with residual stream $x \in \mathbb{R}^C$:
+# The whole model (docs/architecture.md §2), for one token $t$ with residual stream $x \in \mathbb{R}^C$:
 #
 # $$x^{(0)} = \mathrm{LN}_0(\mathrm{emb}[t])$$
 #
@@ -264,7 +264,7 @@ if torch is not None:
 # them). The four LayerNorms (`ln0`, `ln1`, `ln2`, `ln_out`) all use $\epsilon = 10^{-5}$.
 #
 # `ln0` matters because the training code initialises the embedding tiny, uniform in
-# $\pm 10^{-4}$ (rwkv7.md §4), and our synthetic model does the same. Whatever scale training then
+# $\pm 10^{-4}$ (docs/architecture.md §10), and our synthetic model does the same. Whatever scale training then
 # gives the rows, `ln0` hands the first block inputs of a fixed scale. But look at $\epsilon$: a row
 # this small has variance about $3 \cdot 10^{-9}$, far below $\epsilon = 10^{-5}$. So at this scale
 # LN0 divides by $\approx\sqrt{\epsilon}$, not by the row's own spread. The normalised part stays
@@ -304,7 +304,7 @@ assert np.allclose(folded[ids], x0, rtol=0, atol=1e-12)
 #
 # A block is the two pre-norm residuals above. Each mixer also needs the **previous token's** input
 # (the token shift) and the time mix needs its WKV matrix. These three tensors per layer are the
-# layer's state (rwkv7.md §2.5):
+# layer's state (docs/architecture.md §5):
 #
 # | state tensor | shape | holds |
 # |---|---|---|
@@ -446,7 +446,7 @@ assert np.allclose(seq_logits, rec_logits, rtol=0, atol=1e-10)
 #
 # The head's output is a vector of $V$ scores. Text generation picks one token, feeds it back and
 # repeats. The choice is made in this order (pip `rwkv/utils.py`, `PIPELINE.sample_logits` and
-# `PIPELINE.generate`; rwkv7.md §7):
+# `PIPELINE.generate`; docs/sampling.md):
 #
 # 1. **Penalties** on the logits, for tokens already generated: token $n$ loses
 #    $\alpha_{\mathrm{presence}} + c_n\,\alpha_{\mathrm{frequency}}$. Here $c_n$ counts how often
@@ -663,7 +663,7 @@ T = np.logspace(0, 5, 200)                                      # context length
 L_big, C_big, N_big = 24, 2048, 64                              # the shape of RWKV-7 World 1.5B
 kv_cache = 2 * L_big * C_big * T * 2                            # float16: 2 bytes a number
 rwkv_fp16 = L_big * C_big * (N_big + 2) * 2 * np.ones_like(T)
-# the official code keeps the WKV matrices in float32 whatever the run dtype (rwkv7.md §10.3)
+# the official code keeps the WKV matrices in float32 whatever the run dtype (docs/architecture.md §5.3)
 rwkv_official = L_big * C_big * (2 * 2 + N_big * 4) * np.ones_like(T)
 crossover = (N_big + 2) / 2                                      # 2LC·T = LC(N+2)  <=>  T = (N+2)/2
 
