@@ -206,6 +206,15 @@ def test_errors_name_the_file_and_the_fix(files, tmp_path, capsys):
             cli(capsys, *command)
         err = capsys.readouterr().err
         assert "bad.safetensors" in err and "blocks.1.att.k_a" in err
+    pairs = lora_pairs(w, np.random.default_rng(5), r=2)
+    pairs["blocks.0.att.key"] = (pairs["blocks.0.att.key"][0][:, :10], pairs["blocks.0.att.key"][1])
+    lora = write_adapter("rwkv-peft", pairs, tmp_path)                    # A (2, 10): wrong width
+    for base_and_lora, message in (([paths["safetensors"], lora], "do not fit"),
+                                   ([paths["safetensors"], paths["safetensors"]], "no LoRA pairs")):
+        with pytest.raises(SystemExit):
+            cli(capsys, "merge-lora", *base_and_lora, tmp_path / "x.safetensors", "--alpha", "1")
+        err = capsys.readouterr().err
+        assert message in err and str(base_and_lora[1]) in err, err
     if have("gguf"):                          # a GGUF missing a tensor: named, with the fix
         import gguf
         writer = gguf.GGUFWriter(str(tmp_path / "cut.gguf"), "rwkv7")

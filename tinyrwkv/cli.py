@@ -84,8 +84,12 @@ def cmd_merge_lora(args):
     from .formats.lora import LoraMerged, read_adapter
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
-    merged = LoraMerged(base, lora, args.alpha)  # is not trusted over the user's
-    write_weights(Path(args.output), merged, args.type, _tokenizer_of(base))
+    try:                                        # is not trusted over the user's
+        merged = LoraMerged(base, lora, args.alpha)
+        write_weights(Path(args.output), merged, args.type, _tokenizer_of(base))
+    except ValueError as e:                     # the adapter does not fit the base
+        fail(f"{args.lora} cannot be merged into {args.base}: {e}; give the adapter trained on "
+             "this base model")
     print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
 
 
@@ -96,7 +100,7 @@ def _model_source(path):
     from .schema import check_x070_keys, detect_version
     source = open_model(path)
     infos = source.tensors()
-    detect_version(infos.keys())
+    detect_version(infos.keys(), source=source.path)
     check_x070_keys(infos, source=source.path)
     return source
 

@@ -189,7 +189,7 @@ def _read_dtype(source, backend, dtype, storage):
 def _build(tensors, path, backend, dtype, wkv_method, storage, threads, device, tokenizer, own_tokenizer):
     """The model object for the tensors of `path`, checked, with its tokenizer (`own_tokenizer`:
     one the file carried, e.g. a GGUF's vocabulary; an explicit `tokenizer` wins)."""
-    detect_version(tensors.keys())          # refuses RWKV-4/5/6, RC versions, other layouts
+    detect_version(tensors.keys(), source=path)   # refuses RWKV-4/5/6, RC versions, ...
     check_x070_keys(tensors, source=path)   # every key present with the schema's shape, no extras
     if backend == "cupy":
         from .backends.cupy_gpu import RWKV7CuPy

@@ -193,8 +193,9 @@ def _allowed(key, shape):
     return [shape, shape[2:]] if key.split(".", 2)[-1] in _VECTORS else [shape]
 
 
-def detect_version(keys):
-    """"x070" or "x070-deepembed" from the official key names; UnsupportedCheckpoint otherwise.
+def detect_version(keys, source=None):
+    """"x070" or "x070-deepembed" from the official key names; UnsupportedCheckpoint otherwise
+    (`source`, e.g. the file name, begins the message).
 
     x070 is recognised by `blocks.0.att.r_k` and `blocks.0.att.k_k`; DeepEmbed by
     `blocks.0.ffn.s_emb.weight` and DeepEmbed+DEA ("rwkv7b") by `blocks.0.qkv.qq.weight`.
@@ -208,8 +209,8 @@ def detect_version(keys):
         return next((k for k in keys for frag in fragments if frag in k), None)
 
     def unsupported(found, advice=""):
-        return UnsupportedCheckpoint(f"this checkpoint is {found}. {SUPPORTED_VERSIONS}"
-                                     + (f"; {advice}" if advice else ""))
+        return UnsupportedCheckpoint(f"{source or 'this checkpoint'} is {found}. "
+                                     f"{SUPPORTED_VERSIONS}" + (f"; {advice}" if advice else ""))
 
     # Layouts of other tools first (their keys would confuse the per-version checks below).
     hf = has("model.layers.", "model.embeddings.")
@@ -227,8 +228,8 @@ def detect_version(keys):
             try:
                 inner = detect_version(stripped)
             except UnsupportedCheckpoint as e:
-                raise UnsupportedCheckpoint(f"every key is prefixed with {prefix!r}, and without it: "
-                                            f"{e}") from None
+                raise UnsupportedCheckpoint(f"{source or 'this checkpoint'}: every key is prefixed "
+                                            f"with {prefix!r}, and without it: {e}") from None
             raise unsupported(f"an RWKV-7 {inner} state dict whose keys are all prefixed with "
                               f"{prefix!r} (as a training wrapper saves them)",
                               f"strip the prefix: {{k.removeprefix({prefix!r}): v for k, v in "

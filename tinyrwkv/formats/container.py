@@ -1,6 +1,6 @@
 """What a tensor container (.pth or .safetensors) holds and where, before any tensor data is read:
-the "plan" the readers (formats/reading.py) follow; and the sniffing of a file's format from its
-first bytes, which every reader shares.
+the "plan" the readers (formats/reading.py) follow; and, shared by every reader, finding the
+file (resolve_model_path) and sniffing its format from its first bytes (sniff).
 """
 
 from __future__ import annotations

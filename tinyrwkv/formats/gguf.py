@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CheckpointError
-from ..schema import ModelSize, sizes_from_shapes
+from ..schema import LAYER0_UNUSED, ModelSize, sizes_from_shapes
 from .gguf_vocab import add_tokenizer, read_tokenizer
 from .numerics import BF16_BITS, FP32, from_float32, parse_target, result_dtype, to_bf16_bits
 from .reading import read_exactly
@@ -244,8 +244,7 @@ def _write_plan(infos, n_layer):
     are written as copies of a0/a1/a2, as llama.cpp's converter does (the module docstring)."""
     plan, fused = [], set()
     for key, (name, how) in gguf_table(n_layer, layer0_v=True).items():
-        source = key.replace("att.v", "att.a") if key in ("blocks.0.att.v0", "blocks.0.att.v1",
-                                                          "blocks.0.att.v2") else key
+        source = key.replace("att.v", "att.a") if key in LAYER0_UNUSED else key
         shape = infos[source].shape
         if isinstance(how, tuple):                       # the six lerps: one (6, 1, 1, C) tensor
             if name not in fused:

@@ -105,12 +105,20 @@ def read_adapter(path):
     (PEFT's lora_alpha, GGUF's adapter.lora.alpha), or None."""
     path = resolve_model_path(path)
     if path.is_dir():
-        return _read_peft_folder(path)
-    with open(path, "rb") as f:
-        if f.read(4) == b"GGUF":
-            return _read_gguf_adapter(path)
-    tensors = read_checkpoint(path, dtype="float32", progress=False)
-    return {_official(k, path): v for k, v in tensors.items()}, None
+        lora, alpha = _read_peft_folder(path)
+    else:
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        if is_gguf:
+            lora, alpha = _read_gguf_adapter(path)
+        else:
+            tensors = read_checkpoint(path, dtype="float32", progress=False)
+            lora, alpha = {_official(k, path): v for k, v in tensors.items()}, None
+    if not any(k.endswith(".lora_A") for k in lora):
+        raise CheckpointError(f"{path} holds no LoRA pairs (X.lora_A and X.lora_B; first keys: "
+                              f"{', '.join(list(lora)[:3])}); give the adapter file: RWKV-PEFT "
+                              "(.pth/.safetensors), a PEFT folder or a llama.cpp LoRA GGUF")
+    return lora, alpha
 
 
 def _official(key, path):
