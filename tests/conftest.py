@@ -68,3 +68,16 @@ def run_official(jobs, tmp_path, deep_embed=False):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"official package failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return [dict(np.load(job["out"])) for job in jobs]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="the long modes: many more fuzz cases and kill-during-write runs "
+                          "(the same as TINYRWKV_LONG_TESTS=1)")
+
+
+@pytest.fixture(scope="session")
+def long_mode(request):
+    """True under `pytest --long` (or TINYRWKV_LONG_TESTS=1): tests that sample (fuzzing, kills
+    during writes) run many more cases; CI runs the short mode with a fixed seed."""
+    return bool(request.config.getoption("--long") or os.environ.get("TINYRWKV_LONG_TESTS"))
