@@ -200,8 +200,9 @@ def atomic_folder(target, replaceable):
 
 def _check_replaceable_folder(target, final, replaceable):
     if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise OutputError(f"{target} exists and is not a folder: give a new folder name, or remove "
-                          "it first")
+        what = "a symlink" if final.is_symlink() else "a file"
+        raise OutputError(f"{target} is {what}, not a folder this command can replace: give a new "
+                          "folder name, or remove it first")
     if final.is_dir():
         others = sorted(set(os.listdir(final)) - replaceable)
         if others:
