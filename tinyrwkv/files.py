@@ -206,7 +206,8 @@ def _check_replaceable_folder(target, final, replaceable):
     if final.is_dir():
         others = sorted(set(os.listdir(final)) - replaceable)
         if others:
-            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            shown = ", ".join(others[:3]) + more
             raise OutputError(f"{target} is a folder that holds {shown}, which this command does "
                               "not write: the output would replace the whole folder; give a new "
                               "folder name, or empty it first")

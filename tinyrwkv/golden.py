@@ -47,7 +47,8 @@ def golden_files():
     """Every name write_golden may put in its folder (whether torch is installed or not)."""
     per_case = ("{}.safetensors", "{}.pth", "{}_expected.npz", "{}_trace.npz",
                 *(f"{{}}_{key}.bin" for key in ("ids", "logits", "wkv", "att_shift", "ffn_shift")))
-    return {"manifest.json", *(pattern.format(name) for name, _, _ in CASES for pattern in per_case)}
+    return {"manifest.json",
+            *(pattern.format(name) for name, _, _ in CASES for pattern in per_case)}
 
 
 def write_golden(out):

@@ -182,8 +182,8 @@ def check_paths(args):
         raise OutputError(f"--out {out} is a file: give a folder for the model, tokenizer, card "
                           "and checkpoints")
     for name in OUTPUTS:
-        inputs = [args.data, args.valid] + ([args.tokenizer] if name != "model.tokenizer.json" else [])
-        refuse_overwriting(out / name, inputs)
+        tokenizer = args.tokenizer if name != "model.tokenizer.json" else None
+        refuse_overwriting(out / name, [args.data, args.valid, tokenizer])
 
 
 def run(args):
