@@ -81,6 +81,7 @@ def load_state(path, config):
 def cmd_merge_lora(args):
     """Base (any format load reads) + adapter (RWKV-PEFT .pth/.safetensors, PEFT folder or
     llama.cpp LoRA GGUF) -> OUT, merged tensor by tensor while it is written."""
+    from .files import OutputError
     from .formats.lora import LoraMerged, read_adapter
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
@@ -88,6 +89,8 @@ def cmd_merge_lora(args):
         merged = LoraMerged(base, lora, args.alpha)
         write_weights(Path(args.output), merged, args.type, _tokenizer_of(base),
                       inputs=(base.path, args.lora))
+    except OutputError:                         # the output is an input: its own message
+        raise
     except ValueError as e:                     # the adapter does not fit the base
         fail(f"{args.lora} cannot be merged into {args.base}: {e}; give the adapter trained on "
              "this base model")
