@@ -103,7 +103,7 @@ def test_live_parity_with_official(tmp_path, deep_embed):
         save_pth(weights, pth, storage)
         model = tinyrwkv.load(pth, backend="numpy")
         init = random_state(model.config, rng)
-        init.save(tmp_path / f"s{n}.npz")
+        tinyrwkv.save_state(init, tmp_path / f"s{n}.npz")
         T = int(rng.integers(9, 24))
         ids = rng.integers(0, V, T).tolist()
         split = int(rng.integers(2, T - 1))
@@ -214,8 +214,8 @@ def test_non_integer_and_empty_ids_are_refused():
 def test_state_save_load_roundtrip(tmp_path):
     model = tinyrwkv.RWKV7(make_weights())
     _, state = model.forward([1, 2, 3])
-    state.save(tmp_path / "s.npz")
-    back = tinyrwkv.State.load(tmp_path / "s.npz", model.config)
+    tinyrwkv.save_state(state, tmp_path / "s.npz")
+    back = tinyrwkv.load_state(tmp_path / "s.npz", model.config)
     for name in ("att_shift", "wkv", "ffn_shift"):
         assert np.array_equal(getattr(back, name), getattr(state, name))
     a, _ = model.forward([4], state)
@@ -223,12 +223,12 @@ def test_state_save_load_roundtrip(tmp_path):
     assert np.array_equal(a, b)
     other = tinyrwkv.RWKV7(make_weights(n_layer=3)).config
     with pytest.raises(ValueError, match="shape"):
-        tinyrwkv.State.load(tmp_path / "s.npz", other)
+        tinyrwkv.load_state(tmp_path / "s.npz", other)
     with pytest.raises(ValueError, match=r"state.att_shift has shape \(2, 128\), this model needs \(3, 128\)"):
         tinyrwkv.RWKV7(make_weights(n_layer=3)).forward([1], state)
     np.savez(tmp_path / "junk.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a tinyrwkv state"):
-        tinyrwkv.State.load(tmp_path / "junk.npz")
+        tinyrwkv.load_state(tmp_path / "junk.npz")
 
 
 def test_state_layout_is_value_by_key():

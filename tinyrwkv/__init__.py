@@ -6,6 +6,7 @@
     trace = tinyrwkv.trace(model, [1, 2, 3])      # every intermediate by name (tinyrwkv.oracle)
     for piece in tinyrwkv.generate(model, "Once upon a time", max_tokens=50):
         print(piece, end="")
+    tinyrwkv.save_state(state, "s.npz"); state = tinyrwkv.load_state("s.npz", model.config)
     model = tinyrwkv.load()                       # the small story model shipped in weights/
     loss, grads = tinyrwkv.train.loss_and_grad(tinyrwkv.read_checkpoint("model.pth"), ids, targets)
 """
@@ -13,6 +14,7 @@
 from . import oracle, train  # tinyrwkv.oracle.compare, tinyrwkv.train.loss_and_grad
 from .errors import CheckpointError, UnsupportedCheckpoint
 from .formats import read_checkpoint
+from .formats.state_file import load_state, save_state
 from .generate import Session, generate
 from .loader import load
 from .model import RWKV7, STEPS, Config, State, Steps
@@ -26,5 +28,5 @@ __all__ = [
     "load", "read_checkpoint", "RWKV7", "Config", "State", "WorldTokenizer", "HFTokenizer",
     "get_tokenizer", "generate", "Session", "SamplingParams", "sample_logits",
     "CheckpointError", "UnsupportedCheckpoint", "TokenizerError", "train", "oracle", "trace",
-    "Steps", "STEPS",
+    "Steps", "STEPS", "save_state", "load_state",
 ]

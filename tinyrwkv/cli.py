@@ -72,21 +72,25 @@ def load_state(path, config):
     .safetensors with blocks.{i}.att.time_state, RWKV-PEFT), read through tinyrwkv.formats."""
     from .formats import open_model
     from .formats.lora import initial_state
-    from .model import State
-    if str(path).endswith(".npz"):
-        return State.load(path, config)
+    from .formats.state_file import load_state as read_state_file
+    if str(path).lower().endswith(".npz"):
+        return read_state_file(path, config)
     return initial_state(open_model(path).read_all("float32", progress=False), config)
 
 
 def cmd_merge_lora(args):
     """Base (any format load reads) + adapter (RWKV-PEFT .pth/.safetensors, PEFT folder or
     llama.cpp LoRA GGUF) -> OUT, merged tensor by tensor while it is written."""
+    from .files import OutputError
     from .formats.lora import LoraMerged, read_adapter
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
     try:                                        # is not trusted over the user's
         merged = LoraMerged(base, lora, args.alpha)
-        write_weights(Path(args.output), merged, args.type, _tokenizer_of(base))
+        write_weights(Path(args.output), merged, args.type, _tokenizer_of(base),
+                      inputs=(base.path, args.lora))
+    except OutputError:                         # the output is an input: its own message
+        raise
     except ValueError as e:                     # the adapter does not fit the base
         fail(f"{args.lora} cannot be merged into {args.base}: {e}; give the adapter trained on "
              "this base model")
@@ -117,15 +121,24 @@ def _tokenizer_of(source):
         return None
 
 
-def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
+def write_weights(out, weights, out_type, tok=None, name="tinyrwkv", inputs=()):
     """Write official-keyed weights (a dict, or a TensorSource: then streamed, one tensor at a
-    time) as out's suffix says (.gguf, .safetensors, .pth, or a folder for HF/fla)."""
+    time) as out's suffix says (.gguf, .safetensors, .pth, or a folder for HF/fla).
+
+    Every file is written atomically (tinyrwkv/files.py): a kill or an error leaves the old output
+    or none, never a partial one. `inputs`: the files read from; an output that is one of them (or
+    holds one, or sits in one) is refused before anything is written: the inputs are read while
+    the output is written, so writing over one would destroy it."""
     import numpy as np
+    from .files import atomic_path, refuse_overwriting
     from .formats import as_source, write_gguf, write_hf, write_safetensors
     source = as_source(weights)
     suffix = out.suffix.lower()
     if suffix != ".gguf" and out_type not in ("f32", "f16", "bf16"):
         fail(f"{out_type} is a GGUF type; .safetensors, .pth and folders take f32, f16 or bf16")
+    side_tokenizer = out.with_name(out.stem + ".tokenizer.json")
+    for output in (out, side_tokenizer) if suffix in (".safetensors", ".pth") else (out,):
+        refuse_overwriting(output, inputs)
     dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(out_type)
     if suffix == "":                             # a folder: Hugging Face / fla format
         write_hf(out, source, tok, dtype=dtype)
@@ -139,22 +152,28 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv"):
                 fail("writing .pth needs torch (pip install torch); .safetensors does not")
             # torch.save takes the whole dict: .pth output is not streamed
             dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[out_type]
-            torch.save({k: torch.tensor(np.asarray(source.read(k, "float32"))).to(dt)
-                        for k in source.keys()}, out)
+            tensors = {k: torch.tensor(np.asarray(source.read(k, "float32"))).to(dt)
+                       for k in source.keys()}
+            with atomic_path(out) as tmp:
+                torch.save(tensors, tmp)
         else:
             code = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[out_type]
             entries = {k: (code, info.shape) for k, info in source.tensors().items()}
             write_safetensors(out, entries, lambda key: source.read(key, dtype))
         from .tokenizer import HFTokenizer
         if isinstance(tok, HFTokenizer):         # beside it, where tinyrwkv.load looks
-            tok._tok.save(str(out.with_name(out.stem + ".tokenizer.json")))
+            with atomic_path(side_tokenizer) as tmp:
+                tok._tok.save(str(tmp))
     else:
         fail(f"{out}: give the output a .gguf, .safetensors or .pth suffix, or no suffix for a "
              "Hugging Face / fla model folder")
 
 
 def cmd_generate(args):
+    from .formats.state_file import save_state, state_file_path
     from .generate import Session
+    if args.save_state:
+        state_file_path(args.save_state)         # a folder is refused before the generation
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -175,7 +194,9 @@ def cmd_generate(args):
     print(f"tinyrwkv: prompt {rate(s['prompt_tokens'], s['prompt_seconds'])}; "
           f"generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
     if args.save_state:
-        session.state.save(args.save_state)
+        written = save_state(session.state, args.save_state)
+        added = "" if written.name == Path(args.save_state).name else " (.npz added to the name)"
+        print(f"tinyrwkv: state saved to {written}{added}", file=sys.stderr)
 
 
 def cmd_chat(args):
@@ -278,10 +299,12 @@ def cmd_trace(args):
         if model.tokenizer is None:
             fail(str(model.tokenizer_error))
         ids = model.tokenizer.encode(args.prompt)
+    from .files import refuse_overwriting
+    refuse_overwriting(oracle.trace_file_path(args.out), [model.path, args.ids])
     tr = oracle.trace(model, ids)
-    oracle.save_trace(args.out, tr, meta={"model": str(model.path), "dtype": args.dtype,
-                                          "ids": [int(i) for i in ids]})
-    print(f"tinyrwkv: {len(tr)} tensors over {len(ids)} tokens -> {args.out}", file=sys.stderr)
+    written = oracle.save_trace(args.out, tr, meta={"model": str(model.path), "dtype": args.dtype,
+                                                    "ids": [int(i) for i in ids]})
+    print(f"tinyrwkv: {len(tr)} tensors over {len(ids)} tokens -> {written}", file=sys.stderr)
 
 
 def cmd_compare(args):
@@ -306,7 +329,7 @@ def cmd_convert(args):
     the next is read (formats/source.py), so memory holds one tensor, not the model."""
     source, out = _model_source(args.input), Path(args.output)
     src = source.path
-    write_weights(out, source, args.type, _tokenizer_of(source), name=src.stem)
+    write_weights(out, source, args.type, _tokenizer_of(source), name=src.stem, inputs=[src])
     print(f"tinyrwkv: {src.name} ({source.description}) -> {out} "
           f"({args.type if out.suffix else 'HF/fla ' + args.type})", file=sys.stderr)
 
@@ -379,7 +402,8 @@ def build_parser():
     g.add_argument("--state", metavar="FILE",
                    help="start from a state: one saved with --save-state (.npz), or a state-tuning "
                         "checkpoint with blocks.N.att.time_state (.pth/.safetensors)")
-    g.add_argument("--save-state", metavar="FILE", help="save the final state (.npz)")
+    g.add_argument("--save-state", metavar="FILE",
+                   help="save the final state to FILE (.npz is appended to a name without it)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the RWKV 'User:/Assistant:' format", formatter_class=fmt,

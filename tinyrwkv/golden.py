@@ -7,6 +7,9 @@ state, and a full trace (every intermediate, names in tinyrwkv/oracle.py). Raw l
 `.bin` copies of ids, logits and final state are written too, for languages without an npz
 reader. `manifest.json` describes everything: shapes, dtypes, files with SHA-256, the state
 layout, and the suggested tolerances.
+
+The folder is written whole beside DIR and swapped in at the end (tinyrwkv/files.py): a kill or an
+error leaves the old DIR or none; an existing DIR that holds other files is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import oracle
+from .files import atomic_folder
 from .formats import save_safetensors
 from .model import RWKV7
 from .synthetic import make_weights
@@ -39,9 +43,21 @@ def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def golden_files():
+    """Every name write_golden may put in its folder (whether torch is installed or not)."""
+    per_case = ("{}.safetensors", "{}.pth", "{}_expected.npz", "{}_trace.npz",
+                *(f"{{}}_{key}.bin" for key in ("ids", "logits", "wkv", "att_shift", "ffn_shift")))
+    return {"manifest.json",
+            *(pattern.format(name) for name, _, _ in CASES for pattern in per_case)}
+
+
 def write_golden(out):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the golden folder `out` (module docstring); returns the manifest."""
+    with atomic_folder(out, golden_files()) as folder:
+        return _write_cases(folder)
+
+
+def _write_cases(out):
     try:
         import torch
     except ImportError:

@@ -390,12 +390,12 @@ class State:
         wkv       (L, H, N, N)  the WKV state, [head][value i][key j] (fla stores the transpose)
         ffn_shift (L, C)        the LN2 output of the last token (channel-mix token shift)
     Its size does not grow with the context: L * C * (N + 2) numbers (docs/architecture.md §5).
+    Files: tinyrwkv.save_state / tinyrwkv.load_state (tinyrwkv/formats/state_file.py; model.py
+    imports NumPy only).
     """
     att_shift: np.ndarray
     wkv: np.ndarray
     ffn_shift: np.ndarray
-
-    FORMAT = "tinyrwkv-state-v1"  # written into saved files; class attribute, not a field
 
     @classmethod
     def zeros(cls, config, dtype=np.float32, batch=()):
@@ -421,30 +421,18 @@ class State:
         host = lambda a: a if isinstance(a, np.ndarray) else a.get()
         return State(host(self.att_shift), host(self.wkv), host(self.ffn_shift))
 
-    def save(self, path):
-        """Save as .npz: att_shift, wkv ([head][value][key]), ffn_shift and a format tag."""
-        s = self.to_host()
-        np.savez(path, format=np.array(self.FORMAT), att_shift=s.att_shift, wkv=s.wkv,
-                 ffn_shift=s.ffn_shift)
-
-    @classmethod
-    def load(cls, path, config=None):
-        """Load a state saved by `save`; with `config`, check that it fits that model."""
-        with np.load(path, allow_pickle=False) as f:
-            if "format" not in f or str(f["format"]) != cls.FORMAT:
-                raise ValueError(f"{path} is not a tinyrwkv state file (no '{cls.FORMAT}' tag)")
-            state = cls(f["att_shift"], f["wkv"], f["ffn_shift"])
-        if config is not None:
-            state.check_fits(config, where=f"state file {path}: ")
-        return state
-
     def check_fits(self, config, where=""):
-        """Raise ValueError unless every tensor has the shape `config`'s model needs."""
+        """Raise ValueError unless every tensor has the shape `config`'s model needs and holds
+        real numbers (a complex state would lose its imaginary part in the cast to the model's
+        dtype, silently)."""
         want = State.zeros(config)
         for name in ("att_shift", "wkv", "ffn_shift"):
             got, need = getattr(self, name).shape, getattr(want, name).shape
             if got != need:
                 raise ValueError(f"{where}{name} has shape {got}, this model needs {need}")
+            if np.iscomplexobj(getattr(self, name)):
+                raise ValueError(f"{where}{name} is complex ({getattr(self, name).dtype}); a "
+                                 "state holds real numbers: pass a real state")
 
 
 class RWKV7:

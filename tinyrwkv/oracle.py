@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from . import model as ref
+from .files import OutputError, atomic_open
 
 # ----------------------------------------------------------------------------------------------
 # Traces: the reference's own intermediates, recorded while it runs
@@ -128,11 +130,25 @@ def order(names):
 TRACE_FORMAT = "tinyrwkv-trace-v1"
 
 
+def trace_file_path(path):
+    """Where save_trace writes `path`: itself when the name ends in .npz, else path + ".npz" (as
+    np.savez always did). A folder is refused by name."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder: give a trace file name, such as "
+                          f"{path / 'trace.npz'}")
+    return path if path.name.lower().endswith(".npz") else path.with_name(path.name + ".npz")
+
+
 def save_trace(path, tr, state_layout="VK", meta=None):
     """Write a trace as .npz: the arrays by name plus `__format__`, `__state_layout__` ("VK":
-    [value][key], the official layout; "KV": fla's) and `__meta__` (JSON)."""
-    np.savez(path, __format__=np.array(TRACE_FORMAT), __state_layout__=np.array(state_layout),
-             __meta__=np.array(json.dumps(meta or {})), **tr)
+    [value][key], the official layout; "KV": fla's) and `__meta__` (JSON). Atomic (a kill leaves
+    the old file or none, tinyrwkv/files.py); returns the path written (trace_file_path)."""
+    path = trace_file_path(path)
+    with atomic_open(path) as f:
+        np.savez(f, __format__=np.array(TRACE_FORMAT), __state_layout__=np.array(state_layout),
+                 __meta__=np.array(json.dumps(meta or {})), **tr)
+    return path
 
 
 def _renamed(name):

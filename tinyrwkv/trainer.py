@@ -15,6 +15,10 @@ bits per byte over the whole validation file, and DIR/MODEL_CARD.md.
 
 Runs are deterministic for a given seed and machine (batches come from one seeded generator,
 restored on --resume).
+
+Every file in DIR is written atomically (tinyrwkv/files.py: a temporary, synced, renamed), so a
+kill at any moment leaves each file old or new, whole; log.jsonl is appended a line at a time and
+cut back to the checkpoint's step on --resume (a fresh run starts it anew).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import train
+from .files import OutputError, atomic_open, atomic_path, refuse_overwriting, write_text
 from .formats import read_checkpoint, save_safetensors
 from .loader import numba_missing
 from .synthetic import lora_ranks, make_weights
@@ -48,7 +53,8 @@ def train_tokenizer(texts, vocab_size, path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.save(str(path))
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
     return tok
 
 
@@ -163,7 +169,25 @@ class Progress:
             sys.stderr.write("\n")
 
 
+# The files `train` writes in --out: no input may be one of them.
+OUTPUTS = ("model.safetensors", "model.tokenizer.json", "train_state.npz", "log.jsonl",
+           "result.json", "MODEL_CARD.md")
+
+
+def check_paths(args):
+    """--out is a folder (made if missing) and none of the files written there is an input (a
+    --tokenizer that is DIR/model.tokenizer.json is fine: read before it is rewritten, whole)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file: give a folder for the model, tokenizer, card "
+                          "and checkpoints")
+    for name in OUTPUTS:
+        tokenizer = args.tokenizer if name != "model.tokenizer.json" else None
+        refuse_overwriting(out / name, [args.data, args.valid, tokenizer])
+
+
 def run(args):
+    check_paths(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "train_state.npz"
@@ -195,7 +219,8 @@ def run(args):
     from tokenizers import Tokenizer
     if args.tokenizer:
         tok = Tokenizer.from_file(args.tokenizer)
-        tok.save(str(tok_path))
+        with atomic_path(tok_path) as tmp:
+            tok.save(str(tmp))
     elif tok_path.exists():
         tok = Tokenizer.from_file(str(tok_path))
     else:
@@ -258,10 +283,10 @@ def run(args):
         arrays = {f"p:{k}": host(v) for k, v in params.items()}
         arrays.update({f"m:{k}": host(v) for k, v in opt["m"].items()})
         arrays.update({f"v:{k}": host(v) for k, v in opt["v"].items()})
-        tmp = out / "train_state.tmp.npz"
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        tmp.replace(state_file)                     # never a half-written checkpoint
+        with atomic_open(state_file) as f:          # never a half-written checkpoint
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
+    start_log(log_file, step0)
     progress = Progress(args.steps)
     t_start = time.monotonic()
     tokens_done = 0
@@ -277,9 +302,9 @@ def run(args):
         tokens_done += ids.size
         tok_s = tokens_done / max(time.monotonic() - t_start, 1e-9)
         progress(step + 1, loss, tok_s, lr, step + 1 - step0)
-        with open(log_file, "a") as f:
+        with open(log_file, "a", encoding="utf-8") as f:   # one write per line: a kill cuts at
             f.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": gnorm, "lr": lr,
-                                "tok_s": tok_s}) + "\n")
+                                "tok_s": tok_s}) + "\n")               # most the last line
         last = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or last or step + 1 == stop:
             vloss = evaluate()
@@ -300,6 +325,20 @@ def run(args):
               file=sys.stderr)
         return 0
     return finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, len(train_ids))
+
+
+def start_log(log_file, step0):
+    """Keep the log's whole lines up to step `step0` (the checkpoint resumed from; 0: none), so a
+    resumed run neither repeats steps nor continues a line a kill cut short."""
+    kept = []
+    if step0 and log_file.is_file():
+        for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step0:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass                                # a line cut short, or not ours
+    write_text(log_file, "".join(kept))
 
 
 def host(a):
@@ -336,7 +375,7 @@ def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_t
                enumerate(["Once upon a time", "The little dog", "One day, Lily"])]
     result = {"valid_bits_per_byte": bpb, "wall_seconds": wall, "n_params": int(n_params),
               "bytes": path.stat().st_size + (out / "model.tokenizer.json").stat().st_size}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_text(out / "result.json", json.dumps(result, indent=1))
     write_card(args, result, curve, samples, n_train_tokens, tok.get_vocab_size())
     print(f"tinyrwkv train: done in {wall / 60:.1f} min; validation {bpb:.3f} bits/byte over "
           f"the whole of {args.valid or 'valid.txt'}; model {path}", file=sys.stderr)
@@ -386,7 +425,7 @@ Samples (temperature 1, top-p 0.85):
 """ + "\n".join(f"> {s}\n" for s in samples) + f"""
 Hyper-parameters: `{json.dumps(hp)}`
 """
-    (out / "MODEL_CARD.md").write_text(card)
+    write_text(out / "MODEL_CARD.md", card)
 
 
 def add_arguments(p):

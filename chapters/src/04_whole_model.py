@@ -701,7 +701,7 @@ print(f"at 100k tokens: KV cache {kv_cache[-1] / 2**30:.1f} GiB, RWKV-7 state "
 # Because the state is all the model remembers, reading a text in two parts gives the same logits as
 # reading it in one go, if the second part starts from the state the first part left. Saving that
 # state to disk is the way to cache a long prompt: a chat keeps its state between turns and never
-# reads the conversation again. We save it with `State.save` (an `.npz`), load it back, and
+# reads the conversation again. We save it with `tinyrwkv.save_state` (an `.npz`), load it back, and
 # continue. We do this with our own forward pass and with the library's.
 
 # %%
@@ -710,11 +710,11 @@ second = tok.encode(" a goose who could remember everything.")
 full_logits, _ = forward_seq(first + second)                    # (T1 + T2, V): everything at once
 
 _, state_after_first = forward_seq(first)
-state_after_first.save(tmp / "after_first.npz")
-restored = State.load(tmp / "after_first.npz", config=model.config)
+tinyrwkv.save_state(state_after_first, tmp / "after_first.npz")
+restored = tinyrwkv.load_state(tmp / "after_first.npz", config=model.config)
 cont_logits, _ = forward_seq(second, restored)                  # (T2, V): only the new tokens
 
-lib_cont, _ = model.forward(second, State.load(tmp / "after_first.npz"), full_output=True)
+lib_cont, _ = model.forward(second, tinyrwkv.load_state(tmp / "after_first.npz"), full_output=True)
 print(f"state file: {(tmp / 'after_first.npz').stat().st_size:,} bytes")
 print("max |Δ| continued vs whole text (ours):   ", np.abs(cont_logits - full_logits[len(first):]).max())
 print("max |Δ| continued vs whole text (library):", np.abs(lib_cont - full_logits[len(first):]).max())

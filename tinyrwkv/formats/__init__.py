@@ -20,7 +20,8 @@ here, so they accept the same files and see the same tensors. Layouts: docs/form
 Layout of this package: numerics.py (element types, bf16), progress.py, container.py (plans,
 sniffing), pth.py, safetensors.py, reading.py (containers -> arrays, threaded), source.py (the
 TensorSource interface), renamed.py (other tools' names), hf.py, gguf.py (+ gguf_vocab.py),
-lora.py (LoRA and state-tuning files).
+lora.py (LoRA and state-tuning files), state_file.py (tinyrwkv state .npz files). Every writer
+here writes through tinyrwkv/files.py (atomic).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CheckpointError
+from ..files import atomic_path
 from ..schema import LAYER0_UNUSED, ModelSize, sizes_from_shapes
 from .gguf_vocab import add_tokenizer, read_tokenizer
 from .numerics import BF16_BITS, FP32, from_float32, parse_target, result_dtype, to_bf16_bits
@@ -305,9 +306,18 @@ def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
     if out_type not in OUT_TYPES:
         raise ValueError(f"out_type must be one of {', '.join(OUT_TYPES)}, not {out_type!r}")
     size = sizes_from_shapes({k: t.shape for k, t in infos.items()})
+    with atomic_path(path) as tmp:                       # the file appears whole, or not at all
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            _write_to(writer, source, infos, size, out_type, tokenizer, name, gguf)
+        finally:
+            writer.close()                               # (Windows cannot delete an open file)
+
+
+def _write_to(writer, source, infos, size, out_type, tokenizer, name, gguf):
+    """write_gguf's content: metadata, tensor infos, then each tensor's data, one at a time."""
     Q = gguf.GGMLQuantizationType
     wanted = getattr(Q, out_type.upper())
-    writer = gguf.GGUFWriter(str(path), ARCH)
     _add_metadata(writer, size, out_type, name)
     if tokenizer is not None:
         add_tokenizer(writer, tokenizer, size.vocab_size, gguf)
@@ -326,7 +336,6 @@ def write_gguf(path, weights, out_type="f32", tokenizer=None, name="tinyrwkv"):
     writer.write_ti_data_to_file()
     for shape, keys, how, qtype in plan:
         writer.write_tensor_data(_encode(_build(source, keys, how, shape), qtype, gguf))
-    writer.close()
 
 
 def _add_metadata(writer, size, out_type, name):

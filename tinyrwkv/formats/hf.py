@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from ..files import atomic_folder
 from ..schema import ModelSize, sizes_from_shapes
 from .reading import Container
 from .renamed import Renamed
@@ -163,10 +164,16 @@ def fla_shape(shape, how, key):
     return tuple(shape)
 
 
+# What write_hf writes: an existing folder holding anything else is not replaced (files.py).
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
 def write_hf(directory, weights, tokenizer=None, dtype="float32"):
     """A Hugging Face model folder: config.json + model.safetensors (fla names), float32 (or
     dtype "float16"/"bfloat16"), streamed a tensor at a time; and the tokenizer.json when the
-    model has a Hugging Face tokenizer. `weights`: {official key: array} or a TensorSource."""
+    model has a Hugging Face tokenizer. `weights`: {official key: array} or a TensorSource.
+    The folder is written whole beside `directory` and swapped in (files.atomic_folder); an
+    existing `directory` is replaced only if it holds nothing but HF_FILES."""
     source = as_source(weights)
     infos = source.tensors()
     size = sizes_from_shapes({k: t.shape for k, t in infos.items()})
@@ -181,11 +188,10 @@ def write_hf(directory, weights, tokenizer=None, dtype="float32"):
         array = source.read(key, dtype)
         array = array.T if how == "T" else array
         return np.ascontiguousarray(array).reshape(entries[name][1])
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    write_safetensors(d / "model.safetensors", entries, fetch, metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(hf_config(size), indent=1))
     from ..tokenizer import HFTokenizer
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer._tok.save(str(d / "tokenizer.json"))
-    return d
+    with atomic_folder(directory, HF_FILES) as d:       # a new folder, swapped in at the end
+        write_safetensors(d / "model.safetensors", entries, fetch, metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(hf_config(size), indent=1))
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer._tok.save(str(d / "tokenizer.json"))
+    return Path(directory)

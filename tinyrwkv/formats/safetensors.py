@@ -17,6 +17,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError, corrupt
+from ..files import atomic_open
 from .container import Plan, Region, TensorPlan, is_count
 from .numerics import BF16, BOOL, FP16, FP32, FP64, I8, I16, I32, I64, U8, to_bf16_bits
 
@@ -94,6 +95,7 @@ def write_safetensors(path, entries, fetch, metadata=None):
         metadata: optional {str: str}, stored as "__metadata__".
     Layout: header JSON with sorted keys, padded with spaces so the data starts 8-byte aligned;
     data ordered by itemsize (largest first), then name, so every tensor stays aligned.
+    Atomic (tinyrwkv/files.py): an error or a kill leaves the old file, or none.
     """
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str)
                                         for k, v in metadata.items()):
@@ -115,7 +117,7 @@ def write_safetensors(path, entries, fetch, metadata=None):
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:                   # the file appears whole, or not at all
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:
