@@ -550,6 +550,7 @@ def build_parser():
 # What to do about an OSError, by errno; the message names the path first.
 OS_ERROR_FIXES = {
     errno.ENOENT: "no such file or folder; check the path",
+    errno.EEXIST: "already exists (and is not a folder); choose another path",
     errno.EACCES: "permission denied; check its permissions, or use another path",
     errno.EPERM: "operation not permitted; check its permissions, or use another path",
     errno.EISDIR: "is a folder, not a file; give the path of a file",
@@ -588,7 +589,9 @@ def _discard_stdout():
     """Point stdout at the null device (the CLI's, never the library's: it changes file
     descriptor 1 of this process)."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
     except (OSError, ValueError, AttributeError):   # stdout replaced by an object without a fd
         pass
 
@@ -630,9 +633,10 @@ def one_line_errors():
         fail(f"the input is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
     except ValueError as e:
         fail(str(e))
-    except ImportError as e:
-        package = (e.name or "").split(".")[0] or "a package"
-        fail(f"{e}: this needs the Python package {package}; install it (pip install {package})")
+    except ImportError as e:                   # an optional package missing, or broken
+        package = (e.name or "").split(".")[0]
+        fail(f"{e}: this needs the Python package {package}; install it (pip install {package})"
+             if package else f"{e}; reinstall the package it names")
     except MemoryError:
         fail("out of memory; close other programs, or use a smaller model (or --storage "
              "bfloat16 to halve the weights' memory)")

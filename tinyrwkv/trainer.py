@@ -174,13 +174,13 @@ class Diverged(ValueError):
 
 
 def check_step(step, name, value, args):
-    """Raise Diverged when the loss or gradient norm of `step` is not finite. Checked before the
-    update: the parameters, and the last checkpoint, are still those of the step before."""
+    """Raise Diverged when the loss, gradient norm or validation loss of `step` is not finite:
+    before the update it would poison, and before the checkpoint and the model are written."""
     if not math.isfinite(value):
-        raise Diverged(f"training diverged at step {step}: the {name} is {value}; nothing of this "
-                       f"step was applied, and {Path(args.out) / 'train_state.npz'} keeps the last "
-                       f"checkpoint; lower --lr (now {args.lr:g}) or keep --clip on, then start "
-                       "again (or --resume)")
+        raise Diverged(f"training diverged at step {step}: the {name} is {value}; nothing was "
+                       "written from this step on (the last checkpoint, if any, is "
+                       f"{Path(args.out) / 'train_state.npz'}); lower --lr (now {args.lr:g}) or "
+                       "keep --clip on, and train again")
 
 
 def check_data(ids, path, args):
