@@ -4,6 +4,7 @@ load and never written; compare never passes a NaN; every tokenizer checked agai
 wherever it comes from, and a tokenizers panic caught; every error a user can cause is one line
 `tinyrwkv: error: ...` (exit 1), never a traceback."""
 import argparse
+import errno
 import json
 import math
 import os
@@ -465,3 +466,33 @@ def test_compare_refuses_files_that_are_not_traces(tmp_path, capsys, reference_t
     oracle.save_trace(tmp_path / "ref.npz", reference_trace)
     rc, err = in_process(capsys, "compare", tmp_path / "ref.npz", bad)
     assert_one_error_line(rc, err, str(bad), "is not a trace")
+
+
+@pytest.mark.parametrize("arguments, word", [
+    (dict(threads=0), "threads"), (dict(threads=1.5), "threads"), (dict(device=-1), "device"),
+    (dict(dtype="nonsense"), "dtype")])
+def test_load_checks_its_arguments_before_reading(arguments, word):
+    with pytest.raises(ValueError, match=word):
+        tinyrwkv.load("no-such-file.safetensors", **arguments)
+
+
+def test_stream_checks_max_tokens():
+    model = tinyrwkv.RWKV7(tiny_weights(vocab_size=97))
+    session = tinyrwkv.Session(model, None)
+    session.feed([1, 2])
+    for bad in (math.nan, -1, 2.5):
+        with pytest.raises(ValueError, match="max_tokens"):
+            next(session.stream(bad))
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.EACCES, ("/x/m.pth", "permission denied", "permissions")),
+    (errno.ENOSPC, ("/x/m.pth", "no space left", "free")),
+    (errno.EROFS, ("/x/m.pth", "read-only", "elsewhere")),
+    (errno.ENOENT, ("/x/m.pth", "no such file", "check the path"))])
+def test_os_errors_are_one_line_with_the_fix(capsys, code, words):
+    """Permission denied cannot be made for a test run as root: the OSError is raised here."""
+    from tinyrwkv.cli import one_line_errors
+    with pytest.raises(SystemExit) as e, one_line_errors():
+        raise OSError(code, os.strerror(code), "/x/m.pth")
+    assert_one_error_line(e.value.code, capsys.readouterr().err, *words)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import NAMES as BACKENDS, STORAGE
+from .checks import NON_NEGATIVE, POSITIVE, check_int
 from .errors import CheckpointError
 from .formats import numerics, open_model, resolve_model_path
 from .model import RWKV7
@@ -140,6 +141,7 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
         says why, and generation raises it).
     """
     storage = _renamed("weights", weights, "storage", storage)
+    _check_arguments(dtype, threads, device)
     wkv_method = _renamed("wkv", wkv, "wkv_method", wkv_method, default="auto")
     if strategy is not None:
         s_backend, s_storage, s_device = parse_strategy(strategy)
@@ -175,6 +177,19 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
     tensors = source.read_all(dtype=_read_dtype(source, backend, dtype, storage), progress=progress)
     return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device,
                   tokenizer, source.tokenizer, check_finite)
+
+
+def _check_arguments(dtype, threads, device):
+    """What load's arguments must be, before they reach NumPy or a backend (threads=0 and a
+    dtype NumPy does not know would otherwise fail there, or not at all)."""
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be 'float32' or 'float64', not {dtype!r}") from None
+    if threads is not None:
+        check_int("threads", threads, POSITIVE)
+    if device is not None:
+        check_int("device", device, NON_NEGATIVE)
 
 
 def _read_dtype(source, backend, dtype, storage):

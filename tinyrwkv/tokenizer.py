@@ -501,8 +501,8 @@ def get_tokenizer(vocab_size: int, tokenizer_path=None, model_path=None, carried
       6. Anything else -> error asking for ``--tokenizer``.
     Then, wherever it came from, the tokenizer's largest id must be a row of the embedding
     (check_fits), or it is refused: a tokenizer with more ids than the model has rows cannot
-    belong to that model. The packaged
-    World tokenizer is built once and shared between calls (it is read-only).
+    belong to that model. The packaged World tokenizer is built once and shared between calls
+    (it is read-only).
 
     Args:
         vocab_size: rows of the model's ``emb.weight`` (V).
