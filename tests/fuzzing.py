@@ -9,7 +9,7 @@ rarely reach. The reader is then run on the mutated file, and the case passes wh
 either
 
   * a clear error: an exception of one of tinyrwkv's own error types (CheckpointError,
-    TokenizerError, StateFileError, ... all ValueErrors), its message one line that names the file;
+    TokenizerError: both ValueErrors), its message one line that names the file;
   * or a correct load: the same keys with the same shapes as the seed (a flip inside tensor data
     changes values, not structure; the load's finiteness check refuses NaN/Inf).
 
@@ -53,7 +53,7 @@ def seed_weights():
 def make_seeds(folder):
     """{kind: path} of one valid file (or folder) per kind, written into `folder`. Kinds whose
     writer is not installed (torch for .pth, gguf for GGUF) are left out."""
-    from tinyrwkv import RWKV7, State
+    from tinyrwkv import RWKV7, save_state
     from tinyrwkv.formats import save_safetensors, write_gguf, write_hf
     from tinyrwkv.oracle import save_trace, trace
     folder = Path(folder)
@@ -74,31 +74,13 @@ def make_seeds(folder):
     seeds["hf-folder"] = folder / "hf"
     model = RWKV7(w)
     _, state = model.forward(np.arange(1, 6), None)
-    _save_state(state, folder / "s.npz")
+    save_state(state, folder / "s.npz")
     seeds["state"] = folder / "s.npz"
     save_trace(folder / "t.npz", trace(model, np.arange(1, 4)))
     seeds["trace"] = folder / "t.npz"
     (folder / "tok.json").write_text(json.dumps(_tiny_tokenizer()), encoding="utf-8")
     seeds["tokenizer"] = folder / "tok.json"
     return seeds
-
-
-def _save_state(state, path):
-    try:
-        from tinyrwkv.formats.state_file import save_state
-    except ImportError:                 # before state files moved out of model.py
-        state.save(path)
-    else:
-        save_state(path, state)
-
-
-def _load_state(path, config):
-    try:
-        from tinyrwkv.formats.state_file import load_state
-    except ImportError:
-        from tinyrwkv import State
-        return State.load(path, config)
-    return load_state(path, config)
 
 
 def _tiny_tokenizer():
@@ -275,7 +257,7 @@ def read(kind, path):
     if kind == "state":
         from tinyrwkv import RWKV7
         config = RWKV7(seed_weights()).config
-        s = _load_state(path, config)
+        s = tinyrwkv.load_state(path, config)
         return {"att_shift": s.att_shift.shape, "wkv": s.wkv.shape, "ffn_shift": s.ffn_shift.shape}
     if kind == "trace":
         from tinyrwkv.oracle import load_trace
@@ -293,18 +275,7 @@ def error_types():
     """tinyrwkv's own error types: what a clear error is raised as."""
     from tinyrwkv.errors import CheckpointError
     from tinyrwkv.tokenizer import TokenizerError
-    types = [CheckpointError, TokenizerError]
-    try:
-        from tinyrwkv.formats.state_file import StateFileError
-        types.append(StateFileError)
-    except ImportError:
-        pass
-    try:
-        from tinyrwkv.oracle import TraceError
-        types.append(TraceError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return CheckpointError, TokenizerError
 
 
 def judge(kind, path, seed_summary, outcome):

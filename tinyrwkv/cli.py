@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+
+from .checks import NON_NEGATIVE, POSITIVE, UNIT, Range, decode_text, option, read_text
+from .formats.numerics import check_finite
+from .formats.source import TensorSource
 
 def default_model():
     """The model shipped in weights/, if there is one."""
@@ -19,7 +27,9 @@ def default_model():
 
 
 def fail(message):
-    print(f"tinyrwkv: error: {message}", file=sys.stderr)
+    """The end of every error a user can cause: one line on stderr, exit status 1."""
+    one_line = " ".join(str(message).splitlines())
+    print(f"tinyrwkv: error: {one_line}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -33,7 +43,8 @@ def load_model(args):
     try:
         model = tinyrwkv.load(path, dtype=args.dtype, tokenizer=args.tokenizer,
                               backend=args.backend, storage=args.storage, threads=args.threads,
-                              strategy=args.strategy, device=args.device)
+                              strategy=args.strategy, device=args.device,
+                              check_finite=args.check_finite)
     except ValueError as e:                     # a bad option combination, no GPU, ...
         fail(str(e))
     if model.tokenizer is None:
@@ -85,8 +96,13 @@ def cmd_merge_lora(args):
     from .formats.lora import LoraMerged, read_adapter
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
-    try:                                        # is not trusted over the user's
+    if args.check_finite:                       # is not trusted over the user's
+        check_finite(lora, args.lora, fix=f"the adapter is damaged or its training diverged; "
+                     f"nothing was written (--no-check-finite merges it anyway)")
+    try:
         merged = LoraMerged(base, lora, args.alpha)
+        if args.check_finite:                   # NaN in the base, or a merge that overflows
+            merged = FiniteOnly(merged, f"merging {args.lora} into {args.base}")
         write_weights(Path(args.output), merged, args.type, _tokenizer_of(base),
                       inputs=(base.path, args.lora))
     except OutputError:                         # the output is an input: its own message
@@ -95,6 +111,24 @@ def cmd_merge_lora(args):
         fail(f"{args.lora} cannot be merged into {args.base}: {e}; give the adapter trained on "
              "this base model")
     print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
+
+
+class FiniteOnly(TensorSource):
+    """A TensorSource that refuses, with a CheckpointError naming it, any tensor holding NaN or
+    Inf as it is read: a writer streaming from it stops at that tensor."""
+
+    def __init__(self, source, what):
+        self.source, self.what = source, what
+        self.path, self.format, self.tokenizer = source.path, source.format, source.tokenizer
+
+    def tensors(self):
+        return self.source.tensors()
+
+    def read(self, key, dtype=None):
+        array = self.source.read(key, dtype)
+        check_finite({key: array}, self.what, fix="the base model is damaged, or the merge "
+                     "overflowed; --no-check-finite writes it anyway")
+        return array
 
 
 def _model_source(path):
@@ -111,13 +145,15 @@ def _model_source(path):
 
 def _tokenizer_of(source):
     """The tokenizer to write beside (or into) a converted model: the one the file carries, else
-    the one `load` would choose from the vocabulary size, else None (then none is written)."""
+    the one `load` would choose from the vocabulary size, else None (then none is written). One
+    that does not fit the embedding is not written either (get_tokenizer checks it), with a note."""
     from .tokenizer import TokenizerError, get_tokenizer
-    if source.tokenizer is not None:
-        return source.tokenizer
     try:
-        return get_tokenizer(source.tensors()["emb.weight"].shape[0], None, model_path=source.path)
-    except TokenizerError:
+        return get_tokenizer(source.tensors()["emb.weight"].shape[0], None, model_path=source.path,
+                             carried=source.tokenizer)
+    except TokenizerError as e:
+        if source.tokenizer is not None:
+            print(f"tinyrwkv: note: the output gets no tokenizer: {e}", file=sys.stderr)
         return None
 
 
@@ -178,18 +214,17 @@ def cmd_generate(args):
     if prompt is None:
         if sys.stdin.isatty():
             fail("give a prompt: tinyrwkv generate \"Once upon a time\" (or pipe it on stdin)")
-        prompt = sys.stdin.read()
+        prompt = decode_text(sys.stdin.buffer.read(), "stdin", "prompt")
     model = load_model(args)
     session = Session(model, model.tokenizer, seed=None if args.seed < 0 else args.seed)
     if args.state:
         session.state = load_state(args.state, model.config)
     session.feed(prompt)
     if args.echo:
-        sys.stdout.write(prompt)
+        emit(prompt)
     for piece in session.stream(args.max_tokens, sampling_from(args), stop=args.stop):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        emit(piece)
+    emit("\n")
     s = session.stats
     print(f"tinyrwkv: prompt {rate(s['prompt_tokens'], s['prompt_seconds'])}; "
           f"generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
@@ -215,6 +250,8 @@ def cmd_chat(args):
             message = input("User: ") if interactive else sys.stdin.readline()
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            fail(f"stdin: the message is not UTF-8 text ({e.reason}); type or pipe UTF-8")
         if not interactive and message == "":
             break                                  # end of piped input
         message = message.strip()
@@ -227,15 +264,13 @@ def cmd_chat(args):
             print("(conversation reset)", file=sys.stderr)
             continue
         if not interactive:
-            print(f"User: {message}")
+            emit(f"User: {message}\n")
         session.feed(chat_message(message))
-        sys.stdout.write("Assistant:")
+        emit("Assistant:")
         for piece in session.stream(args.max_tokens, sampling_from(args), stop=["\n\n"],
                                     stop_at_eot=False):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n\n")
-        sys.stdout.flush()
+            emit(piece)
+        emit("\n\n")
     s = session.stats
     if s["tokens"]:
         print(f"tinyrwkv: generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
@@ -252,8 +287,8 @@ def cmd_info(args):
     unused = {f"blocks.0.att.{n}" for n in ("v0", "v1", "v2")}
     n_params = sum(int(_prod(t.shape)) for k, t in tensors.items() if k not in unused)
     try:
-        tok = source.tokenizer.name if source.tokenizer is not None else \
-            get_tokenizer(config.vocab_size, args.tokenizer, model_path=path).name
+        tok = get_tokenizer(config.vocab_size, args.tokenizer, model_path=path,
+                            carried=source.tokenizer).name
     except TokenizerError as e:
         tok = f"unknown ({e})"
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else \
@@ -289,10 +324,10 @@ def cmd_trace(args):
     import tinyrwkv
     from . import oracle
     model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy", tokenizer=args.tokenizer,
-                          progress=False)
+                          progress=False, check_finite=args.check_finite)
     if args.ids:
         try:
-            ids = [int(t) for t in Path(args.ids).read_text().split()]
+            ids = [int(t) for t in read_text(args.ids, "token id file").split()]
         except ValueError as e:
             fail(f"{args.ids}: token ids must be whitespace-separated integers ({e})")
     else:
@@ -347,12 +382,33 @@ def cmd_bench(args):
     raise SystemExit(subprocess.call([sys.executable, str(script), *args.bench_args]))
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose commands may check what depends on several options: `check`, a
+    function of the parsed options that raises ValueError, runs after parsing, and its message
+    is the command's usage error (exit 2), as for a single bad option."""
+    check = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.check is not None:
+            try:
+                self.check(namespace)
+            except ValueError as e:
+                self.error(str(e))
+        return namespace, extras
+
+
+def no_check_finite(p, what="load the model even if a tensor holds NaN or Inf (its output will "
+                             "be NaN); by default such a file is refused, naming the tensors"):
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false", help=what)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tinyrwkv",
         description="RWKV-7 (x070) in NumPy: generate text, chat, and inspect checkpoints.",
         epilog="Run 'tinyrwkv COMMAND --help' for each command's options.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)   # Parsers too
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     def model_args(p):
@@ -374,21 +430,30 @@ def build_parser():
         p.add_argument("--strategy", metavar="TEXT",
                        help="the official package's strategy instead of --backend/--storage: "
                             "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda:1 bf16', 'cuda fp32'")
-        p.add_argument("--device", type=int, help="CUDA device number for the cupy backend (default 0)")
-        p.add_argument("--threads", type=int, help="threads for kernels and BLAS (default: all cores)")
+        p.add_argument("--device", type=option(int, NON_NEGATIVE),
+                       help="CUDA device number for the cupy backend (default 0)")
+        p.add_argument("--threads", type=option(int, POSITIVE),
+                       help="threads for kernels and BLAS (default: all cores)")
+        no_check_finite(p)
 
     def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):
-        p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")
-        p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
-        p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-        p.add_argument("--presence-penalty", type=float, default=presence,
+        # The ranges SamplingParams checks, here as usage errors (exit 2) before anything loads.
+        p.add_argument("--max-tokens", "-n", type=option(int, POSITIVE), default=max_tokens,
+                       help="tokens to generate at most")
+        p.add_argument("--temperature", "-t", type=option(float, NON_NEGATIVE), default=temperature,
+                       help="0 = greedy")
+        p.add_argument("--top-p", type=option(float, UNIT), default=top_p,
+                       help="nucleus sampling mass (1 = off)")
+        p.add_argument("--top-k", type=option(int, NON_NEGATIVE), default=0,
+                       help="keep the k most likely tokens (0 = off)")
+        p.add_argument("--presence-penalty", type=option(float), default=presence,
                        help="subtracted from a token's logit once it has appeared")
-        p.add_argument("--frequency-penalty", type=float, default=frequency,
+        p.add_argument("--frequency-penalty", type=option(float), default=frequency,
                        help="subtracted per (decayed) occurrence")
-        p.add_argument("--penalty-decay", type=float, default=0.996,
+        p.add_argument("--penalty-decay", type=option(float, UNIT), default=0.996,
                        help="occurrence counts are multiplied by this every token")
-        p.add_argument("--seed", type=int, default=0, help="random seed (-1: a different one each run)")
+        p.add_argument("--seed", type=option(int, Range(-1)), default=0,
+                       help="random seed (-1: a different one each run)")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text", formatter_class=fmt,
                        description="Continue a prompt with an RWKV-7 model. Text streams to stdout; "
@@ -435,6 +500,7 @@ def build_parser():
     tr.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                     help="float64: the oracle; float32: what a float32 implementation should match")
     tr.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --prompt (default: the model's)")
+    no_check_finite(tr)
     tr.set_defaults(func=cmd_trace)
 
     cp = sub.add_parser("compare", help="compare two traces; exit 1 where they disagree",
@@ -447,7 +513,8 @@ def build_parser():
     cp.add_argument("other", help="the trace to check (any subset of the names)")
     cp.add_argument("--dtype", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
                     help="the other implementation's precision: sets the tolerance")
-    cp.add_argument("--tol", type=float, help="max|d|/std tolerance instead of the dtype's")
+    cp.add_argument("--tol", type=option(float, POSITIVE),
+                    help="max|d|/std tolerance instead of the dtype's")
     cp.set_defaults(func=cmd_compare)
 
     gd = sub.add_parser("golden", help="write golden test vectors for other implementations",
@@ -481,8 +548,10 @@ def build_parser():
     ml.add_argument("base", help="the base checkpoint")
     ml.add_argument("lora", help="the LoRA checkpoint (.pth or .safetensors)")
     ml.add_argument("output", help="OUT.safetensors, OUT.pth or OUT.gguf")
-    ml.add_argument("--alpha", type=float, required=True, help="the lora_alpha used in training")
+    ml.add_argument("--alpha", type=option(float), required=True,
+                    help="the lora_alpha used in training")
     ml.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    no_check_finite(ml, "write the merged model even if a tensor holds NaN or Inf")
     ml.set_defaults(func=cmd_merge_lora)
 
     t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
@@ -493,6 +562,7 @@ def build_parser():
     from . import trainer
     trainer.add_arguments(t)
     t.set_defaults(func=trainer.run)
+    t.check = trainer.check_config            # --width a multiple of --head-size: a usage error
 
     i = sub.add_parser("info", help="describe a checkpoint without loading it", formatter_class=fmt)
     i.add_argument("path", help="RWKV-7 checkpoint (.pth or .safetensors)")
@@ -501,17 +571,118 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from .errors import CheckpointError
-    from .tokenizer import TokenizerError
+# What to do about an OSError, by errno; the message names the path first.
+OS_ERROR_FIXES = {
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.EEXIST: "already exists (and is not a folder); choose another path",
+    errno.EACCES: "permission denied; check its permissions, or use another path",
+    errno.EPERM: "operation not permitted; check its permissions, or use another path",
+    errno.EISDIR: "is a folder, not a file; give the path of a file",
+    errno.ENOTDIR: "a part of the path is not a folder; check the path",
+    errno.ENOSPC: "no space left on the device; free some disk space, or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENAMETOOLONG: "the name is too long; use a shorter path",
+}
+if hasattr(errno, "EDQUOT"):                   # not on Windows
+    OS_ERROR_FIXES[errno.EDQUOT] = "disk quota exceeded; free some space, or write elsewhere"
+
+
+def describe_os_error(e):
+    """An OSError as `path: what happened; what to do` (no path: a failed write to an already
+    open file, e.g. a pipe)."""
+    what = OS_ERROR_FIXES.get(e.errno, e.strerror or str(e))
+    if e.filename is None:
+        return what
+    where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{where}: {what}"
+
+
+def emit(text):
+    """Write generated text to stdout now. A failed write (`> file` on a full disk) is an OSError
+    naming stdout; BrokenPipeError (the reader went away) stays what it is."""
     try:
-        args.func(args)
-    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
-        fail(str(e))
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, "stdout") from None
+
+
+def _discard_stdout():
+    """Point stdout at the null device (the CLI's, never the library's: it changes file
+    descriptor 1 of this process)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):   # stdout replaced by an object without a fd
+        pass
+
+
+@contextmanager
+def one_line_errors():
+    """Every error a user can cause ends here as one line `tinyrwkv: error: ...`, exit 1:
+
+    * ValueError and its kinds (CheckpointError, TokenizerError, a bad option combination): by
+      the project's rule, their message already names the file, the problem and the fix;
+    * OSError (missing file, permission denied, disk full, ...): path, problem and fix
+      (describe_os_error); UnicodeDecodeError of a text input; a missing optional package;
+      MemoryError; a panic of the tokenizers library (its own message, printed by Rust's panic
+      hook, stays on stderr above: a library cannot silence it);
+    * Ctrl-C exits 130 and a closed pipe (`tinyrwkv generate ... | head`) exits 1, both without
+      a traceback; SystemExit (argparse's usage errors: exit 2) passes through.
+
+    Anything else is a bug in tinyrwkv, not something the user did. Its traceback is kept,
+    since it is what a fix needs, and a last line says that it is a bug and how to report it;
+    exit 1. (A ValueError raised by a bug is shown as a user error: the price of ValueError
+    being the project's user-error type.)
+    """
+    from .tokenizer import is_rust_panic
+    try:
+        yield
+    except SystemExit:
+        raise
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\ntinyrwkv: interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except BrokenPipeError:                    # the reader went away: nothing to tell it
+        _discard_stdout()
+        raise SystemExit(1)
+    except OSError as e:
+        if e.filename == "stdout":             # so that Python's flush at exit stays quiet
+            _discard_stdout()
+        fail(describe_os_error(e))
+    except UnicodeDecodeError as e:            # a ValueError too: caught first, for its message
+        fail(f"the input is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+    except ValueError as e:
+        fail(str(e))
+    except ImportError as e:                   # an optional package missing, or broken
+        package = (e.name or "").split(".")[0]
+        fail(f"{e}: this needs the Python package {package}; install it (pip install {package})"
+             if package else f"{e}; reinstall the package it names")
+    except MemoryError:
+        fail("out of memory; close other programs, or use a smaller model (or --storage "
+             "bfloat16 to halve the weights' memory)")
+    except Exception as e:
+        traceback.print_exc()
+        print(f"tinyrwkv: internal error: {type(e).__name__}: this is a bug in tinyrwkv, not a "
+              "problem with your input or files; please report it to the tinyrwkv project's "
+              "issue tracker with the command you ran and the traceback above", file=sys.stderr)
+        raise SystemExit(1)
+    except BaseException as e:
+        if not is_rust_panic(e):
+            raise
+        fail(f"the tokenizers library crashed (a Rust panic: {e}); pass the model's own "
+             "tokenizer.json")
+
+
+def main(argv=None):
+    """`tinyrwkv ...`: parse (a usage error exits 2), run the command, and end every error as
+    one_line_errors says."""
+    args = build_parser().parse_args(argv)
+    with one_line_errors():
+        args.func(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from .checks import NON_NEGATIVE, check_int
 from .sampling import Penalties, SamplingParams, sample_logits
 
 CHAT_SAMPLING = dict(temperature=1.0, top_p=0.3, presence_penalty=0.5, frequency_penalty=0.5,
@@ -58,6 +59,7 @@ class Session:
         """
         if self.logits is None:
             raise ValueError("feed a prompt before generating")
+        check_int("max_tokens", max_tokens, NON_NEGATIVE)
         sampling = sampling or SamplingParams()
         penalties = Penalties(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

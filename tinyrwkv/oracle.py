@@ -48,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from . import model as ref
+from .checks import POSITIVE, check_float
 from .files import OutputError, atomic_open
+from .formats.npz import NpzReader
 
 # ----------------------------------------------------------------------------------------------
 # Traces: the reference's own intermediates, recorded while it runs
@@ -156,17 +158,41 @@ def _renamed(name):
     return f"{layer}.{RENAMED[op]}" if layer.startswith("L") and op in RENAMED else name
 
 
+# A trace's arrays may declare at most this many times the file's size: np.savez (what
+# save_trace and most tools write) stores them as they are (1x), and float activations deflate
+# by 1.1-2x with np.savez_compressed; a zip bomb expands ~1000x.
+MAX_TRACE_EXPANSION = 16
+
+
 def load_trace(path):
     """{name: array} from a trace file; a state saved [key][value] ("KV") is transposed back to
-    [value][key] here, so comparisons always see the official layout."""
-    with np.load(path, allow_pickle=False) as f:
-        layout = str(f["__state_layout__"]) if "__state_layout__" in f else "VK"
+    [value][key] here, so comparisons always see the official layout. A trace from another
+    implementation is read with the checks of formats/npz.py (no pickles, every size bounded
+    before it is read); anything that is not a trace is a CheckpointError (a ValueError) naming
+    the file."""
+    fix = "give a file written by `tinyrwkv trace` or tinyrwkv.oracle.save_trace (np.savez)"
+    with NpzReader(path, "trace", fix) as npz:
+        declared, size = npz.declared_bytes(), npz.path.stat().st_size
+        if declared > MAX_TRACE_EXPANSION * size + 2**20:
+            raise npz.error(f"its arrays declare {declared:,} bytes in a {size:,}-byte file (a "
+                            "compression bomb or a corrupt header); save traces uncompressed")
+        layout = "VK"
+        if "__state_layout__" in npz.names:
+            tag = npz.read("__state_layout__")
+            layout = str(tag) if tag.shape == () and tag.dtype.kind == "U" else None
         if layout not in ("VK", "KV"):
-            raise ValueError(f"{path}: __state_layout__ must be 'VK' or 'KV', not {layout!r}")
-        out = {_renamed(k): f[k] for k in f.files if not k.startswith("__")}
+            raise npz.error("its __state_layout__ must be the string 'VK' or 'KV'")
+        out = {}
+        for name in npz.names:
+            if name.startswith("__"):
+                continue
+            kind = npz.header(name).dtype.kind
+            if kind not in "biuf":
+                raise npz.error(f"{name[:80]} holds {npz.header(name).dtype} values, not numbers")
+            out[_renamed(name)] = npz.read(name)
     if layout == "KV":
         for name, value in out.items():
-            if name.endswith(".state") or name == "final.wkv":
+            if (name.endswith(".state") or name == "final.wkv") and value.ndim >= 2:
                 out[name] = np.swapaxes(value, -1, -2)
     return out
 
@@ -202,26 +228,26 @@ def compare(ref_trace, other, dtype="fp32", tol=None):
     For each tensor: max|d|, max|d| / std(ref), relative RMS (rms(d) / rms(ref)). The first
     divergence is the earliest token at which any tensor is beyond tolerance (per-token error
     max|d_t| / std(ref over all tokens)), and at that token the first tensor in forward order.
+    A NaN or Inf in either trace is never agreement (not even the same NaN in both: a reference
+    must be finite): its element counts as an infinite error, and its row says which trace
+    holds how many. `tol`: a finite max|d|/std > 0 instead of the dtype's (TOLERANCES).
     Returns a dict: rows, first (None if all agree), missing (names only in ref), tol.
     """
-    tol = TOLERANCES[dtype] if tol is None else tol
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}, not {dtype!r}")
+    tol = TOLERANCES[dtype] if tol is None else check_float("tol", tol, POSITIVE)
     names = [n for n in order(ref_trace) if n in other]
     rows, first = [], None
     for name in names:
         a, b = np.asarray(ref_trace[name], np.float64), np.asarray(other[name], np.float64)
-        if a.shape != b.shape:
-            rows.append(dict(name=name, shape_error=f"{b.shape} vs reference {a.shape}"))
+        if a.shape != b.shape or a.size == 0:
+            rows.append(dict(name=name, shape_error=f"{b.shape} vs reference {a.shape}"
+                                                    + (" (empty)" if a.size == 0 else "")))
             continue
-        d = np.abs(b - a)
-        std = float(a.std()) or 1.0
-        rms = float(np.sqrt((a ** 2).mean())) or 1.0
-        row = dict(name=name, max_abs=float(d.max()), max_rel=float(d.max() / std),
-                   rel_rms=float(np.sqrt((d ** 2).mean()) / rms), bad=bool(d.max() / std > tol))
-        if not np.all(np.isfinite(b)):
-            row.update(max_abs=float("inf"), max_rel=float("inf"), bad=True)
+        row, d = _compare_one(name, a, b, tol)
         rows.append(row)
         if row["bad"] and not name.startswith("final."):
-            per_token = (np.nan_to_num(d, nan=np.inf).reshape(len(d), -1).max(axis=1) / std)
+            per_token = d.reshape(d.shape[0] if d.ndim else 1, -1).max(axis=1)
             t = int(np.argmax(per_token > tol))
             if first is None or t < first["token"]:
                 first = dict(token=t, name=name)
@@ -234,6 +260,25 @@ def compare(ref_trace, other, dtype="fp32", tol=None):
                 ok=all(not r.get("bad", True) for r in rows) and bool(rows))
 
 
+def _compare_one(name, a, b, tol):
+    """The row for one tensor, and its error |b - a| / std(a) element by element: infinite
+    wherever either value is NaN or Inf. std and RMS are over the reference's finite values
+    (1 where there are none, or all are equal: then errors are absolute)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(np.isfinite(a) & np.isfinite(b), np.abs(b - a), np.inf)
+        ref_values = a[np.isfinite(a)]
+        std = float(ref_values.std()) if ref_values.size else 0.0
+        rms = float(np.sqrt((ref_values ** 2).mean())) if ref_values.size else 0.0
+        std, rms = std or 1.0, rms or 1.0
+        row = dict(name=name, max_abs=float(diff.max()), max_rel=float(diff.max() / std),
+                   rel_rms=float(np.sqrt((diff ** 2).mean()) / rms), bad=bool(diff.max() / std > tol))
+    nonfinite = {which: int(x.size - np.count_nonzero(np.isfinite(x)))
+                 for which, x in (("reference", a), ("other", b))}
+    if any(nonfinite.values()):
+        row["nonfinite"] = ", ".join(f"{n} in the {which}" for which, n in nonfinite.items() if n)
+    return row, diff / std
+
+
 def format_report(report):
     lines = [f"{'tensor':16s} {'max|d|':>10s} {'max|d|/std':>11s} {'rel RMS':>10s}"]
     for r in report["rows"]:
@@ -241,6 +286,8 @@ def format_report(report):
             lines.append(f"{r['name']:16s} shape {r['shape_error']}  BEYOND")
             continue
         flag = "  BEYOND" if r["bad"] else ""
+        if "nonfinite" in r:
+            flag += f"  NaN/Inf: {r['nonfinite']}"
         lines.append(f"{r['name']:16s} {r['max_abs']:10.2e} {r['max_rel']:11.2e} "
                      f"{r['rel_rms']:10.2e}{flag}")
     lines.append(f"tolerance ({report['dtype']}): max|d|/std <= {report['tol']:g}")

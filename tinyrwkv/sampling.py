@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import NON_NEGATIVE, UNIT, check_float, check_int
+
 
 def softmax(logits):
     z = logits - logits.max()
@@ -51,6 +53,10 @@ def sample_logits(logits, temperature=1.0, top_p=0.85, top_k=0, rng=None):
     else a draw from `sampling_probs`. `rng`: a numpy Generator (for reproducible runs)."""
     if temperature < 0 or top_p < 0:
         raise ValueError(f"temperature and top_p must be >= 0, got {temperature}, {top_p}")
+    if np.isnan(logits).any():      # argmax would pick the first NaN: id 0, end-of-text
+        raise ValueError("the model's logits are NaN: its weights or its state hold NaN or Inf "
+                         "(tinyrwkv.load refuses such weights unless check_finite=False / "
+                         "--no-check-finite; a --state file can hold them too)")
     if temperature == 0 or top_p == 0:
         return int(np.argmax(logits))
     p = sampling_probs(logits, temperature, top_p, top_k)
@@ -74,8 +80,14 @@ class SamplingParams:
     ban_tokens: tuple = ()           # logits of these are set to -inf
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 <= self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 <= top_p <= 1 and top_k >= 0")
+        """Every number checked here: a NaN would not fail, it would make every logit NaN (and
+        greedy decoding return id 0, end-of-text, every time)."""
+        check_float("temperature", self.temperature, NON_NEGATIVE)
+        check_float("top_p", self.top_p, UNIT)
+        check_int("top_k", self.top_k, NON_NEGATIVE)
+        check_float("presence_penalty", self.presence_penalty)
+        check_float("frequency_penalty", self.frequency_penalty)
+        check_float("penalty_decay", self.penalty_decay, UNIT)
 
 
 @dataclass

@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import ast
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TokenizerError", "WorldTokenizer", "HFTokenizer", "get_tokenizer"]
+__all__ = ["TokenizerError", "WorldTokenizer", "HFTokenizer", "get_tokenizer", "check_fits"]
 
 # The World vocabulary that ships with this package.
 WORLD_VOCAB_PATH = Path(__file__).parent / "data" / "rwkv_vocab_v20230424.txt"
@@ -335,6 +336,71 @@ def _byte_level_char_to_byte() -> dict[str, int]:
     return char_to_byte
 
 
+def is_rust_panic(error) -> bool:
+    """Whether ``error`` is a Rust panic surfacing in Python (``pyo3_runtime.PanicException``).
+
+    The tokenizers library panics, rather than raising, on some crafted files: a tokenizer.json
+    whose regex backtracks without end (e.g. a Split pre-tokenizer ``(a*)*$``) panics inside
+    ``encode`` once Oniguruma gives up ("retry-limit-in-match over"). PanicException derives from
+    BaseException, not Exception, so ``except Exception`` misses it; and ``pyo3_runtime`` cannot
+    be imported, so it is recognised by its class's name and module.
+    """
+    return any(cls.__name__ == "PanicException" and cls.__module__ == "pyo3_runtime"
+               for cls in type(error).__mro__)
+
+
+def _first_line(error, limit=200) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0][:limit] if text else type(error).__name__)
+
+
+@contextmanager
+def tokenizers_failures(path, problem):
+    """Inside the block, whatever the tokenizers library raises (a bare Exception for a bad
+    file) or panics with (is_rust_panic) becomes a TokenizerError naming ``path``, the
+    ``problem`` ("encoding text failed"), the library's reason and the fix. KeyboardInterrupt,
+    SystemExit and our own errors pass through.
+
+    Rust's panic hook has already printed its message (and a backtrace when RUST_BACKTRACE is
+    set) on stderr when the panic reaches Python; a library cannot silence it.
+    """
+    try:
+        yield
+    except BaseException as e:
+        panic = is_rust_panic(e)
+        if isinstance(e, TokenizerError) or not (panic or isinstance(e, Exception)):
+            raise
+        hint = ("the file is damaged or crafted (e.g. a regex in its pre_tokenizer or "
+                "normalizer that backtracks without end): " if panic else "")
+        raise TokenizerError(
+            f"{path}: {problem}: the tokenizers library "
+            f"{'crashed (a Rust panic)' if panic else 'failed'}: {_first_line(e)}; {hint}pass a "
+            "tokenizer.json written by the tokenizers library (the model's own), or a World "
+            "vocabulary .txt"
+        ) from None
+
+
+def open_tokenizers_file(path):
+    """A Hugging Face ``tokenizers.Tokenizer`` read from ``path``, or a TokenizerError naming the
+    file and the fix (missing file, tokenizers not installed, not JSON, a JSON the library
+    rejects, a library panic)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(
+            f"tokenizer file {str(path)!r} does not exist; pass the path of a Hugging Face "
+            "tokenizer.json (for Pile models: 20B_tokenizer.json from BlinkDL/ChatRWKV)"
+        )
+    try:
+        import tokenizers  # lazy: only HF-tokenizer users need it (STYLE R14)
+    except ImportError:
+        raise TokenizerError(
+            f"reading {path.name} needs the Hugging Face tokenizers package: "
+            "pip install tokenizers"
+        ) from None
+    with tokenizers_failures(path, "not a valid Hugging Face tokenizer.json"):
+        return tokenizers.Tokenizer.from_file(str(path))
+
+
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` ``tokenizer.json`` (Pile 20B tokenizer, our trained ones).
 
@@ -358,27 +424,12 @@ class HFTokenizer:
 
     def __init__(self, path):
         path = Path(path)
-        if not path.is_file():
-            raise TokenizerError(
-                f"tokenizer file {str(path)!r} does not exist; pass the path of a Hugging Face "
-                "tokenizer.json (for Pile models: 20B_tokenizer.json from BlinkDL/ChatRWKV)"
-            )
-        try:
-            import tokenizers  # lazy: only HF-tokenizer users need it (STYLE R14)
-        except ImportError:
-            raise TokenizerError(
-                f"reading {path.name} needs the Hugging Face tokenizers package: "
-                "pip install tokenizers"
-            ) from None
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-            raise TokenizerError(
-                f"{path.name} is not a valid Hugging Face tokenizer.json ({e}); "
-                "pass a tokenizer.json written by tokenizers, or a World .txt vocabulary"
-            ) from None
+        self._tok = open_tokenizers_file(path)
+        with tokenizers_failures(path, "reading its vocabulary failed"):
+            self._read_vocabulary(path)
 
-        self.name = path.name
+    def _read_vocabulary(self, path):
+        self.name, self.path = path.name, path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.max_id = self.vocab_size - 1
         self.eot_id = self._tok.token_to_id("<|endoftext|>")  # None if the file has no such token
@@ -404,14 +455,16 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added."""
         _utf8(text)  # type and lone-surrogate check with a clear message
-        return self._tok.encode(text, add_special_tokens=False).ids
+        with tokenizers_failures(self.path, "encoding text failed"):
+            return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode_bytes(self, ids) -> bytes:
         """Concatenated bytes of ``ids`` (exact for ByteLevel tokenizers; see class docstring)."""
         checked = [_check_id(i, self.max_id, self.name) for i in _id_list(ids)]
         if self._id_to_bytes is not None:
             return b"".join([self._id_to_bytes[i] for i in checked])
-        return self._tok.decode(checked).encode("utf-8")
+        with tokenizers_failures(self.path, "decoding ids failed"):
+            return self._tok.decode(checked).encode("utf-8")
 
     def decode(self, ids, errors: str = "replace") -> str:
         """Text of ``ids``: UTF-8 decode of ``decode_bytes(ids)``; ``errors`` goes to bytes.decode."""
@@ -433,25 +486,29 @@ def _packaged_world_tokenizer() -> WorldTokenizer:
     return WorldTokenizer()
 
 
-def get_tokenizer(vocab_size: int, tokenizer_path=None, model_path=None):
+def get_tokenizer(vocab_size: int, tokenizer_path=None, model_path=None, carried=None):
     """The tokenizer for a model whose embedding has ``vocab_size`` rows.
 
     Order of choice:
       1. ``tokenizer_path``: the string "world" -> WorldTokenizer; a ``.json`` file ->
          HFTokenizer; a ``.txt`` file -> WorldTokenizer with that vocabulary.
-      2. ``model_path``: a ``<model stem>.tokenizer.json`` or ``tokenizer.json`` beside the
+      2. ``carried``: the tokenizer that came inside the model file (a GGUF's vocabulary, an
+         HF folder's tokenizer.json), as the format readers return it.
+      3. ``model_path``: a ``<model stem>.tokenizer.json`` or ``tokenizer.json`` beside the
          weights -> HFTokenizer (this is how models we train ship their tokenizer).
-      3. ``vocab_size`` 65536 -> the World tokenizer (all released World/G-series models).
-      4. Pile sizes (50277, 50304) -> error asking for 20B_tokenizer.json: we do not ship it.
-      5. Anything else -> error asking for ``--tokenizer``.
-    Then the tokenizer's largest id must be a row of the embedding, or it is refused: a
-    tokenizer with more ids than the model has rows cannot belong to that model. The packaged
-    World tokenizer is built once and shared between calls (it is read-only).
+      4. ``vocab_size`` 65536 -> the World tokenizer (all released World/G-series models).
+      5. Pile sizes (50277, 50304) -> error asking for 20B_tokenizer.json: we do not ship it.
+      6. Anything else -> error asking for ``--tokenizer``.
+    Then, wherever it came from, the tokenizer's largest id must be a row of the embedding
+    (check_fits), or it is refused: a tokenizer with more ids than the model has rows cannot
+    belong to that model. The packaged World tokenizer is built once and shared between calls
+    (it is read-only).
 
     Args:
         vocab_size: rows of the model's ``emb.weight`` (V).
         tokenizer_path: "world", or a path to a tokenizer.json / World vocabulary .txt.
         model_path: the checkpoint's path, to look for a tokenizer shipped beside it.
+        carried: the tokenizer the model file carries, or None.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
         raise TokenizerError(
@@ -474,6 +531,8 @@ def get_tokenizer(vocab_size: int, tokenizer_path=None, model_path=None):
                     f"don't know how to read tokenizer {str(path)!r}: pass 'world', a Hugging "
                     "Face tokenizer .json, or a World vocabulary .txt"
                 )
+    elif carried is not None:
+        tokenizer = carried
     else:
         beside_model = []
         if model_path is not None:
@@ -499,10 +558,19 @@ def get_tokenizer(vocab_size: int, tokenizer_path=None, model_path=None):
                 ".txt, or 'world'"
             )
 
+    return check_fits(tokenizer, vocab_size, model_path)
+
+
+def check_fits(tokenizer, vocab_size: int, model=None):
+    """``tokenizer`` if its largest id is a row of a ``vocab_size``-row embedding, else a
+    TokenizerError (naming ``model``, the checkpoint's path, when given): a tokenizer with more
+    ids than the model has rows cannot belong to it. (Fewer is fine: embeddings are padded,
+    e.g. the World models' 65530 ids in 65536 rows.)"""
     if tokenizer.max_id >= vocab_size:
+        owner = f"the embedding of {model}" if model is not None else "the model's embedding"
         raise TokenizerError(
-            f"tokenizer {tokenizer.name} has {tokenizer.max_id + 1} ids but the model's embedding "
-            f"has only {vocab_size} rows: they do not belong together; pass the model's own "
-            "tokenizer with --tokenizer"
+            f"tokenizer {tokenizer.name} has {tokenizer.max_id + 1} ids but {owner} has only "
+            f"{vocab_size} rows: they do not belong together; pass the model's own tokenizer "
+            "with --tokenizer"
         )
     return tokenizer

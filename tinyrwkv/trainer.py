@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from . import train
+from .checks import (NON_NEGATIVE, POSITIVE, UNIT, UNIT_BELOW_ONE, check_float, check_int, option,
+                     read_text)
 from .files import OutputError, atomic_open, atomic_path, refuse_overwriting, write_text
 from .formats import read_checkpoint, save_safetensors
+from .formats.numerics import check_finite
 from .loader import numba_missing
 from .synthetic import lora_ranks, make_weights
+from .tokenizer import open_tokenizers_file, tokenizers_failures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,17 +62,19 @@ def train_tokenizer(texts, vocab_size, path):
     return tok
 
 
-def encode_file(tok, path):
-    """Token ids (uint16 when they fit) of a text file; stories' <|endoftext|> lines become id 0."""
-    text = Path(path).read_text(encoding="utf-8")
+def encode_file(tok, path, tok_path="the tokenizer"):
+    """Token ids (uint16 when they fit) of a text file; stories' <|endoftext|> lines become id 0.
+    `tok_path`: where the tokenizer came from, for the message if the tokenizers library fails."""
+    text = read_text(path, "text")
     pieces = text.split("<|endoftext|>")
     ids = []
-    for n, piece in enumerate(pieces):
-        piece = piece.strip("\n")
-        if piece:
-            ids.extend(tok.encode(piece).ids)
-        if n < len(pieces) - 1:
-            ids.append(0)
+    with tokenizers_failures(tok_path, f"encoding {path} failed"):
+        for n, piece in enumerate(pieces):
+            piece = piece.strip("\n")
+            if piece:
+                ids.extend(tok.encode(piece).ids)
+            if n < len(pieces) - 1:
+                ids.append(0)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.int32
     return np.array(ids, dtype), len(text.encode("utf-8"))
 
@@ -186,7 +192,29 @@ def check_paths(args):
         refuse_overwriting(out / name, [args.data, args.valid, tokenizer])
 
 
+class Diverged(ValueError):
+    """Training produced a NaN or Inf: stopped before it reaches a checkpoint or the model."""
+
+
+def check_step(step, name, value, args):
+    """Raise Diverged when the loss, gradient norm or validation loss of `step` is not finite:
+    before the update it would poison, and before the checkpoint and the model are written."""
+    if not math.isfinite(value):
+        raise Diverged(f"training diverged at step {step}: the {name} is {value}; nothing was "
+                       "written from this step on (the last checkpoint, if any, is "
+                       f"{Path(args.out) / 'train_state.npz'}); lower --lr (now {args.lr:g}) or "
+                       "keep --clip on, and train again")
+
+
+def check_data(ids, path, args):
+    """Training and validation windows need ctx + 1 tokens and one to spare."""
+    if len(ids) < args.ctx + 2:
+        raise ValueError(f"{path} holds {len(ids)} tokens, too few for one window of --ctx "
+                         f"{args.ctx} (+2); give a longer text or a smaller --ctx")
+
+
 def run(args):
+    check_config(args)                      # run() is also called from Python
     check_paths(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,24 +244,26 @@ def run(args):
     if not Path(args.data).is_file():
         raise ValueError(f"no training text at {args.data}")
     tok_path = out / "model.tokenizer.json"
-    from tokenizers import Tokenizer
+    tok_source = args.tokenizer or tok_path
     if args.tokenizer:
-        tok = Tokenizer.from_file(args.tokenizer)
+        tok = open_tokenizers_file(args.tokenizer)
         with atomic_path(tok_path) as tmp:
             tok.save(str(tmp))
     elif tok_path.exists():
-        tok = Tokenizer.from_file(str(tok_path))
+        tok = open_tokenizers_file(tok_path)
     else:
         print(f"tinyrwkv train: training a {args.vocab}-token BPE tokenizer on {args.data}",
               file=sys.stderr)
-        text = Path(args.data).read_text(encoding="utf-8")
+        text = read_text(args.data, "training text")
         tok = train_tokenizer((s for s in text.split("<|endoftext|>")), args.vocab, tok_path)
-    train_ids, train_bytes = encode_file(tok, args.data)
+    train_ids, train_bytes = encode_file(tok, args.data, tok_source)
+    check_data(train_ids, args.data, args)
     valid_path = args.valid or str(Path(args.data).with_name("valid.txt"))
     if not Path(valid_path).is_file():
         raise ValueError(f"no validation text at {valid_path}: pass --valid FILE (held-out text "
                          "for the validation loss and the final bits per byte)")
-    valid_ids, valid_bytes = encode_file(tok, valid_path)
+    valid_ids, valid_bytes = encode_file(tok, valid_path, tok_source)
+    check_data(valid_ids, valid_path, args)
     V = tok.get_vocab_size()
     print(f"tinyrwkv train: {len(train_ids):,} training tokens ({train_bytes / len(train_ids):.2f} "
           f"bytes/token), {len(valid_ids):,} validation tokens, vocabulary {V}", file=sys.stderr)
@@ -296,7 +326,9 @@ def run(args):
         ids = np.stack([train_ids[s:s + args.ctx] for s in starts]).astype(np.int64)
         tgt = np.stack([train_ids[s + 1:s + args.ctx + 1] for s in starts]).astype(np.int64)
         loss, grads = train.loss_and_grad(params, ids, tgt, wkv_ops)
+        check_step(step + 1, "loss", loss, args)
         gnorm = clip_(grads, args.clip)
+        check_step(step + 1, "gradient norm", gnorm, args)
         lr = lr_at(step, args)
         adamw_step(params, grads, opt, lr, args)
         tokens_done += ids.size
@@ -308,6 +340,7 @@ def run(args):
         last = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or last or step + 1 == stop:
             vloss = evaluate()
+            check_step(step + 1, "validation loss", vloss, args)    # before it is checkpointed
             curve.append({"step": step + 1, "train_loss": loss, "valid_loss": vloss,
                           "valid_bpb": vloss / math.log(2) / bytes_per_token,
                           "seconds": time.monotonic() - t_start, "tok_s": tok_s})
@@ -365,6 +398,8 @@ def sample(params, tok, prompt, n, seed=0):
 def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_train_tokens):
     out = Path(args.out)
     final = {k: host(v).astype(np.float32) for k, v in params.items()}
+    check_finite(final, "the trained model", fix="training diverged: lower --lr and train again; "
+                 "no model was written")
     path = out / "model.safetensors"
     bf16 = final.keys() if args.save_dtype == "bfloat16" else ()
     save_safetensors(path, final, metadata={"format": "tinyrwkv", "trained_by": "tinyrwkv train"},
@@ -428,30 +463,62 @@ Hyper-parameters: `{json.dumps(hp)}`
     write_text(out / "MODEL_CARD.md", card)
 
 
+# What each numeric option may be: the argparse types of add_arguments (a bad value is a usage
+# error, exit 2) and check_config (the same checks when run() is called from Python) share it.
+NUMBERS = {
+    "vocab": (int, POSITIVE), "layers": (int, POSITIVE), "width": (int, POSITIVE),
+    "head_size": (int, POSITIVE), "steps": (int, POSITIVE), "batch": (int, POSITIVE),
+    "ctx": (int, POSITIVE), "lr": (float, POSITIVE), "min_lr_ratio": (float, UNIT),
+    "warmup": (int, NON_NEGATIVE), "weight_decay": (float, NON_NEGATIVE),
+    "beta1": (float, UNIT_BELOW_ONE), "beta2": (float, UNIT_BELOW_ONE), "eps": (float, POSITIVE),
+    "clip": (float, NON_NEGATIVE), "eval_every": (int, POSITIVE), "eval_windows": (int, POSITIVE),
+    "sample_every": (int, NON_NEGATIVE), "seed": (int, NON_NEGATIVE),
+    "stop_after": (int, NON_NEGATIVE),
+}
+
+
+def number(name):
+    """The argparse type of option `name` (NUMBERS)."""
+    return option(*NUMBERS[name])
+
+
+def check_config(args):
+    """Raise ValueError, naming the option, for a training configuration that cannot work: a
+    number outside NUMBERS (a NaN --lr trains a NaN model without a single error), or a --width
+    the heads do not divide. The command line runs it as the train command's usage check."""
+    for name, (kind, within) in NUMBERS.items():
+        check = check_float if kind is float else check_int
+        check(f"--{name.replace('_', '-')}", getattr(args, name), within)
+    if args.width % args.head_size:
+        fits = max(args.head_size, args.width // args.head_size * args.head_size)
+        raise ValueError(f"--width {args.width} is not a multiple of --head-size {args.head_size}: "
+                         f"the width is split into heads of that size; use e.g. --width {fits}")
+
+
 def add_arguments(p):
     p.add_argument("--data", required=True, metavar="FILE", help="training text (UTF-8)")
     p.add_argument("--valid", metavar="FILE", help="validation text (default: valid.txt beside --data)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the model, tokenizer, card and checkpoints go")
     p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json to use instead of training one")
-    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size to train")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256, help="n_embd (C)")
-    p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (B)")
-    p.add_argument("--ctx", type=int, default=128, help="tokens per sequence (T)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.99)
-    p.add_argument("--eps", type=float, default=1e-8)
-    p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
-    p.add_argument("--sample-every", type=int, default=500, help="0: no samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=number("vocab"), default=4096, help="BPE vocabulary size to train")
+    p.add_argument("--layers", type=number("layers"), default=4)
+    p.add_argument("--width", type=number("width"), default=256, help="n_embd (C)")
+    p.add_argument("--head-size", type=number("head_size"), default=64)
+    p.add_argument("--steps", type=number("steps"), default=2000)
+    p.add_argument("--batch", type=number("batch"), default=16, help="sequences per step (B)")
+    p.add_argument("--ctx", type=number("ctx"), default=128, help="tokens per sequence (T)")
+    p.add_argument("--lr", type=number("lr"), default=3e-3)
+    p.add_argument("--min-lr-ratio", type=number("min_lr_ratio"), default=0.1, help="final lr / peak lr")
+    p.add_argument("--warmup", type=number("warmup"), default=100, help="warm-up steps")
+    p.add_argument("--weight-decay", type=number("weight_decay"), default=0.1)
+    p.add_argument("--beta1", type=number("beta1"), default=0.9)
+    p.add_argument("--beta2", type=number("beta2"), default=0.99)
+    p.add_argument("--eps", type=number("eps"), default=1e-8)
+    p.add_argument("--clip", type=number("clip"), default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--eval-every", type=number("eval_every"), default=200)
+    p.add_argument("--eval-windows", type=number("eval_windows"), default=64, help="validation windows per evaluation")
+    p.add_argument("--sample-every", type=number("sample_every"), default=500, help="0: no samples")
+    p.add_argument("--seed", type=number("seed"), default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--backend", choices=["numba", "numpy", "cupy"],
                    help="numba: CPU, Numba WKV kernels (default where numba is installed); "
@@ -459,5 +526,5 @@ def add_arguments(p):
                         "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
-    p.add_argument("--stop-after", type=int, default=0,
+    p.add_argument("--stop-after", type=number("stop_after"), default=0,
                    help="stop after this many steps of this run (checkpointed; --resume continues)")

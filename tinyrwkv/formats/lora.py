@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 
+from ..checks import check_float
 from ..errors import CheckpointError
 from ..model import State
 from .container import resolve_model_path
@@ -62,6 +63,7 @@ def merge_lora(base, lora, alpha):
     every non-LoRA tensor of the LoRA file (trained ln/time/emb/head parts) replaces or joins
     the base's; then each `X.weight` with `X.lora_A` (r, in) and `X.lora_B` (out, r) becomes
     W + (B @ A) * alpha / r. Returns a new dict (float32 where a merge happened)."""
+    alpha = check_float("alpha", alpha)      # a NaN alpha would make every merged matrix NaN
     lora = {_strip(k): v for k, v in lora.items()}
     out = dict(base)
     out.update({k: v for k, v in lora.items() if "lora" not in k})
@@ -76,7 +78,7 @@ class LoraMerged(TensorSource):
     tensor, so merging a large model never holds it whole (merge-lora streams its output)."""
 
     def __init__(self, base, lora, alpha):
-        self.base, self.alpha = base, alpha
+        self.base, self.alpha = base, check_float("alpha", alpha)
         self.path, self.format, self.tokenizer = base.path, base.format, base.tokenizer
         self.lora = {_strip(k): v for k, v in lora.items()}
         self.replaced = {k: v for k, v in self.lora.items() if "lora" not in k}

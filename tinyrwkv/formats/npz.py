@@ -9,7 +9,7 @@ and fails with whatever zipfile, zlib or the header parser raises. `NpzReader` i
   * opens regular files only (a FIFO would block forever);
   * reads every member's header first (`header`), so a caller can check names, shapes and dtypes
     against what it expects (and bound the bytes declared) before a single data byte is read;
-  * refuses object arrays (never unpickles), and .npy versions np.save does not write;
+  * refuses object arrays (never unpickles), and .npy versions other than np.savez's;
   * reads exactly the bytes a header declares (`read`), start to end so zipfile checks the CRC;
   * turns every failure into one CheckpointError naming the file, the problem and `fix`.
 """
@@ -100,10 +100,13 @@ class NpzReader:
         info = self.members[name]
         with self.archive.open(info) as fp:
             version = np.lib.format.read_magic(fp)
-            if version not in ((1, 0), (2, 0), (3, 0)):
-                raise self.error(f"{info.filename} is a .npy of version {version}, not one "
-                                 "np.save writes")
-            shape, fortran, dtype = np.lib.format._read_array_header(fp, version)
+            if version == (1, 0):           # headers of at most 10,000 bytes (NumPy's bound)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+            else:
+                raise self.error(f"{info.filename} is a .npy of version {version}, not 1.0 or "
+                                 "2.0 as np.savez writes")
             offset = fp.tell()
         if dtype.hasobject:
             raise self.error(f"{name} holds Python objects, which tinyrwkv never unpickles")

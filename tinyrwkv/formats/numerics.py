@@ -1,5 +1,6 @@
 """Element types and the conversions between them: bf16 <-> float32 (NumPy has no bf16), and the
-rule for what a reader returns for each stored type and requested dtype.
+rule for what a reader returns for each stored type and requested dtype; and check_finite, the
+NaN/Inf check that models go through when loaded (tinyrwkv.load) and before they are written.
 
 bf16 -> float32 is exact: a bf16 is the top half of a float32 (docs/formats.md). Released RWKV-7
 weights are bf16; dtype="bfloat16" keeps them so, as uint16 bit patterns (BF16_BITS).
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import CheckpointError
 
 # read(..., dtype=BF16_BITS): floating tensors as bf16 bit patterns in np.uint16 arrays.
 BF16_BITS = "bfloat16"
@@ -118,3 +121,62 @@ def from_float32(array, target):
     if target is None or target == np.float32:
         return array
     return array.astype(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and Inf: a damaged or diverged file is refused at load (and never written), by name
+# ---------------------------------------------------------------------------------------------
+
+# Elements checked per step: the boolean temporary stays at 4 MiB whatever the tensor's size (a
+# whole-tensor np.isfinite would add a quarter of a float32 model's size at once). Measured on a
+# 64 MB float32 matrix: as fast as one whole-tensor pass (4.7 ms, memory-bound).
+FINITE_CHUNK = 1 << 22
+
+LOAD_ANYWAY = "to load it anyway: check_finite=False, or --no-check-finite on the command line"
+
+
+def nonfinite_count(array, bf16_bits=True):
+    """How many NaN or +-Inf values `array` holds, read FINITE_CHUNK elements at a time along its
+    first axis (any strides: a view is never copied whole). uint16 arrays are bf16 bit patterns
+    (the readers' dtype="bfloat16") when bf16_bits, whose exponent bits are all ones for NaN and
+    Inf; other integer and bool arrays hold neither."""
+    array = np.asarray(array)
+    is_bits = bf16_bits and array.dtype == np.uint16
+    if array.dtype.kind not in "fc" and not is_bits:
+        return 0
+    if array.size == 0:
+        return 0
+    if array.ndim == 0:
+        array = array.reshape(1)
+    row_size = array.size // len(array)
+    rows = max(1, FINITE_CHUNK // row_size)
+    scratch = np.empty(min(rows, len(array)) * row_size, np.uint16) if is_bits else None
+    bad = 0
+    for start in range(0, len(array), rows):
+        block = array[start:start + rows]
+        if is_bits:                     # sign bit dropped: NaN and Inf are the values >= 0x7F80
+            magnitude = np.bitwise_and(block, 0x7FFF, out=scratch[:block.size].reshape(block.shape))
+            if magnitude.max() >= 0x7F80:           # a max, no boolean temporary: 2x faster
+                bad += int(np.count_nonzero(magnitude >= 0x7F80))
+        elif not np.isfinite(block).all():          # the common case costs one pass, no count
+            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    return bad
+
+
+def check_finite(arrays, source, fix=None, bf16_bits=True):
+    """Raise CheckpointError naming every tensor of `arrays` ({name: array}) that holds NaN or
+    Inf. `source`: what the tensors are (a file path, "the merged model"), for the message;
+    `fix`: what to do about it (default: the file is damaged, and how to load it anyway).
+    One pass over the data (nonfinite_count): 3 ms for the shipped model, 0.3 s for 1.8 GB of
+    float32 (L24 C1024 V65536), with 4 MiB of temporaries."""
+    bad = {name: n for name, array in arrays.items()
+           if (n := nonfinite_count(array, bf16_bits))}
+    if not bad:
+        return
+    listed = ", ".join(f"{name} ({n:,} value{'s' if n > 1 else ''})"
+                       for name, n in list(bad.items())[:4])
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    fix = fix or ("the file is damaged or comes from a training run that diverged: re-download "
+                  f"it or use an earlier checkpoint ({LOAD_ANYWAY})")
+    raise CheckpointError(f"{source}: NaN or Inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: "
+                          f"{listed}{more}; {fix}")
