@@ -19,9 +19,6 @@ imports NumPy only.
 
 from __future__ import annotations
 
-import math
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..files import OutputError, atomic_open
 from ..model import State
+from .npz import NpzReader
 
 STATE_FORMAT = "tinyrwkv-state-v1"
 ARRAYS = ("att_shift", "wkv", "ffn_shift")
@@ -80,79 +78,49 @@ def load_state(path, config=None):
     """The State saved in the state file at `path`. With `config` (a model's Config), every array
     must have the shape that model's state has, checked before any data is read. Errors are
     CheckpointError (a ValueError) with one line naming the file, the problem and the fix."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no state file at {path}: give a .npz written by --save-state")
-    if not path.is_file():                      # a folder, a FIFO (would block), a device
-        raise CheckpointError(f"{path} is not a regular file: give a .npz written by --save-state")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = _members(path, archive)
-            headers = {name: _header(path, archive, info) for name, info in members.items()}
-            _check_format_tag(path, archive, members["format"], headers["format"])
-            _check_arrays(path, headers, config)
-            arrays = {name: _data(path, archive, members[name], headers[name]) for name in ARRAYS}
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
-            ValueError, OSError) as e:          # RuntimeError: an encrypted member
-        raise CheckpointError(f"{path} is not a readable state file (truncated or corrupt: "
-                              f"{_oneline(e)}); {AGAIN}") from None
+    with NpzReader(path, "state file", AGAIN) as npz:        # formats/npz.py: checked reading
+        _check_members(npz)
+        _check_format_tag(npz)
+        _check_arrays(npz, config)
+        arrays = {name: npz.read(name) for name in ARRAYS}
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise npz.error(f"{name} holds NaN or infinite values; save it again from a state "
+                            "that is finite")
     return State(*(arrays[name] for name in ARRAYS))
 
 
-def _members(path, archive):
-    """{array name: ZipInfo} for exactly the four expected members."""
-    infos = archive.infolist()
-    names = [info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-             for info in infos]
+def _check_members(npz):
+    """Exactly the four expected arrays."""
+    if "format" not in npz.names:
+        raise CheckpointError(f"{npz.path} is not a tinyrwkv state file (no '{STATE_FORMAT}' "
+                              f"tag); {AGAIN}")
     expected = {"format", *ARRAYS}
-    if "format" not in names:
-        raise CheckpointError(f"{path} is not a tinyrwkv state file (no '{STATE_FORMAT}' tag); "
-                              f"{AGAIN}")
-    missing = sorted(expected - set(names))
-    extra = sorted(set(names) - expected)
-    if missing or extra or len(names) != len(set(names)):
+    missing, extra = sorted(expected - set(npz.names)), sorted(set(npz.names) - expected)
+    if missing or extra:
         what = "; ".join(part for part in (
             f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra[:5])}" if extra else "",
-            "a name stored twice" if len(names) != len(set(names)) else "") if part)
-        raise CheckpointError(f"{path}: a state file holds exactly format, att_shift, wkv and "
-                              f"ffn_shift ({what}); {AGAIN}")
-    return {name: info for name, info in zip(names, infos)}
+            f"unexpected {', '.join(x[:40] for x in extra[:5])}" if extra else "") if part)
+        raise npz.error(f"a state file holds exactly format, att_shift, wkv and ffn_shift ({what})")
 
 
-def _header(path, archive, info):
-    """(shape, fortran_order, dtype, data offset) from a member's .npy header: its data unread."""
-    with archive.open(info) as fp:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise CheckpointError(f"{path}: {info.filename} is a .npy of version {version}, not "
-                                  f"1.0 or 2.0 as np.savez writes; {AGAIN}")
-        offset = fp.tell()
-    return shape, fortran, dtype, offset
-
-
-def _check_format_tag(path, archive, info, header):
-    shape, _, dtype, _ = header
+def _check_format_tag(npz):
+    h = npz.header("format")
     tag = None
-    if shape == () and dtype.kind == "U" and dtype.itemsize <= 4 * 64:   # a short string
-        tag = str(_data(path, archive, info, header))
+    if h.shape == () and h.dtype.kind == "U" and h.dtype.itemsize <= 4 * 64:   # a short string
+        tag = str(npz.read("format"))
     if tag != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not a tinyrwkv state file (its format tag is not "
+        raise CheckpointError(f"{npz.path} is not a tinyrwkv state file (its format tag is not "
                               f"'{STATE_FORMAT}'); {AGAIN}")
 
 
-def _check_arrays(path, headers, config):
+def _check_arrays(npz, config):
     """dtypes real floating point; shapes those of `config`'s state, or, without a config,
     consistent with each other and not larger than the file can honestly hold."""
+    path = npz.path
     for name in ARRAYS:
-        _check_real(path, name, headers[name][2])
-    shapes = {name: headers[name][0] for name in ARRAYS}
+        _check_real(path, name, npz.header(name).dtype)
+    shapes = {name: npz.header(name).shape for name in ARRAYS}
     if config is not None:
         need = state_shapes(config)
         for name in ARRAYS:
@@ -162,7 +130,7 @@ def _check_arrays(path, headers, config):
                     f"{need[name]}; use a state saved from this model")
         return
     _check_consistent(path, shapes)
-    declared = sum(math.prod(shapes[n]) * headers[n][2].itemsize for n in ARRAYS)
+    declared = sum(npz.header(name).nbytes for name in ARRAYS)
     on_disk = path.stat().st_size
     if declared > MAX_EXPANSION * on_disk:
         raise CheckpointError(f"{path} declares {declared:,} bytes of state in a {on_disk:,}-byte "
@@ -192,32 +160,3 @@ def _check_consistent(path, shapes):
     if not ok:
         raise CheckpointError(f"{path}: att_shift {att}, wkv {wkv} and ffn_shift {ffn} are not "
                               f"the (L, C), (L, H, N, N), (L, C) of one model; {AGAIN}")
-
-
-def _data(path, archive, info, header):
-    """A member's array: exactly the bytes its header declares (already checked), read after the
-    header, as a writable native-endian array."""
-    shape, fortran, dtype, offset = header
-    nbytes = math.prod(shape) * dtype.itemsize
-    if info.file_size != offset + nbytes:
-        raise CheckpointError(f"{path}: {info.filename} holds {info.file_size - offset:,} bytes "
-                              f"of data, its header declares {nbytes:,}; {AGAIN}")
-    with archive.open(info) as fp:           # read from the start to the end, never seek: the
-        fp.read(offset)                      # CRC-32 is checked when a member is read through
-        data = fp.read(nbytes)
-        if len(data) != nbytes:
-            raise CheckpointError(f"{path}: {info.filename} is truncated ({len(data):,} of "
-                                  f"{nbytes:,} bytes); {AGAIN}")
-        fp.read(1)
-    array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
-    if array.dtype.kind == "U":
-        return array
-    array = np.array(array, dtype=dtype.newbyteorder("="), order="C")   # own, writable copy
-    if not np.isfinite(array).all():
-        raise CheckpointError(f"{path}: {info.filename[:-4]} holds NaN or infinite values; "
-                              f"{AGAIN} from a state that is finite")
-    return array
-
-
-def _oneline(error):
-    return " ".join(str(error).split()) or type(error).__name__
