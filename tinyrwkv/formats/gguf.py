@@ -184,7 +184,12 @@ class GGUFTensors:
             return raw.view("<f2").astype(np.float32)
         if t.type_name == "bf16":
             return bf16_to_float32(raw.view("<u2"))
-        values = self.gguf.quants.dequantize(raw, self.gguf.GGMLQuantizationType(t.type_id))
+        try:
+            values = self.gguf.quants.dequantize(raw, self.gguf.GGMLQuantizationType(t.type_id))
+        except NotImplementedError:                   # an older gguf without this dequantiser
+            raise CheckpointError(f"{self.path}: the installed gguf package cannot dequantise "
+                                  f"{t.type_name} (tensor {t.name}); upgrade it: "
+                                  "pip install -U gguf") from None
         return values.astype(np.float32, copy=False)
 
 
@@ -225,8 +230,8 @@ def open_gguf(path):
     header = read_gguf_header(path)
     arch, kind = header.string("general.architecture"), header.string("general.type")
     if arch != ARCH:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r}; tinyrwkv reads RWKV-7 "
-                              f"('{ARCH}') GGUFs only")
+        what = f"GGUF architecture {arch!r}" if arch else "a GGUF without general.architecture"
+        raise CheckpointError(f"{path}: {what}; tinyrwkv reads RWKV-7 ('{ARCH}') GGUFs only")
     if kind == "adapter":
         raise CheckpointError(f"{path} is a llama.cpp LoRA adapter, not a model: merge it into "
                               "its base model with `tinyrwkv merge-lora BASE ADAPTER.gguf OUT`")

@@ -77,8 +77,8 @@ def read_tokenizer(header, vocab_rows):
         if values is not None and len(values) != len(tokens):
             raise _vocab_error(path, f"{len(values)} entries in {key} for {len(tokens)} tokens")
     if model == "rwkv":
-        from ..tokenizer import WorldTokenizer
-        world = WorldTokenizer()
+        from ..tokenizer import _packaged_world_tokenizer     # the one instance, shared
+        world = _packaged_world_tokenizer()
         if world.max_id >= vocab_rows:
             raise _vocab_error(path, f"the World vocabulary (tokenizer model 'rwkv', ids up to "
                                      f"{world.max_id}) for an embedding of {vocab_rows} rows")
