@@ -157,11 +157,13 @@ class GGUFHeader:
 
 
 def _type_name(code):
-    names = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool",
-             8: "a string", 10: "u64", 11: "i64", 12: "f64"}
+    """A value type for messages: "a u32", "a string", "an array of strings"."""
+    names = {0: "a u8", 1: "an i8", 2: "a u16", 3: "an i16", 4: "a u32", 5: "an i32",
+             6: "an f32", 7: "a bool", 8: "a string", 9: "an array", 10: "a u64", 11: "an i64",
+             12: "an f64"}
     if isinstance(code, tuple):
-        return f"an array of {_type_name(code[1])}"
-    return names.get(code, f"type {code}")
+        return f"an array of {names.get(code[1], code[1]).split()[-1]}s"
+    return names.get(code, f"value type {code}")
 
 
 class _Cursor:
