@@ -291,8 +291,8 @@ def cmd_info(args):
                             carried=source.tokenizer).name
     except TokenizerError as e:
         tok = f"unknown ({e})"
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else \
-        path.stat().st_size
+    files = getattr(source, "files", None) or [path]          # a folder: the shards it reads
+    size = sum(Path(f).stat().st_size for f in files)
     rows = [
         ("file", f"{path} ({size / 1e6:.1f} MB)"),
         ("format", source.description),

@@ -119,18 +119,53 @@ def x070_shapes(n_layer, n_embd, vocab_size, head_size=64, dim_ffn=None, ranks=N
     return shapes
 
 
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+def layer_count(keys, prefix="blocks.", source=None):
+    """L, the number of layers that keys named `{prefix}{i}.…` describe: 1 + the largest i (0 if
+    there is none).
+
+    Everything that builds the per-layer key list (x070_shapes, the GGUF and fla tables) builds
+    L layers of it, so L is bounded here by the keys actually present, before anything is built:
+    a layer number must be a plain decimal ("7", not "07") below the number of keys that name a
+    layer. One stray key `blocks.100000000.att.x_r` in a small file would otherwise make the
+    schema list 100 million layers (gigabytes) before reporting the key. A gap inside that bound
+    (a layer missing) is left to the shape checks, which list its missing keys.
+    Raises CheckpointError naming the key and `source`.
+    """
+    pattern = re.compile(re.escape(prefix) + r"([0-9]+)\.")
+    layered = [(m.group(1), key) for key in keys if (m := pattern.match(key))]
+    largest = -1
+    for digits, key in layered:
+        if len(digits) > len(str(len(layered))) or (digits != "0" and digits.startswith("0")) or \
+                int(digits) >= len(layered):
+            raise CheckpointError(
+                f"{source or 'the checkpoint'} has a stray key {key!r}: layer {digits} of a file "
+                f"with only {len(layered)} keys that name a layer (layers are numbered {prefix}0., "
+                f"{prefix}1., … in order); the file is damaged or was edited: remove the key, or "
+                "re-convert the model from the original")
+        largest = max(largest, int(digits))
+    return largest + 1
 
 
-def sizes_from_shapes(shapes):
+def _two_d(shapes, key, source):
+    """The (rows, cols) of a tensor that must be a matrix, or a CheckpointError saying so."""
+    shape = shapes.get(key)
+    if shape is None or len(shape) != 2:
+        raise CheckpointError(f"{source or 'the checkpoint'} is not an RWKV-7 x070 model: its "
+                              f"sizes are read from {key}, which is "
+                              f"{'missing' if shape is None else f'{tuple(shape)}, not 2-D'}; "
+                              "use an official RWKV-7 checkpoint")
+    return shape
+
+
+def sizes_from_shapes(shapes, source=None):
     """A ModelSize read from {official key: shape} (R5): V, C from emb.weight; H, N from
-    blocks.0.att.r_k; L from the largest block index; F from ffn.key.weight rows; the ranks
-    from the columns of w1/a1/g1 and of v1 in layer 1 (layer 0's is unused); D from ffn.s1.
-    A size whose tensor is missing or not 2-D is None. emb.weight and r_k must be 2-D."""
-    emb, r_k = shapes["emb.weight"], shapes["blocks.0.att.r_k"]
-    V, C = emb
-    N = r_k[1]
-    L = 1 + max((int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))), default=0)
+    blocks.0.att.r_k; L from the block numbers (layer_count: bounded by the keys present); F from
+    ffn.key.weight rows; the ranks from the columns of w1/a1/g1 and of v1 in layer 1 (layer 0's
+    is unused); D from ffn.s1. A size whose tensor is missing or not 2-D is None. emb.weight and
+    r_k must be 2-D (CheckpointError naming `source` otherwise)."""
+    V, C = _two_d(shapes, "emb.weight", source)
+    N = _two_d(shapes, "blocks.0.att.r_k", source)[1]
+    L = layer_count(shapes, "blocks.", source)
 
     def dim(key, axis):
         shape = shapes.get(key)
@@ -161,7 +196,11 @@ def check_x070_keys(weights, source=None):
     if H * N != C:
         raise CheckpointError(f"{source} is inconsistent: blocks.0.att.r_k is ({H}, {N}) but "
                               f"emb.weight has C = {C} != {H} x {N}; the file is damaged or not RWKV-7")
-    size = sizes_from_shapes(shapes)
+    if min(V, H, N) < 1:
+        raise CheckpointError(f"{source} is not an RWKV-7 x070 model: emb.weight is {emb} and "
+                              f"blocks.0.att.r_k is {r_k}, so it has an empty vocabulary, width or "
+                              "head; the file is damaged: use an official RWKV-7 checkpoint")
+    size = sizes_from_shapes(shapes, source)
     expected = size.shapes(layer0_v=False)
 
     def fits(key, got):    # a size of None (unreadable from the file) matches any

@@ -19,9 +19,15 @@ here, so they accept the same files and see the same tensors. Layouts: docs/form
 
 Layout of this package: numerics.py (element types, bf16), progress.py, container.py (plans,
 sniffing), pth.py, safetensors.py, reading.py (containers -> arrays, threaded), source.py (the
-TensorSource interface), renamed.py (other tools' names), hf.py, gguf.py (+ gguf_vocab.py),
-lora.py (LoRA and state-tuning files), state_file.py (tinyrwkv state .npz files). Every writer
-here writes through tinyrwkv/files.py (atomic).
+TensorSource interface), renamed.py (other tools' names), hf.py, gguf.py (+ gguf_header.py, our
+bounded header parser, and gguf_vocab.py), lora.py (LoRA and state-tuning files), state_file.py
+(tinyrwkv state .npz files) and npz.py (checked .npz reading). Every writer here writes through
+tinyrwkv/files.py (atomic).
+
+Hostile files: only regular files are opened (container.regular_file: a FIFO or a device is
+refused from os.stat), every count and offset a header declares is checked against the file
+before anything is allocated, layer numbers are bounded by the keys present
+(schema.layer_count), and metadata that disagrees with the tensors' shapes is an error.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ file (resolve_model_path) and sniffing its format from its first bytes (sniff).
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,34 +80,70 @@ def is_contiguous(shape, stride):
 
 def resolve_model_path(path):
     """The file (or folder) to open. Like the official package, accept a path given without its
-    '.pth' (or '.safetensors', '.gguf'); a folder must be a Hugging Face / fla model folder."""
+    '.pth' (or '.safetensors', '.gguf'); a folder must be a Hugging Face / fla model folder.
+    Anything else that exists (a FIFO, a device, a socket) is refused here, before it is opened:
+    reading a FIFO would block forever, a device never ends (regular_file)."""
     path = Path(path).expanduser()
-    if path.is_file():
+    kind = _kind(path)
+    if kind == "file":
         return path
+    if kind == "other":
+        regular_file(path)                  # raises, naming what the path is
     for suffix in (".pth", ".safetensors", ".gguf"):
         candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
+        if _kind(candidate) == "file":
             return candidate
-    if path.is_dir():
+    if kind == "dir":
         if any(path.glob("*.safetensors")):
             return path                     # a Hugging Face / fla model (or PEFT adapter) folder
-        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it "
-                              "(a .pth, .safetensors or .gguf file), or a Hugging Face model "
-                              "folder (config.json and .safetensors files)")
+        raise CheckpointError(_directory_message(path))
     raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
 
 
-def read_head(path, n=512):
-    """(first n bytes, file size), or a CheckpointError saying why the file cannot be opened."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it "
-                              "(a .pth, .safetensors or .gguf file), or a Hugging Face model "
-                              "folder (config.json and .safetensors files)")
+def _kind(path):
+    """"file", "dir", "other" (FIFO, device, socket) or None (absent) for `path`, by os.stat:
+    the file type, never by opening it."""
     try:
-        size = path.stat().st_size
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):           # absent, a broken link, a NUL in the name
+        return None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def _directory_message(path):
+    return (f"{path} is a directory; give the checkpoint file inside it (a .pth, .safetensors "
+            "or .gguf file), or a Hugging Face model folder (config.json and .safetensors files)")
+
+
+def regular_file(path):
+    """The size of `path`, after checking (os.stat, not open) that it is a regular file: a FIFO
+    would block the reader forever and a device (/dev/zero) never ends, so neither is opened.
+    CheckpointError, naming the path and what it is, otherwise."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(_directory_message(path))
+    if not stat.S_ISREG(info.st_mode):
+        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
+                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
+                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        raise CheckpointError(f"{path} is {what}, not a regular file: tinyrwkv reads model files "
+                              "only (a pipe or device could block or never end); save the data to "
+                              "a file and give that")
+    return info.st_size
+
+
+def read_head(path, n=512):
+    """(first n bytes, file size) of a regular file (regular_file), or a CheckpointError saying
+    why it cannot be opened."""
+    path = Path(path)
+    size = regular_file(path)
+    try:
         with open(path, "rb") as f:
             head = f.read(n)
     except OSError as e:

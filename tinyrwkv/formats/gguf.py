@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp's format) in and out for RWKV-7, through the `gguf` package (pip install gguf).
+"""GGUF (llama.cpp's format) in and out for RWKV-7: read by our own header parser, written (and
+quantised tensors decoded) with the `gguf` package (pip install gguf).
 
     source = open_gguf("model.gguf")      # a TensorSource: official keys, nothing read yet
     source.read("blocks.0.att.key.weight")                 # float32 (C, C), dequantised
@@ -12,8 +13,17 @@ requires layer-0 v tensors, although layer 0 never uses them. Those copies have 
 Dv (0.1B: Da = 64, Dv = 32), so the reader drops them: a model read from a GGUF has no layer-0
 v0/v1/v2, like one read from fla, and validates and converts like any other.
 
-Quantised tensors (q8_0, q4_0, ...) are widened to float32 by `read`: no backend computes on them
-yet. `quantized(key)` gives a tensor's blocks as stored, for a backend that will.
+Reading: the header through our own bounded parser (formats/gguf_header.py: every count and
+offset checked against the file before anything is allocated; the `gguf` package's GGUFReader
+never sees the file), then the metadata checked against the tensors' shapes, which are the truth:
+block_count, embedding_length, feed_forward_length and the LoRA ranks must agree with them.
+The head size is the exception: llama.cpp flattens r_k (H, N) to (C,), so rwkv7.wkv.head_size is
+the only place N is written and **it cannot be cross-checked** (it must divide C; a wrong divisor,
+head_size=16 on a model with heads of 32, loads as a different model).
+
+Quantised tensors (q8_0, q4_0, K-quants) are widened to float32 by `read` with the `gguf`
+package's dequantisers (f32/f16/bf16 need no package): no backend computes on them yet.
+`quantized(key)` gives a tensor's blocks as stored, for a backend that will.
 Reading uses plain file reads, one tensor at a time, and writing uses the gguf package's
 streaming mode (tensor infos first, then each tensor's data as it is made), so converting to or
 from GGUF holds one tensor, not the model.
@@ -22,15 +32,18 @@ from GGUF holds one tensor, not the model.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..files import atomic_path
-from ..schema import LAYER0_UNUSED, ModelSize, sizes_from_shapes
+from ..schema import LAYER0_UNUSED, ModelSize, layer_count, sizes_from_shapes
+from .gguf_header import UNQUANTISED, read_gguf_header
 from .gguf_vocab import add_tokenizer, read_tokenizer
-from .numerics import BF16_BITS, FP32, from_float32, parse_target, result_dtype, to_bf16_bits
+from .numerics import (BF16_BITS, FP32, bf16_to_float32, from_float32, parse_target,
+                       result_dtype, to_bf16_bits)
 from .reading import read_exactly
 from .renamed import Renamed
 from .source import TensorInfo, as_source
@@ -56,11 +69,13 @@ LERPS = "rwkvag"                  # the order of the fused lerp's six rows
 _CHUNK_BYTES = 4 * 2**20
 
 
-def gguf_module():
+def gguf_module(what="GGUF files"):
+    """The `gguf` package (quantised tensors and writing need it), or a CheckpointError saying
+    how to install it: `what` names what needs it."""
     try:
         import gguf
     except ImportError as e:
-        raise CheckpointError("GGUF files need the `gguf` package: pip install gguf "
+        raise CheckpointError(f"{what} need the `gguf` package: pip install gguf "
                               "(or pip install -e '.[gguf]')") from e
     return gguf
 
@@ -89,6 +104,24 @@ def gguf_table(n_layer, layer0_v=False):
     return table
 
 
+def official_gguf_name(name):
+    """The official key of a GGUF tensor stored as it is ("same" in gguf_table: not fused, not
+    transposed), or None: for adapters (formats/lora.py). Looked up in one layer's table, so a
+    name with a huge layer number costs nothing."""
+    match = re.fullmatch(r"blk\.(0|[1-9][0-9]*)\.(.+)", name)
+    if match is None:
+        return _TOP_LEVEL.get(name)
+    layer, rest = match.groups()
+    key = _SAME_IN_LAYER.get(rest)
+    return None if key is None else f"blocks.{layer}.{key}"
+
+
+_SAME_IN_LAYER = {name[len("blk.1."):]: key[len("blocks.1."):]
+                  for key, (name, how) in gguf_table(2).items()
+                  if how == "same" and name.startswith("blk.1.")}
+_TOP_LEVEL = {name: key for key, (name, how) in gguf_table(0).items() if how == "same"}
+
+
 # ---- reading ----
 
 @dataclass
@@ -107,63 +140,70 @@ class QuantizedTensor:
     transposed: bool
 
 
-class _GGUFTensors:
-    """A GGUF file's tensors by GGUF name: header from gguf.GGUFReader, data by plain reads
-    (not its memory map: mapped pages would stay in this process's memory)."""
+class GGUFTensors:
+    """A GGUF file's tensors by GGUF name: the header from our bounded parser
+    (formats/gguf_header.py), the data by plain reads (not a memory map: mapped pages would stay
+    in this process's memory). f32/f16/bf16 are decoded with NumPy; the quantised types need the
+    `gguf` package (checked when the file is opened, so a missing package is said at once)."""
 
-    def __init__(self, path, reader, gguf):
-        self.path, self.reader, self.gguf = path, reader, gguf
-        self.by_name = {t.name: t for t in reader.tensors}
+    def __init__(self, header):
+        self.path, self.by_name = header.path, header.tensors
+        quantised = sorted({t.type_name for t in self.by_name.values()} - set(UNQUANTISED))
+        self.gguf = gguf_module(f"{self.path} holds {', '.join(quantised)} tensors, which") \
+            if quantised else None
 
     def infos(self):
-        return {name: TensorInfo(_numpy_shape(t), t.tensor_type.name.lower())
-                for name, t in self.by_name.items()}
+        return {name: TensorInfo(t.shape, t.type_name) for name, t in self.by_name.items()}
 
     def read(self, name, dtype=None):
         """One tensor, read from the file _CHUNK_BYTES of rows at a time and decoded straight
         into the result: every type to float32 (quantised ones dequantised), then as `dtype`
         asks; stored bytes that already are the answer (f32 as float32, f16 as float16, bf16 as
         bf16 bits) are copied as they are."""
-        Q = self.gguf.GGMLQuantizationType
         t, target = self.by_name[name], parse_target(dtype)
-        shape = _numpy_shape(t)
-        byte_shape = self.gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
-        exact = _exact_view(t.tensor_type, target, Q)
-        out = np.empty(shape, exact or result_dtype(FP32, target))
-        rows = out.reshape(-1, shape[-1])                           # (R, cols)
-        row_bytes = byte_shape[-1]
+        exact = _exact_view(t.type_name, target)
+        out = np.empty(t.shape, exact or result_dtype(FP32, target))
+        rows = out.reshape(-1, t.shape[-1])                         # (R, cols)
+        row_bytes = t.row_bytes
         step = max(1, _CHUNK_BYTES // row_bytes)
         buffer = np.empty(min(step, rows.shape[0]) * row_bytes, np.uint8)
         with open(self.path, "rb", buffering=0) as f:
             for i in range(0, rows.shape[0], step):
                 n = min(step, rows.shape[0] - i)
                 raw = buffer[: n * row_bytes]
-                read_exactly(f, self.path, t.data_offset + i * row_bytes, raw)
+                read_exactly(f, self.path, t.offset + i * row_bytes, raw)
                 raw = raw.reshape(n, row_bytes)                     # (n, bytes per row)
-                if exact:
-                    rows[i: i + n] = raw.view(exact)
-                elif t.tensor_type == Q.F32:
-                    rows[i: i + n] = from_float32(raw.view("<f4"), target)
-                else:
-                    values = self.gguf.quants.dequantize(raw, t.tensor_type)    # (n, cols)
-                    rows[i: i + n] = from_float32(values.astype(np.float32, copy=False), target)
+                rows[i: i + n] = raw.view(exact) if exact else \
+                    from_float32(self._float32(raw, t), target)
         return out
 
+    def _float32(self, raw, t):
+        """Rows of stored bytes (n, bytes per row) -> float32 values (n, cols)."""
+        if t.type_name == "f32":
+            return raw.view("<f4")
+        if t.type_name == "f16":
+            return raw.view("<f2").astype(np.float32)
+        if t.type_name == "bf16":
+            return bf16_to_float32(raw.view("<u2"))
+        try:
+            values = self.gguf.quants.dequantize(raw, self.gguf.GGMLQuantizationType(t.type_id))
+        except NotImplementedError:                   # an older gguf without this dequantiser
+            raise CheckpointError(f"{self.path}: the installed gguf package cannot dequantise "
+                                  f"{t.type_name} (tensor {t.name}); upgrade it: "
+                                  "pip install -U gguf") from None
+        return values.astype(np.float32, copy=False)
 
-def _exact_view(ggml_type, target, Q):
+
+def _exact_view(type_name, target):
     """The stored element type when the stored bytes already are what `target` asks for."""
     floating = target is not None and target is not BF16_BITS
-    if ggml_type == Q.BF16 and target is BF16_BITS:
+    if type_name == "bf16" and target is BF16_BITS:
         return np.dtype("<u2")
-    if ggml_type == Q.F16 and floating and target == np.float16:
+    if type_name == "f16" and floating and target == np.float16:
         return np.dtype("<f2")
-    if ggml_type == Q.F32 and (target is None or floating and target == np.float32):
+    if type_name == "f32" and (target is None or floating and target == np.float32):
         return np.dtype("<f4")
     return None
-
-
-def _numpy_shape(t):
-    return tuple(int(d) for d in reversed(t.shape.tolist()))     # GGUF ne is innermost first
 
 
 class GGUFModel(Renamed):
@@ -178,58 +218,102 @@ class GGUFModel(Renamed):
         if isinstance(how, tuple):
             raise ValueError(f"{key} is row {how[1]} of {name}, not a tensor of its own")
         t = self.raw.by_name[name]
-        gguf = self.raw.gguf
-        shape = _numpy_shape(t)
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
-        blocks = np.memmap(self.path, np.uint8, "r", offset=t.data_offset, shape=byte_shape)
-        return QuantizedTensor(name, t.tensor_type.name.lower(), shape, blocks, how == "T")
+        rows = math.prod(t.shape[:-1])
+        blocks = np.memmap(self.path, np.uint8, "r", offset=t.offset, shape=(rows, t.row_bytes))
+        return QuantizedTensor(name, t.type_name, t.shape, blocks, how == "T")
 
 
 def open_gguf(path):
     """An RWKV7 GGUF (ours, or llama.cpp's converter's) as a GGUFModel with official keys, and
-    the vocabulary it carries as its tokenizer. Reads only the header."""
-    gguf = gguf_module()
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
-                              "it may be cut short: re-download it") from e
-
-    def value(key):
-        f = reader.fields.get(key)
-        if f is None or not f.data:
-            return None
-        v = f.parts[f.data[0]]
-        return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
-
-    arch, kind = value("general.architecture"), value("general.type")
+    the vocabulary it carries as its tokenizer. Reads only the header (gguf_header.py: every
+    count and offset checked against the file), then checks the metadata against the tensors'
+    shapes (_sizes): the shapes are the truth, metadata that disagrees is an error."""
+    header = read_gguf_header(path)
+    arch, kind = header.string("general.architecture"), header.string("general.type")
     if arch != ARCH:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r}; tinyrwkv reads RWKV-7 "
-                              f"('{ARCH}') GGUFs only")
+        what = f"GGUF architecture {arch!r}" if arch else "a GGUF without general.architecture"
+        raise CheckpointError(f"{path}: {what}; tinyrwkv reads RWKV-7 ('{ARCH}') GGUFs only")
     if kind == "adapter":
         raise CheckpointError(f"{path} is a llama.cpp LoRA adapter, not a model: merge it into "
                               "its base model with `tinyrwkv merge-lora BASE ADAPTER.gguf OUT`")
-    raw = _GGUFTensors(path, reader, gguf)
-    size = _sizes(raw.infos(), value(f"{ARCH}.wkv.head_size"), path)
+    raw = GGUFTensors(header)
+    size = _sizes(raw.infos(), header, path)
     ignored = {f"blk.0.time_mix_v{n}.weight" for n in "012"}       # llama.cpp's dummies
     return GGUFModel(path, "GGUF (llama.cpp rwkv7)", gguf_table(size.n_layer),
-                     size.shapes(layer0_v=False), raw, ignored, read_tokenizer(reader, value))
+                     size.shapes(layer0_v=False), raw, ignored,
+                     read_tokenizer(header, size.vocab_size))
 
 
-def _sizes(infos, head_size, path):
-    """The model's sizes from the GGUF's shapes (R5); N from metadata, since r_k is flattened."""
-    rows = lambda name: infos[name].shape[0]
-    try:
-        if not head_size:
-            raise KeyError(f"{ARCH}.wkv.head_size (metadata)")
-        L = 1 + max(int(k.split(".")[1]) for k in infos if k.startswith("blk."))
-        V, C = infos["token_embd.weight"].shape
-        lora = lambda x, i: rows(f"blk.{i}.time_mix_{x}1.weight")
-        ranks = (lora("w", 0), lora("a", 0), lora("v", 1) if L > 1 else None, lora("g", 0))
-        return ModelSize(L, C, V, int(head_size), rows("blk.0.channel_mix_key.weight"), ranks)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is an rwkv7 GGUF without {e}, which gives the model's "
-                              "sizes; the file is damaged or incomplete: re-convert it") from e
+def _sizes(infos, header, path):
+    """The model's sizes from the GGUF's tensor shapes (R5), each metadata size checked against
+    them (_check_metadata).
+
+    The one exception is the head size N: llama.cpp's layout flattens r_k (H, N) to (C,), and no
+    other tensor has H or N in its shape (k_k, ln_x, ... are all (C,)), so N comes from
+    rwkv7.wkv.head_size and **cannot be cross-checked**: it must be a positive divisor of C, but
+    a wrong one (head_size=16 on a model trained with heads of 32) loads as 4x16 heads and
+    computes a different model. Only the file's converter can vouch for it."""
+    L = layer_count(infos, "blk.", path)
+    V, C = _matrix(infos, "token_embd.weight", path)
+    D = lambda x, i: _matrix(infos, f"blk.{i}.time_mix_{x}1.weight", path)[0]   # (D, C)
+    ranks = (D("w", 0), D("a", 0), D("v", 1) if L > 1 else None, D("g", 0))
+    F = _matrix(infos, "blk.0.channel_mix_key.weight", path)[0]
+    N = _head_size(header, C, path)
+    _check_metadata(header, path, {"block_count": L, "embedding_length": C,
+                                   "feed_forward_length": F,
+                                   "attention.decay_lora_rank": ranks[0],
+                                   "attention.iclr_lora_rank": ranks[1],
+                                   "attention.value_residual_mix_lora_rank": ranks[2],
+                                   "attention.gate_lora_rank": ranks[3]})
+    return ModelSize(L, C, V, N, F, ranks)
+
+
+def _matrix(infos, name, path):
+    """The NumPy shape of a tensor that must be 2-D, or a CheckpointError naming it."""
+    info = infos.get(name)
+    if info is None or len(info.shape) != 2:
+        problem = "no tensor " + name if info is None else f"{name} of shape {info.shape}, not 2-D"
+        raise CheckpointError(f"{path} is an rwkv7 GGUF with {problem}, which gives the model's "
+                              "sizes; the file is damaged or incomplete: re-convert it")
+    return info.shape
+
+
+def _head_size(header, C, path):
+    """rwkv7.wkv.head_size: present, a positive integer dividing C (all that can be checked:
+    _sizes)."""
+    key = f"{ARCH}.wkv.head_size"
+    N = header.integer(key)
+    if N is None:
+        problem = f"no {key}"
+    elif N <= 0:
+        problem = f"{key} = {N}"
+    elif C % N:
+        problem = f"{key} = {N}, which does not divide the width C = {C} into heads"
+    else:
+        return N
+    raise CheckpointError(f"{path} is an rwkv7 GGUF with {problem}; the head size is read from "
+                          "this metadata (llama.cpp's layout flattens r_k), so the file is "
+                          "damaged or incomplete: re-convert it")
+
+
+def _check_metadata(header, path, sizes):
+    """Each rwkv7.<key> the file has must equal the size its tensors show (`sizes`: key ->
+    size, None where the tensors do not show it: Dv of a one-layer model). block_count must be
+    there (llama.cpp sizes its model by it); the others are checked where present."""
+    key = f"{ARCH}.block_count"
+    if not header.integer(key):
+        raise CheckpointError(f"{path} is an rwkv7 GGUF without a positive {key} (it has "
+                              f"{header.metadata.get(key)!r}); the file is damaged or "
+                              "incomplete: re-convert it")
+    wrong = []
+    for name, size in sizes.items():
+        value = header.integer(f"{ARCH}.{name}")
+        if value is not None and size is not None and value != size:
+            wrong.append(f"{ARCH}.{name} = {value} but the tensors say {size}")
+    if wrong:
+        raise CheckpointError(f"{path}: its GGUF metadata disagrees with its tensor shapes: "
+                              f"{'; '.join(wrong)}. The shapes are the model, so the file is "
+                              "damaged or was edited: re-convert it")
 
 
 # ---- writing ----

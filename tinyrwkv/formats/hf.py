@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..files import atomic_folder
-from ..schema import ModelSize, sizes_from_shapes
+from ..schema import ModelSize, layer_count, sizes_from_shapes
+from .container import regular_file
 from .reading import Container
 from .renamed import Renamed
 from .safetensors import write_safetensors
@@ -74,21 +76,45 @@ def is_hf(keys):
 
 
 def official_name(fla_name):
-    """The official key for a fla tensor name (None if it has none): for adapters (formats/lora.py)."""
-    layer = fla_name.split(".")[2] if fla_name.startswith("model.layers.") else "0"
-    n_layer = int(layer) + 1 if layer.isdigit() else 1
-    inverse = {name: key for key, (name, _) in fla_table(n_layer).items()}
-    return inverse.get(fla_name)
+    """The official key for a fla tensor name (None if it has none): for adapters (formats/lora.py).
+    Looked up in the table of one layer, so a name with a huge layer number costs nothing."""
+    match = re.fullmatch(r"model\.layers\.(0|[1-9][0-9]*)\.(.+)", fla_name)
+    if match is None:
+        return _TOP_LEVEL.get(fla_name)
+    layer, rest = match.groups()
+    key = (_LAYER_0 if layer == "0" else _LAYER_N).get(rest)
+    return None if key is None else f"blocks.{layer}.{key}"
+
+
+def _layer_names(table, i):
+    """{fla name inside layer i: official name inside block i} from a table."""
+    h, b = f"model.layers.{i}.", f"blocks.{i}."
+    return {name[len(h):]: key[len(b):] for key, (name, _) in table.items()
+            if name.startswith(h) and key.startswith(b)}
+
+
+_LAYER_0, _LAYER_N = _layer_names(fla_table(2), 0), _layer_names(fla_table(2), 1)
+_TOP_LEVEL = {name: key for key, (name, _) in fla_table(0).items()}
 
 
 class _Shards:
-    """The safetensors files of a model (one, or a folder's shards) as one set of tensors."""
+    """The safetensors files of a model (one, or a folder's shards) as one set of tensors. A
+    name in two files (after the "rwkv7." prefix some exports add is stripped) is an error:
+    which copy is the model cannot be known."""
 
-    def __init__(self, files, strip_prefix="rwkv7."):
+    def __init__(self, path, files, strip_prefix="rwkv7."):
         self.where = {}
+        self.files = [c.path for c in files]
         for container in files:
             for name in container.tensors():
-                self.where[name.removeprefix(strip_prefix)] = (container, name)
+                short = name.removeprefix(strip_prefix)
+                if short in self.where:
+                    other = self.where[short][0].path
+                    raise CheckpointError(
+                        f"{path}: the tensor {short!r} is in both {other.name} and "
+                        f"{container.path.name}; a model has each tensor once: remove the stray "
+                        "file (or fix model.safetensors.index.json)")
+                self.where[short] = (container, name)
 
     def infos(self):
         return {name: c.tensors()[stored] for name, (c, stored) in self.where.items()}
@@ -100,45 +126,128 @@ class _Shards:
 
 def _sizes(infos, path):
     """The model's sizes from fla's shapes (R5): V, C from the embedding, H, N from r_k, F from
-    ffn.key, the ranks from the rows of each lora.0 (Dv from layer 1: layer 0 has none)."""
-    def rows(name):
-        return infos[name].shape[0]
-    try:
-        L = 1 + max(int(k.split(".")[2]) for k in infos if k.startswith("model.layers."))
-        V, C = infos["model.embeddings.weight"].shape
-        H, N = infos["model.layers.0.attn.r_k"].shape
-        lora = lambda x, i: rows(f"model.layers.{i}.attn.{x}_lora.lora.0.weight")
-        ranks = (lora("w", 0), lora("a", 0), lora("v", 1) if L > 1 else None, lora("g", 0))
-        return ModelSize(L, C, V, N, rows("model.layers.0.ffn.key.weight"), ranks)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} has fla names but lacks a tensor that gives an RWKV-7 "
-                              f"model's sizes ({type(e).__name__}: {e}); it needs "
-                              "model.embeddings.weight, attn.r_k (H, N), ffn.key.weight and the "
-                              "lora.0 matrices: re-convert it from the original model") from e
+    ffn.key, the ranks from the rows of each lora.0 (Dv from layer 1: layer 0 has none). L from
+    the layer numbers, bounded by the tensors present (schema.layer_count)."""
+    def matrix(name):
+        info = infos.get(name)
+        if info is None or len(info.shape) != 2:
+            what = "it is missing" if info is None else f"it is {info.shape}, not 2-D"
+            raise CheckpointError(f"{path} has fla names but is not a complete RWKV-7 model: "
+                                  f"the sizes are read from {name}, and {what}; it needs "
+                                  "model.embeddings.weight, attn.r_k (H, N), ffn.key.weight and "
+                                  "the lora.0 matrices: re-convert it from the original model")
+        return info.shape
+    L = layer_count(infos, "model.layers.", path)
+    V, C = matrix("model.embeddings.weight")
+    H, N = matrix("model.layers.0.attn.r_k")
+    lora = lambda x, i: matrix(f"model.layers.{i}.attn.{x}_lora.lora.0.weight")[0]
+    ranks = (lora("w", 0), lora("a", 0), lora("v", 1) if L > 1 else None, lora("g", 0))
+    return ModelSize(L, C, V, N, matrix("model.layers.0.ffn.key.weight")[0], ranks)
 
 
 def open_fla(path, containers, tokenizer=None):
     """A Renamed source over fla-named safetensors (a folder's files, or one file)."""
-    shards = _Shards(containers)
+    shards = _Shards(path, containers)
     infos = shards.infos()
     size = _sizes(infos, path)
     shapes = size.shapes(layer0_v=False)
     fmt = "Hugging Face / fla folder" if Path(path).is_dir() else "safetensors with fla names"
-    return Renamed(path, fmt, fla_table(size.n_layer), shapes, shards, tokenizer=tokenizer)
+    source = Renamed(path, fmt, fla_table(size.n_layer), shapes, shards, tokenizer=tokenizer)
+    source.files = shards.files
+    return source
 
 
 def open_folder(path):
-    """A Hugging Face / fla model folder: config.json, *.safetensors, maybe tokenizer.json."""
+    """A Hugging Face / fla model folder: config.json, the safetensors files its index names
+    (shard_files), maybe tokenizer.json."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files in this folder; a Hugging Face / "
-                              "fla model folder has config.json and model*.safetensors")
+    files = shard_files(path)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from ..tokenizer import HFTokenizer
         tokenizer = HFTokenizer(path / "tokenizer.json")
-    return open_fla(path, [Container(f) for f in files], tokenizer)
+    containers = [Container(f) for f in files]
+    check_index(path, containers)
+    return open_fla(path, containers, tokenizer)
+
+
+INDEX = "model.safetensors.index.json"
+# The largest index file read: real ones are tens of kB (a name and a file name per tensor);
+# this bound keeps a crafted one from costing more than a glance.
+MAX_INDEX_BYTES = 64 * 2**20
+
+
+def shard_files(folder, single="model.safetensors", index_name=INDEX):
+    """The safetensors files that hold a folder's model, as transformers picks them: with
+    `index_name`, exactly the shards its weight_map names (each must exist; a stray backup
+    `*.safetensors` beside them is not read); without one, `single` alone, or the folder's only
+    *.safetensors. Several unindexed files are an error naming them: merging them could let a
+    stray copy replace weights. (After reading, the index's tensor -> shard map is checked
+    against the shards: check_index.)"""
+    folder = Path(folder)
+    index = folder / index_name
+    if index.exists():
+        return [folder / name for name in sorted(set(_weight_map(index).values()))]
+    if (folder / single).is_file():
+        return [folder / single]
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors files in this folder; a Hugging Face / "
+                              f"fla model folder has config.json and {single}")
+    names = ", ".join(f.name for f in files[:6]) + (" …" if len(files) > 6 else "")
+    raise CheckpointError(f"{folder} has {len(files)} .safetensors files ({names}) and no "
+                          f"{index_name} saying which hold the model; keep the model's files "
+                          f"only, or add the index (as transformers' save_pretrained writes it)")
+
+
+def _weight_map(index):
+    """{tensor name: shard file name} from a safetensors index, checked: a JSON object with a
+    "weight_map" object of strings, each a plain file name in the index's folder (never a path
+    elsewhere) that exists."""
+    size = regular_file(index)
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index} is {size:,} bytes, far more than any safetensors index "
+                              "(a name per tensor); the file is damaged: re-download it")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index} is not valid JSON ({type(e).__name__}: {e}); "
+                              "re-download it") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard file names; "
+                              "re-download it")
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file name "
+                                  "in its folder; re-download the index")
+        if not (index.parent / shard).exists():
+            raise CheckpointError(f"{index.parent}: the shard {shard} named in {index.name} is "
+                                  "missing; download it (or every shard again)")
+    return weight_map
+
+
+def check_index(folder, containers, index_name=INDEX):
+    """When the folder has an index: every tensor it lists is in the shard it names, and every
+    tensor of those shards is listed (the index is the model's table of contents)."""
+    index = Path(folder) / index_name
+    if not index.exists():
+        return
+    weight_map = _weight_map(index)
+    for container in containers:
+        held = set(container.tensors())
+        listed = {name for name, shard in weight_map.items() if shard == container.path.name}
+        for names, problem in ((listed - held, f"listed in {index.name} for {container.path.name} "
+                                               "but not in it"),
+                               (held - listed, f"in {container.path.name} but listed in "
+                                               f"{index.name} for another shard or not at all")):
+            if names:
+                shown = ", ".join(sorted(names)[:3]) + (" …" if len(names) > 3 else "")
+                raise CheckpointError(f"{folder}: {len(names)} tensors {problem} ({shown}); the "
+                                      "index and its shards disagree: re-download the folder")
 
 
 def hf_config(size):

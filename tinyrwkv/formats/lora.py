@@ -23,9 +23,10 @@ import numpy as np
 from ..checks import check_float
 from ..errors import CheckpointError
 from ..model import State
-from .container import resolve_model_path
-from .gguf import gguf_module, gguf_table
-from .hf import official_name
+from .container import read_head, resolve_model_path
+from .gguf import GGUFTensors, official_gguf_name
+from .gguf_header import read_gguf_header
+from .hf import official_name, shard_files
 from .reading import read_checkpoint
 from .source import InMemory, TensorInfo, TensorSource
 
@@ -109,9 +110,8 @@ def read_adapter(path):
     if path.is_dir():
         lora, alpha = _read_peft_folder(path)
     else:
-        with open(path, "rb") as f:
-            is_gguf = f.read(4) == b"GGUF"
-        if is_gguf:
+        head, size = read_head(path, 4)
+        if head == b"GGUF":
             lora, alpha = _read_gguf_adapter(path)
         else:
             tensors = read_checkpoint(path, dtype="float32", progress=False)
@@ -141,41 +141,49 @@ def _official(key, path):
 
 
 def _read_peft_folder(path):
-    files = sorted(path.glob("adapter_model*.safetensors")) or sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no adapter_model.safetensors in this folder (a PEFT "
-                              "adapter folder has adapter_config.json and adapter_model.safetensors)")
+    """A PEFT adapter folder: adapter_model.safetensors (or the folder's only .safetensors:
+    hf.shard_files, so a stray copy beside it is never merged in) and adapter_config.json."""
     lora = {}
-    for f in files:
+    for f in shard_files(path, single="adapter_model.safetensors",
+                         index_name="adapter_model.safetensors.index.json"):
         lora.update({_official(k, f): v
                      for k, v in read_checkpoint(f, dtype="float32", progress=False).items()})
     config = path / "adapter_config.json"
-    alpha = json.loads(config.read_text()).get("lora_alpha") if config.is_file() else None
-    return lora, alpha
+    return lora, (_peft_alpha(config) if config.is_file() else None)
+
+
+def _peft_alpha(config):
+    """lora_alpha from a PEFT adapter_config.json (None if it has none)."""
+    try:
+        data = json.loads(config.read_bytes()[: 2**20].decode("utf-8"))   # a few hundred bytes
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{config} is not valid JSON ({type(e).__name__}: {e}); "
+                              "fix or remove it") from None
+    alpha = data.get("lora_alpha") if isinstance(data, dict) else None
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise CheckpointError(f"{config}: lora_alpha is {alpha!r}, not a number; fix it")
+    return alpha
 
 
 def _read_gguf_adapter(path):
-    """llama.cpp's LoRA GGUF: "<GGUF name>.lora_a" (r, in) and ".lora_b" (out, r)."""
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(str(path))
-    field = reader.fields.get("general.type")
-    if field is None or bytes(field.parts[field.data[0]]).decode() != "adapter":
+    """llama.cpp's LoRA GGUF: "<GGUF name>.lora_a" (r, in) and ".lora_b" (out, r), read with our
+    bounded header parser (formats/gguf_header.py)."""
+    header = read_gguf_header(path)
+    if header.string("general.type") != "adapter":
         raise CheckpointError(f"{path} is a GGUF model, not a LoRA adapter; give the adapter "
                               "(general.type 'adapter') as the LoRA argument")
-    layers = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
-    official = {name: key for key, (name, how) in gguf_table(layers).items() if how == "same"}
+    tensors = GGUFTensors(header)
     lora = {}
-    for t in reader.tensors:
-        stem, part = t.name.rsplit(".", 1)
-        if stem not in official or part not in ("lora_a", "lora_b"):
-            raise CheckpointError(f"{path}: adapter tensor {t.name} has no official RWKV-7 key "
+    for name in header.tensors:
+        stem, _, part = name.rpartition(".")
+        official = official_gguf_name(stem)
+        if official is None or part not in ("lora_a", "lora_b"):
+            raise CheckpointError(f"{path}: adapter tensor {name} has no official RWKV-7 key "
                                   "(tinyrwkv merges LoRA on the Linear layers)")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        lora[official[stem][: -len(".weight")] + "." + part.replace("lora_a", "lora_A").replace(
-            "lora_b", "lora_B")] = values.reshape(shape)
-    alpha = reader.fields.get("adapter.lora.alpha")
-    return lora, (float(alpha.parts[alpha.data[0]][0]) if alpha is not None else None)
+        lora[official[: -len(".weight")] + ".lora_" + part[-1].upper()] = \
+            tensors.read(name, "float32")
+    alpha = header.scalar_number("adapter.lora.alpha")
+    return lora, (float(alpha) if alpha is not None else None)
 
 
 def initial_state(tensors, config):
