@@ -6,9 +6,6 @@ The crafted pickles are written opcode by opcode with the small builder below (p
 documents each opcode), inside a torch-style zip. Files written by torch itself need torch; those
 tests skip without it.
 """
-import collections
-import io
-import math
 import os
 import pickle
 import struct
@@ -17,7 +14,6 @@ import sys
 import time
 import tracemalloc
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
@@ -83,11 +79,11 @@ def storage(key, numel, element="FloatStorage"):
     return tup(text("storage"), glob("torch", element), text(key), text("cpu"), num(numel)) + b"Q"
 
 
-def tensor(key, numel, offset, size, stride, element="FloatStorage", storage_ops=None):
+def tensor(key, numel, offset, size, stride, element="FloatStorage"):
     """_rebuild_tensor_v2(<storage>, offset, size, stride, False, OrderedDict()), as torch.save
     writes it (docs/formats.md §1.2)."""
     return call(glob("torch._utils", "_rebuild_tensor_v2"),
-                storage_ops or storage(key, numel, element), num(offset),
+                storage(key, numel, element), num(offset),
                 tup(*map(num, size)), tup(*map(num, stride)), b"\x89", ordered_dict())
 
 
@@ -685,12 +681,43 @@ def test_zip_bombs_and_lying_sizes(tmp_path):
         assert str(path) in str(error) and "\n" not in str(error)
 
 
+def overlapping_members(path, copies):
+    """Rewrite the torch zip at `path` (storage member archive/data/a) so that `copies` more
+    names, archive/data/b, c, ..., point at the same bytes: central directory entries repeated
+    with one letter changed (no new data)."""
+    data = path.read_bytes()
+    end = data.rindex(b"PK\x05\x06")
+    (count,) = struct.unpack_from("<H", data, end + 10)            # entries in the directory
+    cd_size, cd_offset = struct.unpack_from("<II", data, end + 12)
+    name = b"archive/data/a"
+    entry_start = data.rindex(b"PK\x01\x02", cd_offset, data.index(name, cd_offset))
+    name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, entry_start + 28)
+    entry = data[entry_start: entry_start + 46 + name_len + extra_len + comment_len]
+    extra = b"".join(entry.replace(name, name[:-1] + bytes([ord("b") + i])) for i in range(copies))
+    eocd = bytearray(data[end:])
+    struct.pack_into("<HHI", eocd, 8, count + copies, count + copies, cd_size + len(extra))
+    path.write_bytes(data[:cd_offset + cd_size] + extra + bytes(eocd))
+    return path
+
+
+def test_overlapping_storage_members_are_refused(tmp_path):
+    """Ten names for the same 1 MiB of stored bytes would declare 10 MiB of tensors in a 1 MiB
+    file; sharing bytes between members is refused (a real zip never does it)."""
+    numel = 2**18
+    entries = {f"w{i}": tensor(chr(ord("a") + i), numel, 0, (numel,), (1,)) for i in range(10)}
+    path = write_pth(tmp_path / "overlap.pth", sd_pickle(entries), {"a": bytes(4 * numel)})
+    overlapping_members(path, 9)
+    with zipfile.ZipFile(path) as zf:                      # a zip that zipfile accepts
+        assert len([n for n in zf.namelist() if "/data/" in n]) == 10
+    refused(path, "overlap")
+
+
 def test_deflated_storage_is_planned_without_inflating(tmp_path):
-    """An honest deflated 64 MiB storage (zeros): inspect reads no tensor data, the read gives the
-    declared zeros (what the file declares is what it costs)."""
+    """An honest deflated 64 MiB storage of zeros in a < 1 MiB file: planning (inspect) inflates
+    nothing; reading it would cost the 64 MiB the file declares, no more."""
     numel = 16 * 2**20
-    path = write_pth(tmp_path / "zeros.pth", sd_pickle({"w": tensor("0", numel, 0, (numel,), (1,))}),
-                     {"0": bytes(4 * numel)}, zipfile.ZIP_DEFLATED)
+    pkl = sd_pickle({"w": tensor("0", numel, 0, (numel,), (1,))})
+    path = write_pth(tmp_path / "zeros.pth", pkl, {"0": bytes(4 * numel)}, zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 2**20
     shapes = bounded(lambda: inspect_checkpoint(path), peak=4 * 2**20)
     assert shapes == {"w": ((numel,), "fp32")}
@@ -699,7 +726,9 @@ def test_deflated_storage_is_planned_without_inflating(tmp_path):
 # ---- ordinary files: state_dict() with _metadata, training checkpoints ----
 
 def test_handmade_state_dict_with_metadata_reads(tmp_path):
-    """Without torch: an OrderedDict state dict with _metadata (BUILD), read exactly."""
+    """Without torch: an OrderedDict state dict with _metadata (BUILD), read exactly; torch, where
+    installed, agrees the hand-built file is what it writes (so the crafted files above differ
+    from real ones only where they mean to)."""
     w = make_weights(2, 64, 97, head_size=32, seed=3)
     path = state_dict_pth(tmp_path / "m.pth", w)
     got = read_checkpoint(path)
@@ -707,6 +736,11 @@ def test_handmade_state_dict_with_metadata_reads(tmp_path):
     assert all(np.array_equal(got[k], w[k]) for k in w)
     assert np.array_equal(tinyrwkv.load(path, backend="numpy").forward(IDS)[0],
                           tinyrwkv.RWKV7(w).forward(IDS)[0])
+    if not importlib_missing("torch"):
+        import torch
+        ref = torch.load(path, weights_only=True)
+        assert ref._metadata == {"": {"version": 1}}
+        assert all(np.array_equal(ref[k].numpy(), w[k]) for k in w)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ TensorSource (formats/source.py) with the **official key names and stored shapes
 here, so they accept the same files and see the same tensors. Layouts: docs/formats.md.
 
 Layout of this package: numerics.py (element types, bf16), progress.py, container.py (plans,
-sniffing), pth.py (+ pickle_reader.py), safetensors.py, reading.py (containers -> arrays, threaded), source.py (the
-TensorSource interface), renamed.py (other tools' names), hf.py, gguf.py (+ gguf_vocab.py),
-lora.py (LoRA and state-tuning files).
+sniffing), pth.py (+ pickle_reader.py), safetensors.py, reading.py (containers -> arrays,
+threaded), source.py (the TensorSource interface), renamed.py (other tools' names), hf.py,
+gguf.py (+ gguf_vocab.py), lora.py (LoRA and state-tuning files).
 """
 
 from __future__ import annotations

@@ -655,8 +655,8 @@ class _Machine:
 
     def op_stack_global(self):
         name, module = self.pop(), self.pop()
-        if type(module) is not str or type(name) is not str:
-            raise self.corrupt("has a STACK_GLOBAL whose module or name is not a string")
+        if type(module) is not str or type(name) is not str or len(module) + len(name) > 256:
+            raise self.corrupt("has a STACK_GLOBAL whose module or name is not a short string")
         self.push_global(module, name)
 
     def push_global(self, module, name):

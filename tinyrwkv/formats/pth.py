@@ -233,7 +233,11 @@ def _dims(values, shown=8):
 
 
 def _locate_tensors(path, size, state, infos, prefix):
+    """(name -> TensorPlan, storage key -> Region) for the state dict. The members used must fit
+    in the file side by side: a crafted zip directory can point many names at the same bytes,
+    declaring far more tensor data than the file holds."""
     tensors, regions = {}, {}
+    occupied = 0                       # bytes of the file the used members take
     with open(path, "rb") as f:
         for name, t in state.items():
             storage = t.storage
@@ -245,6 +249,10 @@ def _locate_tensors(path, size, state, infos, prefix):
                     raise corrupt(path, f"tensor {printable(name)!r} uses storage "
                                         f"{printable(member)!r}, which is not in the archive")
                 regions[storage.key] = _member_region(f, path, info, size)
+                occupied += info.compress_size
+                if occupied > size:
+                    raise corrupt(path, f"its storages take more bytes than the file has "
+                                        f"({size:,}): zip members that overlap")
             nbytes = storage.numel * dtype.itemsize
             if regions[storage.key].nbytes != nbytes:
                 raise corrupt(path, f"storage {printable(member)!r} (tensor {printable(name)!r}) "
