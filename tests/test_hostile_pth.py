@@ -672,6 +672,12 @@ def test_zip_bombs_and_lying_sizes(tmp_path):
     path = write_pth(tmp_path / "storage_disagrees.pth", sd_pickle(GOOD), {"0": big},
                      zipfile.ZIP_DEFLATED)
     cases[path] = "the pickle says 4 x fp32"
+    # honest sizes that agree with the pickle: 96 MiB of zeros from ~100 kB, a bomb all the same
+    numel = 12 * 2**20
+    path = write_pth(tmp_path / "consistent_bomb.pth", sd_pickle({
+        name: tensor(name, numel, 0, (numel,), (1,)) for name in "ab"}),
+        {name: bytes(4 * numel) for name in "ab"}, zipfile.ZIP_DEFLATED)
+    cases[path] = "zip bomb or a model of zeros"
     # bzip2 and lzma can exceed deflate's ratio: refused by method
     path = write_pth(tmp_path / "bzip2.pth", sd_pickle(GOOD), {"0": FOUR}, zipfile.ZIP_BZIP2)
     cases[path] = "zip method 12"

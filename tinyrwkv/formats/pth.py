@@ -41,6 +41,13 @@ _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 # believing it would make us allocate what the file cannot hold (a zip bomb).
 _DEFLATE_MAX_RATIO = 1032
 
+# Deflated storages together may inflate at most 64:1, plus 64 MiB: trained weights compress
+# less than 2:1 (bf16 ~1.2:1), and only all-zero tensors compress more (~1030:1), which in a model
+# are a few small ones (biases, layer-0 stand-ins: the 64 MiB). So a 1 MB zip asks for at most
+# ~130 MB, not the ~1 GB deflate's own limit would allow.
+_MAX_INFLATION = 64
+_INFLATION_ALLOWANCE = 64 * 2**20
+
 # Keys under which training scripts put the model's state dict next to other entries
 # ({"model": ..., "optimizer": ..., "epoch": ...}; Lightning: "state_dict"). When several dicts of
 # tensors sit at the top ("model" and "ema"), the one of these names is taken.
@@ -233,11 +240,9 @@ def _dims(values, shown=8):
 
 
 def _locate_tensors(path, size, state, infos, prefix):
-    """(name -> TensorPlan, storage key -> Region) for the state dict. The members used must fit
-    in the file side by side: a crafted zip directory can point many names at the same bytes,
-    declaring far more tensor data than the file holds."""
-    tensors, regions = {}, {}
-    occupied = 0                       # bytes of the file the used members take
+    """(name -> TensorPlan, storage key -> Region) for the state dict, each storage's member
+    checked (_member_region, _check_members)."""
+    tensors, regions, used = {}, {}, []
     with open(path, "rb") as f:
         for name, t in state.items():
             storage = t.storage
@@ -249,10 +254,7 @@ def _locate_tensors(path, size, state, infos, prefix):
                     raise corrupt(path, f"tensor {printable(name)!r} uses storage "
                                         f"{printable(member)!r}, which is not in the archive")
                 regions[storage.key] = _member_region(f, path, info, size)
-                occupied += info.compress_size
-                if occupied > size:
-                    raise corrupt(path, f"its storages take more bytes than the file has "
-                                        f"({size:,}): zip members that overlap")
+                used.append(info)
             nbytes = storage.numel * dtype.itemsize
             if regions[storage.key].nbytes != nbytes:
                 raise corrupt(path, f"storage {printable(member)!r} (tensor {printable(name)!r}) "
@@ -260,7 +262,28 @@ def _locate_tensors(path, size, state, infos, prefix):
                                     f"says {_count(storage.numel)} x {dtype.name} = "
                                     f"{_count(nbytes)} bytes")
             tensors[name] = TensorPlan(dtype, storage.key, t.offset, t.shape, t.stride)
+    _check_members(path, size, used)
     return tensors, regions
+
+
+def _check_members(path, size, used):
+    """The storage members used must fit in the file side by side (a crafted zip directory can
+    give many names to the same bytes, declaring far more tensor data than the file holds), and
+    deflated ones may not inflate much more than weights do: so what a file makes us allocate
+    is bounded by its size."""
+    occupied = sum(info.compress_size for info in used)
+    if occupied > size:
+        raise corrupt(path, f"its storages take {occupied:,} bytes of a {size:,}-byte file: zip "
+                            "members that overlap")
+    deflated = [info for info in used if info.compress_type == zipfile.ZIP_DEFLATED]
+    inflated = sum(info.file_size for info in deflated)
+    compressed = sum(info.compress_size for info in deflated)
+    if inflated > _MAX_INFLATION * compressed + _INFLATION_ALLOWANCE:
+        raise CheckpointError(
+            f"{path}: its deflated tensor data inflates {inflated // max(compressed, 1):,}:1 "
+            f"({inflated:,} bytes from {compressed:,}); weights compress less than 2:1, so this "
+            "is a zip bomb or a model of zeros. If it is yours, save it again with torch.save "
+            "(which stores members uncompressed)")
 
 
 def _member_region(f, path, info, size):
