@@ -136,7 +136,7 @@ def read_pickle(data, path, limits=LIMITS):
 def pickle_too_large(path, nbytes, limits):
     return CheckpointError(
         f"refusing to load {path}: its data.pkl is {nbytes:,} bytes, more than the "
-        f"{limits.pickle_bytes:,} tinyrwkv reads (a state dict's pickle takes ~120 bytes per "
+        f"{limits.pickle_bytes:,} tinyrwkv reads (a state dict's pickle takes ~100 bytes per "
         "tensor); if the file is yours, save the state dict alone with torch.save")
 
 
@@ -171,13 +171,12 @@ _OTHER_TENSORS = {
 }
 
 
-def _resolve_global(machine, module, name):
+def _resolve_global(path, module, name):
     """The stand-in for global module.name, or the error that explains why there is none."""
     module = _MODULE_ALIASES.get(module, module)
     full = f"{module}.{name}"
     if full in _CALLS or full in _VALUES:
         return Global(full)
-    path = machine.path
     if module == "torch" and name.endswith("Storage"):
         return CheckpointError(
             f"{path} stores tensors as torch.{printable(name)}, an element type tinyrwkv does "
@@ -660,7 +659,7 @@ class _Machine:
         self.push_global(module, name)
 
     def push_global(self, module, name):
-        found = _resolve_global(self, module, name)
+        found = _resolve_global(self.path, module, name)
         if isinstance(found, Exception):
             raise found
         self.push(found)
