@@ -46,6 +46,7 @@ class Plan:
     regions: dict                  # storage key -> Region
     big_endian: bool = False
     kind: str = "pth"              # the container: "pth" or "safetensors"
+    inner_key: str | None = None   # .pth: the top dict's key the state dict was under ("model")
 
 
 def is_count(x):

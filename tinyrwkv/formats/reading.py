@@ -271,6 +271,13 @@ class Container(TensorSource):
     def tensors(self):
         return {k: TensorInfo(t.shape, t.dtype.name) for k, t in self.plan.tensors.items()}
 
+    @property
+    def description(self):
+        """"pth, stored bf16"; for a training checkpoint, also where the model was found."""
+        if self.plan.inner_key is None:
+            return super().description
+        return f"{super().description}; the state dict under {self.plan.inner_key!r}"
+
     def read(self, key, dtype=None):
         """One tensor as a new array (plain reads, no memory map: module docstring)."""
         reader = _Reader(self.plan, parse_target(dtype))
