@@ -18,11 +18,11 @@ TensorSource (formats/source.py) with the **official key names and stored shapes
 here, so they accept the same files and see the same tensors. Layouts: docs/formats.md.
 
 Layout of this package: numerics.py (element types, bf16), progress.py, container.py (plans,
-sniffing), pth.py (+ pickle_reader.py, our own restricted pickle interpreter), safetensors.py, reading.py (containers -> arrays, threaded), source.py (the
-TensorSource interface), renamed.py (other tools' names), hf.py, gguf.py (+ gguf_header.py, our
-bounded header parser, and gguf_vocab.py), lora.py (LoRA and state-tuning files), state_file.py
-(tinyrwkv state .npz files) and npz.py (checked .npz reading). Every writer here writes through
-tinyrwkv/files.py (atomic).
+sniffing), pth.py (+ pickle_reader.py, our own restricted pickle interpreter), safetensors.py,
+reading.py (containers -> arrays, threaded), source.py (the TensorSource interface), renamed.py
+(other tools' names), hf.py, gguf.py (+ gguf_header.py, our bounded header parser, and
+gguf_vocab.py), lora.py (LoRA and state-tuning files), state_file.py (tinyrwkv state .npz files)
+and npz.py (checked .npz reading). Every writer here writes through tinyrwkv/files.py (atomic).
 
 Hostile files: only regular files are opened (container.regular_file: a FIFO or a device is
 refused from os.stat), every count and offset a header declares is checked against the file
