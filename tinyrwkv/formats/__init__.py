@@ -8,7 +8,7 @@
 TensorSource (formats/source.py) with the **official key names and stored shapes**
 (docs/architecture.md), whatever the layout on disk:
 
-    .pth (torch zip)        formats/pth.py         official names, via a restricted unpickler
+    .pth (torch zip)        formats/pth.py         official names, via our own pickle interpreter
     .safetensors            formats/safetensors.py official names, or fla's (-> formats/hf.py)
     .gguf                   formats/gguf.py        llama.cpp's rwkv7 layout, renamed and reshaped
     folder                  formats/hf.py          Hugging Face / fla: config.json + safetensors
