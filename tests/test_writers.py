@@ -669,3 +669,39 @@ def test_a_complex_state_is_refused_by_forward(saved):
     with pytest.raises(ValueError, match="real float16/32/64"):
         tinyrwkv.save_state(complex_state, path.parent / "complex.npz")
     assert not (path.parent / "complex.npz").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_device_is_not_a_target(tmp_path):
+    """`trace --out /dev/full` once reported success while np.savez's bytes went nowhere; an
+    atomic rename onto a device would replace the node itself. Both are refused."""
+    with pytest.raises(OutputError, match="not a regular file"):
+        with atomic_open("/dev/full") as f:
+            f.write(b"x")
+    assert not Path("/dev/full").is_file()          # still the device
+
+
+def test_convert_refuses_a_model_with_nan_and_writes_nothing(tmp_path, capsys):
+    from tinyrwkv.synthetic import make_weights
+    w = make_weights(2, 64, 97, head_size=32, seed=3)
+    w["blocks.1.att.key.weight"][3, 5] = np.nan
+    save_safetensors(tmp_path / "nan.safetensors", w)
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "nan.safetensors"), str(tmp_path / "out.safetensors")])
+    assert e.value.code == 1
+    assert "blocks.1.att.key.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    main(["convert", "--no-check-finite", str(tmp_path / "nan.safetensors"),
+          str(tmp_path / "out.safetensors")])
+    assert (tmp_path / "out.safetensors").is_file()
+
+
+def test_a_damaged_training_checkpoint_is_one_clear_error(tmp_path):
+    from tinyrwkv.trainer import read_training_checkpoint
+    bad = tmp_path / "train_state.npz"
+    np.savez(bad, meta=np.array("{not json"), **{"p:emb.weight": np.zeros((3, 4))})
+    with pytest.raises(CheckpointError, match="meta record is damaged"):
+        read_training_checkpoint(bad)
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="train_state.npz"):
+        read_training_checkpoint(bad)

@@ -102,7 +102,9 @@ def cmd_merge_lora(args):
     try:
         merged = LoraMerged(base, lora, args.alpha)
         if args.check_finite:                   # NaN in the base, or a merge that overflows
-            merged = FiniteOnly(merged, f"merging {args.lora} into {args.base}")
+            merged = FiniteOnly(merged, f"merging {args.lora} into {args.base}",
+                                "the base model is damaged, or the merge overflowed; nothing was "
+                                "written (--no-check-finite writes it anyway)")
         write_weights(Path(args.output), merged, args.type, _tokenizer_of(base),
                       inputs=(base.path, args.lora))
     except OutputError:                         # the output is an input: its own message
@@ -117,8 +119,8 @@ class FiniteOnly(TensorSource):
     """A TensorSource that refuses, with a CheckpointError naming it, any tensor holding NaN or
     Inf as it is read: a writer streaming from it stops at that tensor."""
 
-    def __init__(self, source, what):
-        self.source, self.what = source, what
+    def __init__(self, source, what, fix):
+        self.source, self.what, self.fix = source, what, fix
         self.path, self.format, self.tokenizer = source.path, source.format, source.tokenizer
 
     def tensors(self):
@@ -126,8 +128,7 @@ class FiniteOnly(TensorSource):
 
     def read(self, key, dtype=None):
         array = self.source.read(key, dtype)
-        check_finite({key: array}, self.what, fix="the base model is damaged, or the merge "
-                     "overflowed; --no-check-finite writes it anyway")
+        check_finite({key: array}, self.what, fix=self.fix)
         return array
 
 
@@ -364,7 +365,10 @@ def cmd_convert(args):
     the next is read (formats/source.py), so memory holds one tensor, not the model."""
     source, out = _model_source(args.input), Path(args.output)
     src = source.path
-    write_weights(out, source, args.type, _tokenizer_of(source), name=src.stem, inputs=[src])
+    tensors = source if not args.check_finite else FiniteOnly(
+        source, src, "the file is damaged or comes from a diverged training run: re-download it; "
+        "nothing was written (--no-check-finite converts it anyway)")
+    write_weights(out, tensors, args.type, _tokenizer_of(source), name=src.stem, inputs=[src])
     print(f"tinyrwkv: {src.name} ({source.description}) -> {out} "
           f"({args.type if out.suffix else 'HF/fla ' + args.type})", file=sys.stderr)
 
@@ -538,6 +542,8 @@ def build_parser():
     cv.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q5_0", "q4_1", "q4_0"],
                     default="f16", help="matrix storage: GGUF any of these; safetensors and .pth "
                                         "f32/f16/bf16")
+    no_check_finite(cv, "convert even if a tensor holds NaN or Inf (checked as each tensor is "
+                        "read; by default nothing is written then)")
     cv.set_defaults(func=cmd_convert)
 
     ml = sub.add_parser("merge-lora", help="merge an RWKV-PEFT LoRA into a base model",

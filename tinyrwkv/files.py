@@ -119,6 +119,11 @@ def _file_target(target):
     if not final.parent.is_dir():
         raise OutputError(f"{target}: the folder {final.parent} does not exist; create it first "
                           "or give another path")
+    if final.exists() and not final.is_file():
+        # a device (/dev/full, /dev/null), a FIFO, a socket: renaming over it would replace the
+        # node itself (as root, in /dev), and writing into it would not be a file
+        raise OutputError(f"{target} is not a regular file (a device, FIFO or socket): give the "
+                          "path of a file to write")
     return final
 
 

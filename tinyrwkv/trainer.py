@@ -36,8 +36,10 @@ from .checks import (NON_NEGATIVE, POSITIVE, UNIT, UNIT_BELOW_ONE, check_float, 
                      read_text)
 from .files import OutputError, atomic_open, atomic_path, refuse_overwriting, write_text
 from .formats import read_checkpoint, save_safetensors
+from .formats.npz import NpzReader
 from .formats.numerics import check_finite
 from .loader import numba_missing
+from .schema import check_x070_keys
 from .synthetic import lora_ranks, make_weights
 from .tokenizer import open_tokenizers_file, tokenizers_failures
 
@@ -192,6 +194,33 @@ def check_paths(args):
         refuse_overwriting(out / name, [args.data, args.valid, tokenizer])
 
 
+def read_training_checkpoint(path):
+    """(meta, params, opt) from a train_state.npz written by this trainer, read through the checked
+    .npz reader (formats/npz.py): a damaged or foreign file is one clear error, never a pickle or
+    an allocation its headers merely declare."""
+    fix = "delete it to train from the start, or run without --resume"
+    with NpzReader(path, "training checkpoint", fix) as npz:
+        if npz.declared_bytes() > npz.path.stat().st_size:     # np.savez stores arrays as they are
+            raise npz.error("its arrays declare more bytes than the file holds")
+        if "meta" not in npz.names or npz.header("meta").dtype.kind != "U":
+            raise npz.error("it has no meta record (step, optimizer counter, random state)")
+        try:
+            meta = json.loads(str(npz.read("meta")))
+            meta = {k: meta[k] for k in ("t", "rng", "step", "curve")}
+        except (ValueError, KeyError, TypeError) as e:
+            raise npz.error(f"its meta record is damaged ({type(e).__name__})") from None
+        groups = {g: {n[2:]: npz.read(n) for n in npz.names if n.startswith(g + ":")}
+                  for g in "pmv"}
+    params, m, v = groups["p"], groups["m"], groups["v"]
+    shapes = {g: {k: a.shape for k, a in arrays.items()} for g, arrays in groups.items()}
+    if not params or shapes["m"] != shapes["p"] or shapes["v"] != shapes["p"]:
+        raise npz.error("its parameters and Adam moments do not match")
+    check_x070_keys(params, source=path)
+    check_finite({**params, **{"m:" + k: a for k, a in m.items()},
+                  **{"v:" + k: a for k, a in v.items()}}, path, fix=fix)
+    return meta, params, {"m": m, "v": v, "t": meta["t"]}
+
+
 class Diverged(ValueError):
     """Training produced a NaN or Inf: stopped before it reaches a checkpoint or the model."""
 
@@ -271,11 +300,7 @@ def run(args):
     # model, optimiser, random state
     rng = np.random.default_rng(args.seed)
     if args.resume and state_file.exists():
-        with np.load(state_file, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            params = {k[2:]: f[k] for k in f.files if k.startswith("p:")}
-            opt = {"m": {k[2:]: f[k] for k in f.files if k.startswith("m:")},
-                   "v": {k[2:]: f[k] for k in f.files if k.startswith("v:")}, "t": meta["t"]}
+        meta, params, opt = read_training_checkpoint(state_file)
         params = {k: to_device(v) for k, v in params.items()}
         opt["m"] = {k: to_device(v) for k, v in opt["m"].items()}
         opt["v"] = {k: to_device(v) for k, v in opt["v"].items()}
