@@ -68,7 +68,7 @@ def test_stored_tensors_keep_checkpoint_keys():
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"tinyrwkv.model"},
-    {"tinyrwkv.errors", "tinyrwkv.files", "tinyrwkv.sampling", "tinyrwkv.tokenizer",
+    {"tinyrwkv.errors", "tinyrwkv.files", "tinyrwkv.checks", "tinyrwkv.sampling", "tinyrwkv.tokenizer",
      "tinyrwkv.schema", "tinyrwkv.synthetic", "tinyrwkv.formats"},
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
