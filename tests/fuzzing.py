@@ -253,6 +253,8 @@ def read(kind, path):
     import tinyrwkv
     if kind in ("pth", "safetensors", "gguf-f32", "gguf-q8_0", "hf-folder"):
         model = tinyrwkv.load(path, backend="numpy", progress=False)
+        if not hasattr(model, "stored_tensors"):    # an older tinyrwkv (hostile_report --against)
+            return {"loaded": ()}
         return {k: tuple(np.shape(v)) for k, v in model.stored_tensors().items()}
     if kind == "state":
         from tinyrwkv import RWKV7
@@ -273,7 +275,7 @@ def read(kind, path):
 
 def error_types():
     """tinyrwkv's own error types: what a clear error is raised as."""
-    from tinyrwkv.errors import CheckpointError
+    from tinyrwkv import CheckpointError
     from tinyrwkv.tokenizer import TokenizerError
     return CheckpointError, TokenizerError
 

@@ -65,16 +65,15 @@ def worker(memory_gib):
 
 
 class Worker:
-    def __init__(self, memory_gib):
-        self.memory_gib = memory_gib
+    def __init__(self, memory_gib, package_root):
+        self.memory_gib, self.package_root = memory_gib, package_root
         self.proc = None
 
     def start(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--memory-gib", str(self.memory_gib)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env=env)
+            [sys.executable, __file__, "--worker", "--memory-gib", str(self.memory_gib),
+             "--against", str(self.package_root)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def ask(self, case, timeout):
         """The worker's answer, or {"verdict": "hang"/"crash"}."""
@@ -138,10 +137,18 @@ def main():
                     help="seconds before a case counts as a hang (default 30)")
     ap.add_argument("--memory-gib", type=float, default=4.0,
                     help="address-space limit of the worker, POSIX only (default 4 GiB)")
+    ap.add_argument("--kinds", nargs="+", choices=fuzzing.KINDS, default=fuzzing.KINDS,
+                    help="which kinds of file to fuzz (default: all)")
+    ap.add_argument("--against", metavar="CHECKOUT", default=str(HERE.parent),
+                    help="read the cases with the tinyrwkv of this checkout (default: this one), "
+                         "e.g. a worktree of an older commit, to count what it did")
     ap.add_argument("--json", metavar="PATH", help="also write every case's outcome here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        sys.path.insert(0, args.against)
+        for name in [m for m in sys.modules if m == "tinyrwkv" or m.startswith("tinyrwkv.")]:
+            del sys.modules[name]
         return worker(args.memory_gib)
 
     import numpy as np
@@ -149,7 +156,7 @@ def main():
           f"{os.cpu_count()} cores, worker limit {args.memory_gib} GiB, timeout {args.timeout} s",
           file=sys.stderr)
     rng = np.random.default_rng(args.seed)
-    work = Worker(args.memory_gib)
+    work = Worker(args.memory_gib, Path(args.against).resolve())
     counts, rows = {}, []
     worst_time, worst_peak = (0.0, None), (0, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,6 +167,8 @@ def main():
         jobs = [("crafted", label, kind, str(path), marker)
                 for label, kind, path, marker in crafted_cases(tmp / "crafted")]
         for kind, seed in seeds.items():
+            if kind not in args.kinds:
+                continue
             for i in range(args.cases):
                 mutations = fuzzing.random_mutations(rng)
                 folder = tmp / "fuzz" / f"{kind}-{i}"
@@ -187,9 +196,13 @@ def main():
                 print(f"  {n + 1}/{len(jobs)} cases, {time.perf_counter() - t_start:.0f} s",
                       file=sys.stderr)
         work.close()
+    print(f"# read by the tinyrwkv of {Path(args.against).resolve()}")
+    every = ("clear error", "correct load", "loaded", "traceback", "unclear message", "hang",
+             "crash", "code executed")
     for origin, c in counts.items():
         print(f"{origin}: {sum(c.values())} files: " +
-              ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])))
+              ", ".join(f"{k} {c[k]}" for k in every if k in c or k not in ("loaded",
+                                                                            "correct load")))
     print(f"slowest case: {worst_time[0]:.2f} s ({worst_time[1]})")
     print(f"largest allocation: {worst_peak[0] / 2**20:.1f} MiB ({worst_peak[1]})")
     if args.json:
