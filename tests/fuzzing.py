@@ -269,7 +269,7 @@ def read(kind, path):
         tok = HFTokenizer(path)
         ids = tok.encode("then the tin")
         tok.decode(ids)
-        return {"vocab_size": (tok.vocab_size,)}
+        return {"tokenizer": ()}        # an edited vocabulary that still parses is a valid file
     raise ValueError(kind)
 
 

@@ -84,3 +84,32 @@ def test_mutated_files_give_a_clear_error_or_a_correct_load(kind, seeds, long_mo
     for key in before_tensors:
         np.testing.assert_array_equal(after_tensors[key], before_tensors[key], err_msg=key)
     np.testing.assert_array_equal(after_logits, before_logits)
+
+
+# ---- what the fuzzer found (tests/hostile_report.py), kept as fixed cases ----
+
+def npz_with_header(path, header_text):
+    """An .npz whose one member has this .npy header text (format 1.0), then 12 data bytes."""
+    import struct
+    import zipfile
+    header = header_text.encode("latin1")
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(12)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("att_shift.npy", member)
+    return path
+
+
+@pytest.mark.parametrize("header", [
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (3,",        # tokenize.TokenError
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), 'x': ",  # SyntaxError
+    "{'descr': 'O', 'fortran_order': False, 'shape': (3,), }",        # pickled objects
+])
+def test_a_broken_npy_header_is_a_clear_error(tmp_path, header):
+    """A mutated .npy header made NumPy's header parser raise tokenize.TokenError (not a
+    ValueError) through the state-file and trace readers."""
+    from tinyrwkv import CheckpointError
+    path = npz_with_header(tmp_path / "s.npz", header)
+    for read in (lambda: tinyrwkv.load_state(path), lambda: tinyrwkv.oracle.load_trace(path)):
+        with pytest.raises(CheckpointError, match="s.npz"):
+            read()

@@ -428,6 +428,24 @@ def test_a_panicking_tokenizer_is_a_tokenizer_error(tmp_path):
     assert not is_rust_panic(KeyboardInterrupt()) and not is_rust_panic(ValueError())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="needs resource.RLIMIT_AS")
+def test_a_sparse_token_id_is_refused_before_the_library_allocates(tmp_path):
+    """Found by tests/hostile_report.py: one token given the id 2**31 in a 1 KB tokenizer.json
+    made the tokenizers library size its id table by that id; under a 2 GiB memory limit the
+    process aborted (SIGABRT, no Python error). The ids are checked before the library sees the
+    file. Run in a child under the limit, so a regression aborts the child, not the tests."""
+    path = tokenizer_file(tmp_path, "sparse.json",
+                          lambda s: s["model"]["vocab"].update({"zzz": 2**31}))
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31))\n"
+            "from tinyrwkv.tokenizer import HFTokenizer, TokenizerError\n"
+            f"try: HFTokenizer({str(path)!r})\n"
+            "except TokenizerError as e: print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused: sparse.json" in done.stdout and "2,147,483,648" in done.stdout
+
+
 def test_bad_tokenizer_files_in_the_cli(tmp_path, nan_model):
     model = tmp_path / "m.safetensors"
     save_safetensors(model, tiny_weights())

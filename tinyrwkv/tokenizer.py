@@ -397,8 +397,47 @@ def open_tokenizers_file(path):
             f"reading {path.name} needs the Hugging Face tokenizers package: "
             "pip install tokenizers"
         ) from None
+    text = _checked_tokenizer_json(path)
     with tokenizers_failures(path, "not a valid Hugging Face tokenizer.json"):
-        return tokenizers.Tokenizer.from_file(str(path))
+        return tokenizers.Tokenizer.from_str(text)
+
+
+# The largest tokenizer.json we read: the Pile 20B tokenizer is 2.4 MB, the largest public BPE
+# vocabularies (~256k tokens) about 20 MB.
+MAX_TOKENIZER_BYTES = 64 * 2**20
+
+
+def _checked_tokenizer_json(path):
+    """The text of tokenizer.json `path`, after the checks the tokenizers library does not make
+    before it allocates: a bounded size, and token ids that are dense. The library sizes its id
+    table by the largest id, so a 1 KB file giving one token the id 2**31 makes it reserve tens
+    of GB (under a memory limit the process aborts). Real files number their tokens 0..n-1
+    (added tokens continue the count); ids up to 2n + 1024 are accepted."""
+    def bad(problem):
+        return TokenizerError(f"{path.name} is not a usable Hugging Face tokenizer.json: "
+                              f"{problem}; pass a tokenizer.json written by tokenizers")
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise bad(f"it is {path.stat().st_size:,} bytes, more than any real tokenizer "
+                  f"({MAX_TOKENIZER_BYTES:,})")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        spec = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"it is not JSON ({type(e).__name__})") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []      # BPE, WordPiece, WordLevel
+    added = spec.get("added_tokens") if isinstance(spec, dict) else None
+    if isinstance(added, list):
+        ids += [t.get("id") for t in added if isinstance(t, dict)]
+    count = len(ids) + (len(vocab) if isinstance(vocab, list) else 0)    # Unigram: a list
+    limit = 2 * count + 1024
+    wrong = next((i for i in ids if type(i) is not int or not 0 <= i < limit), None)
+    if ids and wrong is not None:
+        shown = repr(wrong)[:40] if not isinstance(wrong, int) else f"{wrong:,}"
+        raise bad(f"a token id is {shown}, where its {count:,} tokens need ids below {limit:,}")
+    return text
 
 
 class HFTokenizer:

@@ -17,6 +17,7 @@ and fails with whatever zipfile, zlib or the header parser raises. `NpzReader` i
 from __future__ import annotations
 
 import math
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from ..errors import CheckpointError
 # What a broken zip or .npy header makes zipfile, zlib and np.lib.format raise. (RuntimeError: an
 # encrypted member; SyntaxError/tokenize.TokenError: a header that is not a Python literal.)
 _BROKEN = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
-           ValueError, OSError, SyntaxError, MemoryError, OverflowError, TypeError)
+           ValueError, OSError, SyntaxError, tokenize.TokenError, MemoryError, OverflowError,
+           TypeError)
 
 
 @dataclass(frozen=True)
