@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from .checks import NON_NEGATIVE, POSITIVE, UNIT, Range, decode_text, option, read_text
 from .formats.numerics import check_finite
-from .formats.source import TensorSource
+from .formats.source import FiniteOnly
 
 def default_model():
     """The model shipped in weights/, if there is one."""
@@ -113,23 +113,6 @@ def cmd_merge_lora(args):
         fail(f"{args.lora} cannot be merged into {args.base}: {e}; give the adapter trained on "
              "this base model")
     print(f"tinyrwkv: merged {args.lora} into {args.base} -> {args.output}", file=sys.stderr)
-
-
-class FiniteOnly(TensorSource):
-    """A TensorSource that refuses, with a CheckpointError naming it, any tensor holding NaN or
-    Inf as it is read: a writer streaming from it stops at that tensor."""
-
-    def __init__(self, source, what, fix):
-        self.source, self.what, self.fix = source, what, fix
-        self.path, self.format, self.tokenizer = source.path, source.format, source.tokenizer
-
-    def tensors(self):
-        return self.source.tensors()
-
-    def read(self, key, dtype=None):
-        array = self.source.read(key, dtype)
-        check_finite({key: array}, self.what, fix=self.fix)
-        return array
 
 
 def _model_source(path):

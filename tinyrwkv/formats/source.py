@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .numerics import BF16_BITS, bf16_to_float32, parse_target, to_bf16_bits
+from .numerics import BF16_BITS, bf16_to_float32, check_finite, parse_target, to_bf16_bits
 from .progress import choose_progress
 
 
@@ -115,3 +115,20 @@ def _cast(array, target):
 def as_source(weights):
     """A TensorSource for `weights`: itself, or an InMemory around a dict."""
     return weights if isinstance(weights, TensorSource) else InMemory(weights)
+
+
+class FiniteOnly(TensorSource):
+    """A TensorSource that refuses, with a CheckpointError naming it, any tensor holding NaN or
+    Inf as it is read: a writer streaming from it stops at that tensor."""
+
+    def __init__(self, source, what, fix):
+        self.source, self.what, self.fix = source, what, fix
+        self.path, self.format, self.tokenizer = source.path, source.format, source.tokenizer
+
+    def tensors(self):
+        return self.source.tensors()
+
+    def read(self, key, dtype=None):
+        array = self.source.read(key, dtype)
+        check_finite({key: array}, self.what, fix=self.fix)
+        return array
