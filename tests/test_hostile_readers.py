@@ -437,7 +437,8 @@ def test_gguf_head_size_is_the_one_size_not_cross_checked(tmp_path, gguf_model):
     r_k, so no tensor shows N; a wrong divisor of C loads as a different head split. This test
     pins the behaviour the docs describe, so a future check that can see N will update both."""
     path = rewritten(tmp_path, gguf_model, "h16.gguf", set_=[("rwkv7.wkv.head_size", 4, 16)])
-    config = tinyrwkv.load(path, backend="numpy").config
+    with pytest.warns(UserWarning, match="head size 16 from the metadata"):
+        config = tinyrwkv.load(path, backend="numpy").config
     assert (config.n_head, config.head_size) == (4, 16)           # written as 2 x 32
 
 

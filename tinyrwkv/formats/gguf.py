@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,7 +253,8 @@ def _sizes(infos, header, path):
     other tensor has H or N in its shape (k_k, ln_x, ... are all (C,)), so N comes from
     rwkv7.wkv.head_size and **cannot be cross-checked**: it must be a positive divisor of C, but
     a wrong one (head_size=16 on a model trained with heads of 32) loads as 4x16 heads and
-    computes a different model. Only the file's converter can vouch for it."""
+    computes a different model. Only the file's converter can vouch for it; a head size other
+    than the releases' 64 is loaded with a warning that says so."""
     L = layer_count(infos, "blk.", path)
     V, C = _matrix(infos, "token_embd.weight", path)
     D = lambda x, i: _matrix(infos, f"blk.{i}.time_mix_{x}1.weight", path)[0]   # (D, C)
@@ -278,6 +280,10 @@ def _matrix(infos, name, path):
     return info.shape
 
 
+# The head size of every released RWKV-7 (docs/architecture.md §8).
+RELEASED_HEAD_SIZE = 64
+
+
 def _head_size(header, C, path):
     """rwkv7.wkv.head_size: present, a positive integer dividing C (all that can be checked:
     _sizes)."""
@@ -290,6 +296,12 @@ def _head_size(header, C, path):
     elif C % N:
         problem = f"{key} = {N}, which does not divide the width C = {C} into heads"
     else:
+        if N != RELEASED_HEAD_SIZE:         # not silent: the one size nothing can confirm
+            warnings.warn(f"{path}: head size {N} from the metadata ({key}); no tensor of "
+                          f"llama.cpp's layout can confirm it, and every released RWKV-7 uses "
+                          f"{RELEASED_HEAD_SIZE}. If this model was not trained with heads of "
+                          f"{N}, its output is wrong: re-convert it from the original checkpoint",
+                          stacklevel=2)
         return N
     raise CheckpointError(f"{path} is an rwkv7 GGUF with {problem}; the head size is read from "
                           "this metadata (llama.cpp's layout flattens r_k), so the file is "
