@@ -50,6 +50,12 @@ def have(module):
     return importlib.util.find_spec(module) is not None
 
 
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "train.txt"
+needs_shared_data = pytest.mark.skipif(not SHAKESPEARE.is_file(),
+                                       reason=f"the shared training text is not at {SHAKESPEARE} "
+                                              "(set TINYRWKV_SHARED to the shared folder)")
+
+
 needs_official = pytest.mark.skipif(not (have("rwkv") and have("torch")),
                                     reason="the official rwkv package (and torch) are not installed: "
                                            "pip install -e '.[test]'")

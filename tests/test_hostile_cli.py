@@ -28,7 +28,7 @@ from tinyrwkv.sampling import SamplingParams
 from tinyrwkv.synthetic import make_weights
 from tinyrwkv.tokenizer import HFTokenizer, TokenizerError, WorldTokenizer
 
-from conftest import ROOT, SHARED, have
+from conftest import ROOT, SHAKESPEARE, have, needs_shared_data
 
 SHIPPED_TOKENIZER = ROOT / "weights" / "model.tokenizer.json"      # 4096 ids
 
@@ -284,11 +284,12 @@ def test_merge_lora_refuses_to_write_nan(tmp_path):
     assert not out.exists()
 
 
+@needs_shared_data
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid:RuntimeWarning")
 def test_train_stops_when_it_diverges_and_writes_no_model(tmp_path, capsys):
     """--lr 1e30 overflows in the first updates: the run stops with the step and the fix, and no
     NaN model (nor a NaN checkpoint) is written."""
-    text = (SHARED / "data" / "tinyshakespeare" / "train.txt").read_text()[:20000]
+    text = SHAKESPEARE.read_text()[:20000]
     (tmp_path / "train.txt").write_text(text[:16000])
     (tmp_path / "valid.txt").write_text(text[16000:])
     out = tmp_path / "run"

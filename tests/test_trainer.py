@@ -8,11 +8,13 @@ import tinyrwkv
 from tinyrwkv.formats import read_checkpoint
 from tinyrwkv.cli import main
 
-from conftest import SHARED
+from conftest import SHAKESPEARE, needs_shared_data
+
+pytestmark = needs_shared_data
 
 
 def small_text(tmp_path):
-    text = (SHARED / "data" / "tinyshakespeare" / "train.txt").read_text()
+    text = SHAKESPEARE.read_text()
     (tmp_path / "train.txt").write_text(text[:40000])
     (tmp_path / "valid.txt").write_text(text[40000:48000])
     return tmp_path / "train.txt"
