@@ -52,3 +52,28 @@ def test_train_learns_and_is_deterministic_and_resumes(tmp_path):
     assert model.tokenizer is not None and model.config.vocab_size == 300
     text = "".join(tinyrwkv.generate(model, "First", max_tokens=5, seed=1))
     assert isinstance(text, str)
+
+
+def test_threads_option(tmp_path):
+    """--threads sets the CPU threads (Numba and BLAS) and says so; the losses match a run with
+    the libraries' default threads (float32 sums in another order: 1e-4 relative is ~1000x the
+    rounding and far below what a wrong thread split would change). The one-thread run is a
+    child process, so this process keeps its thread settings."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = ["--steps", "4", "--eval-every", "2"]
+    default = train(tmp_path, tmp_path / "a", *args)
+    command = [sys.executable, "-m", "tinyrwkv", "train", "--data", str(tmp_path / "train.txt"),
+               "--out", str(tmp_path / "b"), "--vocab", "300", "--layers", "2", "--width", "64",
+               "--head-size", "32", "--batch", "4", "--ctx", "24", "--warmup", "3", "--lr",
+               "3e-3", "--eval-windows", "8", "--sample-every", "0", "--seed", "3",
+               "--threads", "1", *args]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and ", 1 threads" in done.stderr, done.stderr[-600:]
+    one = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    losses = lambda log: np.array([r["loss"] for r in log if "loss" in r])
+    assert len(losses(one)) == 4
+    np.testing.assert_allclose(losses(one), losses(default), rtol=1e-4)

@@ -235,6 +235,22 @@ def check_step(step, name, value, args):
                        "keep --clip on, and train again")
 
 
+def cpu_threads(args):
+    """Apply --threads (Numba kernels and BLAS) for the CPU backends; return the count in use
+    (None: the libraries' defaults, or the GPU)."""
+    if args.threads is None:
+        return None
+    if args.backend == "cupy":
+        raise ValueError("--threads is for the CPU backends (numba, numpy); the cupy backend "
+                         "runs on the GPU")
+    if args.backend == "numba":
+        from .backends.numba_cpu import set_threads
+        return set_threads(args.threads)
+    from .loader import _blas_threads
+    _blas_threads(args.threads)
+    return args.threads
+
+
 def check_data(ids, path, args):
     """Training and validation windows need ctx + 1 tokens and one to spare."""
     if len(ids) < args.ctx + 2:
@@ -257,6 +273,7 @@ def run(args):
             print(f"tinyrwkv train: backend numpy, not the faster numba: {missing}",
                   file=sys.stderr)
         args.backend = "numpy" if missing else "numba"
+    threads = cpu_threads(args)
     wkv_ops = None                          # numpy: the reference; cupy: the CUDA kernels
     if args.backend == "numba":
         from .backends.numba_train import WKV_OPS
@@ -318,7 +335,7 @@ def run(args):
     n_params = sum(v.size for v in params.values())
     print(f"tinyrwkv train: L{args.layers} C{args.width} head {args.head_size} V{V}, "
           f"{n_params / 1e6:.2f}M parameters, batch {args.batch}x{args.ctx}, {args.steps} steps, "
-          f"wkv {args.backend}", file=sys.stderr)
+          f"wkv {args.backend}{f', {threads} threads' if threads else ''}", file=sys.stderr)
 
     # fixed validation windows for the periodic estimate
     vrng = np.random.default_rng(12345)
@@ -457,7 +474,8 @@ def write_card(args, result, curve, samples, n_train_tokens, V):
     out = Path(args.out)
     rows = "\n".join(f"| {c['step']} | {c['train_loss']:.3f} | {c['valid_loss']:.3f} | "
                      f"{c['valid_bpb']:.3f} | {c['seconds'] / 60:.1f} |" for c in curve)
-    hp = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", "resume")}
+    hp = {k: v for k, v in vars(args).items()
+          if k not in ("func", "command", "out", "resume", "threads")}
     card = f"""# Model card: tinyrwkv's shipped RWKV-7
 
 A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's NumPy trainer
@@ -549,6 +567,9 @@ def add_arguments(p):
                    help="numba: CPU, Numba WKV kernels (default where numba is installed); "
                         "numpy: CPU, the NumPy reference; "
                         "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
+    p.add_argument("--threads", type=option(int, POSITIVE),
+                   help="CPU threads for the Numba kernels and BLAS (default: the libraries' own, "
+                        "all cores)")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
     p.add_argument("--stop-after", type=number("stop_after"), default=0,
