@@ -385,6 +385,17 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None) or it would
+    mislead (a flag's True/False: --no-check-finite "default: True"): there the help text says
+    what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def no_check_finite(p, what="load the model even if a tensor holds NaN or Inf (its output will "
                              "be NaN); by default such a file is refused, naming the tensors"):
     p.add_argument("--no-check-finite", dest="check_finite", action="store_false", help=what)
@@ -396,11 +407,12 @@ def build_parser():
         description="RWKV-7 (x070) in NumPy: generate text, chat, and inspect checkpoints.",
         epilog="Run 'tinyrwkv COMMAND --help' for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)   # Parsers too
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     def model_args(p):
         p.add_argument("--model", "-m", metavar="PATH",
-                       help="RWKV-7 checkpoint (.pth or .safetensors); default: the model in weights/")
+                       help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face "
+                            "folder; default: the model in weights/")
         p.add_argument("--tokenizer", metavar="PATH",
                        help="'world', or a tokenizer.json (needed for Pile models: 20B_tokenizer.json); "
                             "default: chosen from the vocabulary size")
@@ -535,7 +547,8 @@ def build_parser():
                                     "after copying the LoRA file's other trained tensors, as "
                                     "RWKV-PEFT's merge_lora.py does.")
     ml.add_argument("base", help="the base checkpoint")
-    ml.add_argument("lora", help="the LoRA checkpoint (.pth or .safetensors)")
+    ml.add_argument("lora", help="the LoRA adapter: RWKV-PEFT .pth/.safetensors, a PEFT "
+                                   "folder or a llama.cpp adapter .gguf")
     ml.add_argument("output", help="OUT.safetensors, OUT.pth or OUT.gguf")
     ml.add_argument("--alpha", type=option(float), required=True,
                     help="the lora_alpha used in training")
@@ -554,7 +567,8 @@ def build_parser():
     t.check = trainer.check_config            # --width a multiple of --head-size: a usage error
 
     i = sub.add_parser("info", help="describe a checkpoint without loading it", formatter_class=fmt)
-    i.add_argument("path", help="RWKV-7 checkpoint (.pth or .safetensors)")
+    i.add_argument("path", help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face "
+                                   "folder")
     i.add_argument("--tokenizer", metavar="PATH", help="tokenizer to check against the vocabulary")
     i.set_defaults(func=cmd_info)
     return parser
