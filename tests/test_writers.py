@@ -671,14 +671,18 @@ def test_a_complex_state_is_refused_by_forward(saved):
     assert not (path.parent / "complex.npz").exists()
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-def test_a_device_is_not_a_target(tmp_path):
-    """`trace --out /dev/full` once reported success while np.savez's bytes went nowhere; an
-    atomic rename onto a device would replace the node itself. Both are refused."""
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_a_device_or_fifo_is_not_a_target(tmp_path):
+    """`trace --out /dev/full` once reported success while np.savez's bytes went nowhere, and an
+    atomic rename onto a device would replace the node itself: a target that exists and is not a
+    regular file is refused. Tested on a FIFO of our own, never on a real device, so that a
+    regression replaces a file in tmp_path, not /dev/full."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
     with pytest.raises(OutputError, match="not a regular file"):
-        with atomic_open("/dev/full") as f:
+        with atomic_open(fifo) as f:
             f.write(b"x")
-    assert not Path("/dev/full").is_file()          # still the device
+    assert fifo.is_fifo()                            # still the FIFO, not replaced
 
 
 def test_convert_refuses_a_model_with_nan_and_writes_nothing(tmp_path, capsys):
