@@ -241,7 +241,7 @@ class RWKV7Numba(ref.RWKV7):
     """RWKV-7 on Numba kernels; float32 compute, weights stored float32 or bfloat16."""
 
     def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", storage="float32",
-                 threads=None):
+                 threads=None, decode="fused"):
         if np.dtype(dtype) != np.float32:
             raise ValueError("the numba backend computes in float32; for float64 (the oracle "
                              "mode) use backend='numpy'")
@@ -259,6 +259,16 @@ class RWKV7Numba(ref.RWKV7):
         # the six token-shift lerps of each layer as one (6, C) array for decode (derived, so
         # kept apart from the checkpoint-keyed blocks)
         self.stacked_lerps = [np.stack([p[f"att.x_{c}"] for c in "rwkvag"]) for p in self.blocks]
+        # decode="fused": a token is one compiled call (backends/numba_decode.py); "per-kernel":
+        # the Python loop over layers below, kept for comparison. DeepEmbed models always take
+        # the per-kernel path (the fused step does not cover them).
+        if decode not in ("fused", "per-kernel"):
+            raise ValueError(f"decode must be 'fused' or 'per-kernel', not {decode!r}")
+        self.decode = "per-kernel" if self.config.variant != "x070" else decode
+        if self.decode == "fused":
+            from . import numba_decode
+            self._decode_weights = numba_decode.stack_weights(self)   # shares the blocks' memory
+            self._scratch = numba_decode.make_scratch(self.config)
 
     def prepare_weight(self, key, array):
         """Big matrices: bf16 bits (uint16) with storage="bfloat16", else float32. A bf16 input
@@ -276,7 +286,32 @@ class RWKV7Numba(ref.RWKV7):
 
     # ---- decode: one token ----
 
+    def _fused_ok(self, state):
+        """The fused step writes the state in place, so it needs float32 C-contiguous arrays
+        (check_state makes them); anything else takes the per-kernel path."""
+        return self.decode == "fused" and all(
+            a.dtype == np.float32 and a.flags.c_contiguous
+            for a in (state.att_shift, state.wkv, state.ffn_shift))
+
+    def _decode_fused(self, token, state, with_head):
+        from .numba_decode import decode_token
+        decode_token(int(token), self._decode_weights, state.att_shift, state.wkv,
+                     state.ffn_shift, self._scratch, with_head)
+
+    def forward(self, ids, state=None, full_output=False, mode="sequence"):
+        """As the reference; one token with decode="fused" runs the fused step, head included."""
+        ids = self.check_ids(ids)
+        if len(ids) > 1 or self.decode != "fused":
+            return super().forward(ids, state, full_output, mode)
+        state = self.check_state(state)
+        self._decode_fused(ids[0], state, True)
+        logits = self._scratch.logits.copy()                                 # (V,)
+        return (logits[None] if full_output else logits), state
+
     def forward_one(self, token, state):
+        if self._fused_ok(state):
+            self._decode_fused(token, state, False)
+            return self._scratch.x.copy(), state
         C, H = self.config.n_embd, self.config.n_head
         x0 = ref.layer_norm(as_float32(self.emb[token]), *self.ln0)          # (C,)
         x = x0

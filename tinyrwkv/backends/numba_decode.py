@@ -1,0 +1,364 @@
+"""Decode as one compiled call per token: the whole RWKV-7 token step in a single Numba function.
+
+`backends/numba_cpu.py` decodes with a Python loop over layers that calls a dozen kernels and NumPy
+ops per layer, each a parallel region with its own thread barrier and its own temporaries: on a
+small model the time goes to dispatch, not to arithmetic. Here `decode_token` does it all inside
+Numba: embedding row and ln0, every layer (time mix and channel mix), ln_out and the head, writing
+the state in place, with every temporary preallocated once (`make_scratch`).
+
+Layout (`stack_weights`): per kind, one contiguous array across layers, e.g. all receptance
+matrices as (L, C, C), all lerp vectors as (L, 6, C), all w1 LoRA matrices as (L, C, Dw). The
+ranks are the same in every layer (layer 0's v LoRA is unused: its slot is zeros). The big
+matrices are float32, or bf16 bits viewed as uint32 pairs (two weights an element, as
+numba_cpu's `_matvec_bf16`) with storage="bfloat16"; `dot_row` is compiled for either.
+
+Parallelism: `prange` only where the work pays for a barrier: the matrix-vector products (rows in
+chunks) and the WKV heads, and only when their size is at least PARALLEL_FROM multiply-adds; the
+small vector work (norms, lerps, the LoRAs) runs on one thread. Each output row, and each head, is
+computed by one thread in a fixed order whatever the thread count, so results are bit-identical
+for any number of threads (tests/test_numba_decode.py checks it).
+
+The math is the twin of model.py (`block`, `time_mix`, `channel_mix` and their steps), in float32
+with the same fastmath={"reassoc", "contract"} as numba_cpu; the parity tests hold it to the
+float64 reference. Not covered: DeepEmbed models (x070-deepembed), which keep the per-kernel path.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .. import model as ref
+
+FASTMATH = {"reassoc", "contract"}
+DECAY_SCALE = float(ref.DECAY_SCALE)       # plain floats: compile-time constants
+GN_EPS = float(ref.GN_EPS)
+LN_EPS = float(ref.LN_EPS)
+PARALLEL_FROM = 1 << 16    # multiply-adds below which a parallel region costs more than it saves
+ROW_CHUNKS = 64            # a big matrix-vector product is split into this many row chunks
+
+# Per-layer tensors stacked across layers: (stacked name, checkpoint key without 'blocks.{i}.').
+STACKED = (("Wr", "att.receptance.weight"), ("Wk", "att.key.weight"),
+           ("Wv", "att.value.weight"), ("Wo", "att.output.weight"),
+           ("Wfk", "ffn.key.weight"), ("Wfv", "ffn.value.weight"),
+           ("w0", "att.w0"), ("a0", "att.a0"), ("v0", "att.v0"),
+           ("k_k", "att.k_k"), ("k_a", "att.k_a"), ("r_k", "att.r_k"),
+           ("ln_x_w", "att.ln_x.weight"), ("ln_x_b", "att.ln_x.bias"),
+           ("ln1_w", "ln1.weight"), ("ln1_b", "ln1.bias"),
+           ("ln2_w", "ln2.weight"), ("ln2_b", "ln2.bias"), ("ffn_lerp", "ffn.x_k"),
+           ("w1", "att.w1"), ("w2", "att.w2"), ("a1", "att.a1"), ("a2", "att.a2"),
+           ("v1", "att.v1"), ("v2", "att.v2"), ("g1", "att.g1"), ("g2", "att.g2"))
+BIG = ("Wr", "Wk", "Wv", "Wo", "Wfk", "Wfv")       # the matrices that may be kept as bf16
+
+DecodeWeights = namedtuple("DecodeWeights",
+                           ["emb", "head", "ln0_w", "ln0_b", "ln_out_w", "ln_out_b", "lerp"]
+                           + [name for name, _ in STACKED])
+Scratch = namedtuple("Scratch", ["x", "xa", "xf", "mixed", "r", "k", "v", "w_pre", "a", "g",
+                                 "v_gate", "v_first", "kk", "k_tilde", "decay", "beta", "v_res",
+                                 "y", "xk", "hidden", "lora", "rowbuf", "logits"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout, built once at load
+# ----------------------------------------------------------------------------------------------
+
+def as_kernel_matrix(a):
+    """A stored matrix as the kernels read it: float32 as is; bf16 bits (uint16, last axis even)
+    viewed as uint32 pairs, so a row is widened two weights at a time (no copy)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint32) if a.dtype == np.uint16 else a
+
+
+def stack_weights(model):
+    """A DecodeWeights from a RWKV7Numba model's prepared weights (float32, or uint16 bf16 bits
+    for the big matrices). The stacked arrays replace the per-layer ones in `model.blocks` (each
+    layer's entry becomes a view of its slice), so the weights are held once, not twice."""
+    blocks, cfg = model.blocks, model.config
+    L, C = cfg.n_layer, cfg.n_embd
+    Dv = max(cfg.d_mv, 1)
+    stacked = {}
+    for name, key in STACKED:
+        if key in ("att.v0", "att.v1", "att.v2"):      # layer 0 has none: a zero slot
+            shape = {"att.v0": (C,), "att.v1": (C, Dv), "att.v2": (Dv, C)}[key]
+            layers = [np.zeros(shape, np.float32) if i == 0 or key not in blocks[i] else blocks[i][key]
+                      for i in range(L)]
+        else:
+            layers = [blocks[i][key] for i in range(L)]
+        stacked[name] = np.stack(layers)                               # (L, ...)
+        for i in range(L):
+            if key in blocks[i]:
+                blocks[i][key] = stacked[name][i]                      # share, do not duplicate
+    lerp = np.stack([np.stack([p[f"att.x_{c}"] for c in "rwkvag"]) for p in blocks])   # (L, 6, C)
+    for name in BIG:
+        stacked[name] = as_kernel_matrix(stacked[name])
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
+    return DecodeWeights(emb=as_kernel_matrix(model.emb), head=as_kernel_matrix(model.head),
+                         ln0_w=f32(model.ln0[0]), ln0_b=f32(model.ln0[1]),
+                         ln_out_w=f32(model.ln_out[0]), ln_out_b=f32(model.ln_out[1]),
+                         lerp=f32(lerp), **{k: (v if k in BIG else f32(v)) for k, v in stacked.items()})
+
+
+def make_scratch(config):
+    """Every temporary of a token step, allocated once: decode_token allocates nothing."""
+    C, F, V = config.n_embd, config.dim_ffn, config.vocab_size
+    D = max(config.d_decay, config.d_aaa, config.d_mv, config.d_gate, 1)
+    vec = lambda: np.zeros(C, np.float32)
+    return Scratch(x=vec(), xa=vec(), xf=vec(), mixed=np.zeros((6, C), np.float32),
+                   r=vec(), k=vec(), v=vec(), w_pre=vec(), a=vec(), g=vec(), v_gate=vec(),
+                   v_first=vec(), kk=vec(), k_tilde=vec(), decay=vec(), beta=vec(), v_res=vec(),
+                   y=vec(), xk=vec(), hidden=np.zeros(F, np.float32),
+                   lora=np.zeros(D, np.float32),
+                   rowbuf=np.zeros((ROW_CHUNKS, max(C, F)), np.uint32),   # one widened bf16 row
+                   logits=np.zeros(V, np.float32))                        # per chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix-vector products, float32 or bf16
+# ----------------------------------------------------------------------------------------------
+
+def dot_row(W, i, x, buf):
+    """W[i] . x, W float32 (n, m) or bf16 pairs as uint32 (n, m/2); buf: a uint32 row to widen
+    into. Compiled per storage type by the overload below."""
+
+
+@overload(dot_row, jit_options={"fastmath": FASTMATH})
+def _dot_row(W, i, x, buf):
+    if W.dtype == types.float32:
+        def dot_f32(W, i, x, buf):
+            acc = np.float32(0.0)
+            for j in range(W.shape[1]):
+                acc += W[i, j] * x[j]
+            return acc
+        return dot_f32
+    if W.dtype == types.uint32:
+        def dot_bf16(W, i, x, buf):
+            m2 = W.shape[1]
+            for j in range(m2):        # bf16 is the top half of a float32; low half = even column
+                u = W[i, j]
+                buf[2 * j] = u << np.uint32(16)
+                buf[2 * j + 1] = u & np.uint32(0xFFFF0000)
+            row = buf[:2 * m2].view(np.float32)
+            acc = np.float32(0.0)
+            for j in range(2 * m2):
+                acc += row[j] * x[j]
+            return acc
+        return dot_bf16
+
+
+def row(W, i, out, buf):
+    """out = W[i] as float32 (a row of the embedding), W stored as for dot_row."""
+
+
+@overload(row, jit_options={"fastmath": FASTMATH})
+def _row(W, i, out, buf):
+    if W.dtype == types.float32:
+        def row_f32(W, i, out, buf):
+            out[:] = W[i]
+        return row_f32
+    if W.dtype == types.uint32:
+        def row_bf16(W, i, out, buf):
+            for j in range(W.shape[1]):
+                u = W[i, j]
+                buf[2 * j] = u << np.uint32(16)
+                buf[2 * j + 1] = u & np.uint32(0xFFFF0000)
+            out[:] = buf[:2 * W.shape[1]].view(np.float32)
+        return row_bf16
+
+
+@njit(fastmath=FASTMATH)
+def _rows(W, x, out, buf, lo, hi):
+    for i in range(lo, hi):
+        out[i] = dot_row(W, i, x, buf)
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def matvec(W, x, out, rowbuf):
+    """out = W @ x, W (n, m) as stored. Rows in ROW_CHUNKS chunks, in parallel when the product is
+    big enough to pay for the barrier; each row is one thread's sequential dot either way."""
+    n = W.shape[0]
+    step = (n + ROW_CHUNKS - 1) // ROW_CHUNKS
+    if n * x.shape[0] < PARALLEL_FROM:
+        _rows(W, x, out, rowbuf[0], 0, n)
+    else:
+        for c in prange(ROW_CHUNKS):
+            _rows(W, x, out, rowbuf[c], min(n, c * step), min(n, (c + 1) * step))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small vector steps (one thread)
+# ----------------------------------------------------------------------------------------------
+
+@njit(fastmath=FASTMATH)
+def layer_norm(x, w, b, out):
+    """model.layer_norm for one (C,) vector, into out."""
+    C = x.shape[0]
+    mu = np.float32(0.0)
+    for i in range(C):
+        mu += x[i]
+    mu /= C
+    var = np.float32(0.0)
+    for i in range(C):
+        var += (x[i] - mu) * (x[i] - mu)
+    inv = 1 / np.sqrt(var / C + np.float32(LN_EPS))
+    for i in range(C):
+        out[i] = (x[i] - mu) * inv * w[i] + b[i]
+
+
+@njit(fastmath=FASTMATH)
+def sigmoid(u):
+    return 1 / (1 + np.exp(-u))
+
+
+@njit(fastmath=FASTMATH)
+def lora(x, A, B, mid, act, out):
+    """out = act(x @ A) @ B, A (C, D), B (D, C): a LoRA for one token; act 0 none, 1 tanh,
+    2 sigmoid. Rows of A and B are contiguous, so both loops vectorise over their inner axis."""
+    D = A.shape[1]
+    mid[:D] = 0
+    for i in range(A.shape[0]):
+        xi = x[i]
+        for d in range(D):
+            mid[d] += xi * A[i, d]                                   # (D,)
+    for d in range(D):
+        if act == 1:
+            mid[d] = np.tanh(mid[d])
+        elif act == 2:
+            mid[d] = sigmoid(mid[d])
+    out[:] = 0
+    for d in range(D):
+        md = mid[d]
+        for j in range(B.shape[1]):
+            out[j] += md * B[d, j]                                   # (C,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The time mix's WKV part, one head at a time
+# ----------------------------------------------------------------------------------------------
+
+@njit(fastmath=FASTMATH)
+def wkv_head(h, N, S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
+    """Head h of the time mix from its projections to the gated output s.y (C,): removal key,
+    replacement key, decay, value residual, WKV step, group norm, bonus, gate (model.py's
+    removal_key ... output_gate). S (H, N, N) [value][key] updated in place. Heads touch
+    disjoint slices of every scratch vector, so they run in parallel safely."""
+    o = h * N
+    norm = np.float32(0.0)
+    for j in range(o, o + N):                                   # kappa_hat: unit length per head
+        s.kk[j] = s.k[j] * k_k[j]
+        norm += s.kk[j] * s.kk[j]
+    norm = max(np.sqrt(norm), np.float32(1e-12))
+    for j in range(o, o + N):
+        s.kk[j] /= norm
+        s.k_tilde[j] = s.k[j] * (1 + (s.a[j] - 1) * k_a[j])
+        s.decay[j] = np.exp(-DECAY_SCALE * sigmoid(s.w_pre[j]))  # in (0.545, 1)
+        s.beta[j] = s.kk[j] * s.a[j]
+        if first_layer:
+            s.v_res[j] = s.v[j]
+            s.v_first[j] = s.v[j]
+        else:
+            s.v_res[j] = s.v[j] + (s.v_first[j] - s.v[j]) * sigmoid(s.v_gate[j])
+    for i in range(N):                             # S <- S diag(w) + (S alpha) beta^T + v k~^T
+        sa = np.float32(0.0)
+        for j in range(N):
+            sa -= S[h, i, j] * s.kk[o + j]                      # alpha = -kappa_hat
+        yi = np.float32(0.0)
+        for j in range(N):
+            u = S[h, i, j] * s.decay[o + j] + sa * s.beta[o + j] + s.v_res[o + i] * s.k_tilde[o + j]
+            S[h, i, j] = u
+            yi += u * s.r[o + j]                                # y = S r
+        s.y[o + i] = yi
+    mu = np.float32(0.0)                                        # group norm over the head
+    for i in range(o, o + N):
+        mu += s.y[i]
+    mu /= N
+    var = np.float32(0.0)
+    for i in range(o, o + N):
+        var += (s.y[i] - mu) * (s.y[i] - mu)
+    inv = 1 / np.sqrt(var / N + np.float32(GN_EPS))
+    bonus = np.float32(0.0)                                     # r . (k~ * r_k) over the head
+    for j in range(N):
+        bonus += s.r[o + j] * s.k_tilde[o + j] * r_k[h, j]
+    for i in range(o, o + N):
+        s.y[i] = ((s.y[i] - mu) * inv * ln_x_w[i] + ln_x_b[i] + bonus * s.v_res[i]) * s.g[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def wkv_heads(S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
+    """Every head of one layer, in parallel when the state is big enough to pay for it."""
+    H, N = r_k.shape
+    if H * N * N * 4 < PARALLEL_FROM:
+        for h in range(H):
+            wkv_head(h, N, S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer)
+    else:
+        for h in prange(H):
+            wkv_head(h, N, S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer and one token
+# ----------------------------------------------------------------------------------------------
+
+@njit(fastmath=FASTMATH)
+def time_mix(l, W, s, att_shift, S):
+    """model.time_mix for one token of layer l; adds its output to s.x. s.xa holds LN1(x)."""
+    C = s.x.shape[0]
+    for c in range(6):                               # lerps r w k v a g: (6, C)
+        for i in range(C):
+            s.mixed[c, i] = s.xa[i] + (att_shift[i] - s.xa[i]) * W.lerp[l, c, i]
+    matvec(W.Wr[l], s.mixed[0], s.r, s.rowbuf)
+    matvec(W.Wk[l], s.mixed[2], s.k, s.rowbuf)
+    matvec(W.Wv[l], s.mixed[3], s.v, s.rowbuf)
+    lora(s.mixed[1], W.w1[l], W.w2[l], s.lora, 1, s.w_pre)         # tanh between
+    lora(s.mixed[4], W.a1[l], W.a2[l], s.lora, 0, s.a)
+    lora(s.mixed[5], W.g1[l], W.g2[l], s.lora, 2, s.g)             # sigmoid between
+    if l > 0:
+        lora(s.mixed[3], W.v1[l], W.v2[l], s.lora, 0, s.v_gate)
+    for i in range(C):
+        s.w_pre[i] += W.w0[l, i]
+        s.a[i] = sigmoid(W.a0[l, i] + s.a[i])                      # learning rate in (0, 1)
+        s.v_gate[i] += W.v0[l, i]                                  # a pre-activation
+    wkv_heads(S, s, W.r_k[l], W.k_k[l], W.k_a[l], W.ln_x_w[l], W.ln_x_b[l], l == 0)
+    att_shift[:] = s.xa
+    matvec(W.Wo[l], s.y, s.xk, s.rowbuf)                           # xk: free here, (C,)
+    for i in range(C):
+        s.x[i] += s.xk[i]
+
+
+@njit(fastmath=FASTMATH)
+def channel_mix(l, W, s, ffn_shift):
+    """model.channel_mix for one token of layer l (plain x070); adds its output to s.x."""
+    C = s.x.shape[0]
+    layer_norm(s.x, W.ln2_w[l], W.ln2_b[l], s.xf)
+    for i in range(C):
+        s.xk[i] = s.xf[i] + (ffn_shift[i] - s.xf[i]) * W.ffn_lerp[l, i]
+    matvec(W.Wfk[l], s.xk, s.hidden, s.rowbuf)                     # (F,)
+    for i in range(s.hidden.shape[0]):
+        u = max(s.hidden[i], np.float32(0.0))
+        s.hidden[i] = u * u                                        # squared ReLU
+    matvec(W.Wfv[l], s.hidden, s.xk, s.rowbuf)                     # (C,)
+    for i in range(C):
+        s.x[i] += s.xk[i]
+    ffn_shift[:] = s.xf
+
+
+@njit(fastmath=FASTMATH, cache=False)
+def decode_token(token, W, att_shift, wkv, ffn_shift, s, with_head):
+    """One token through the whole model, in place: the state (att_shift (L, C), wkv (L, H, N, N),
+    ffn_shift (L, C)) moves on by one token; s.x gets the hidden vector before ln_out and, with
+    with_head, s.logits the logits (V,). W: DecodeWeights; s: Scratch.
+
+    Not itself parallel=True: its parallel regions are in the callees that pay for a barrier
+    (`matvec`, `wkv_heads`, each compiled parallel), and a prange here, over layers or vectors,
+    would only add barriers (Numba warns when parallel=True finds nothing to parallelise)."""
+    row(W.emb, token, s.xa, s.rowbuf[0])                           # emb[token] (C,)
+    layer_norm(s.xa, W.ln0_w, W.ln0_b, s.x)                        # x0 (C,)
+    for l in range(att_shift.shape[0]):
+        layer_norm(s.x, W.ln1_w[l], W.ln1_b[l], s.xa)
+        time_mix(l, W, s, att_shift[l], wkv[l])
+        channel_mix(l, W, s, ffn_shift[l])
+    if with_head:
+        layer_norm(s.x, W.ln_out_w, W.ln_out_b, s.xf)
+        matvec(W.head, s.xf, s.logits, s.rowbuf)                   # (V,)
