@@ -10,7 +10,10 @@ Layout (`stack_weights`): per kind, one contiguous array across layers, e.g. all
 matrices as (L, C, C), all lerp vectors as (L, 6, C), all w1 LoRA matrices as (L, C, Dw). The
 ranks are the same in every layer (layer 0's v LoRA is unused: its slot is zeros). The big
 matrices are float32, or bf16 bits viewed as uint32 pairs (two weights an element, as
-numba_cpu's `_matvec_bf16`) with storage="bfloat16"; `dot_row` is compiled for either.
+numba_cpu's `_matvec_bf16`) with storage="bfloat16"; `dot_row` is compiled for either, and
+reads a bf16 weight by a bit cast in registers (`bits_to_float32`) rather than widening rows
+into a buffer: a buffer written in the loop defeats vectorisation (LLVM cannot prove it does not
+alias the weights) and measured slower than the per-kernel path.
 
 Parallelism: `prange` only where the work pays for a barrier: the matrix-vector products (rows in
 chunks) and the WKV heads, and only when their size is at least PARALLEL_FROM multiply-adds; the
@@ -29,7 +32,8 @@ from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+from llvmlite import ir
 
 from .. import model as ref
 
@@ -58,7 +62,7 @@ DecodeWeights = namedtuple("DecodeWeights",
                            + [name for name, _ in STACKED])
 Scratch = namedtuple("Scratch", ["x", "xa", "xf", "mixed", "r", "k", "v", "w_pre", "a", "g",
                                  "v_gate", "v_first", "kk", "k_tilde", "decay", "beta", "v_res",
-                                 "y", "xk", "hidden", "lora", "rowbuf", "logits"])
+                                 "y", "xk", "hidden", "lora", "logits"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,81 +114,90 @@ def make_scratch(config):
                    r=vec(), k=vec(), v=vec(), w_pre=vec(), a=vec(), g=vec(), v_gate=vec(),
                    v_first=vec(), kk=vec(), k_tilde=vec(), decay=vec(), beta=vec(), v_res=vec(),
                    y=vec(), xk=vec(), hidden=np.zeros(F, np.float32),
-                   lora=np.zeros(D, np.float32),
-                   rowbuf=np.zeros((ROW_CHUNKS, max(C, F)), np.uint32),   # one widened bf16 row
-                   logits=np.zeros(V, np.float32))                        # per chunk
+                   lora=np.zeros(D, np.float32), logits=np.zeros(V, np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
 # Matrix-vector products, float32 or bf16
 # ----------------------------------------------------------------------------------------------
 
-def dot_row(W, i, x, buf):
-    """W[i] . x, W float32 (n, m) or bf16 pairs as uint32 (n, m/2); buf: a uint32 row to widen
-    into. Compiled per storage type by the overload below."""
+@intrinsic
+def bits_to_float32(typingctx, u):
+    """The float32 whose bits are the low 32 bits of the integer u (a bit cast, no conversion):
+    how a bf16 weight, shifted into the top half, is read without a buffer in memory. (Numba
+    types uint32 << uint32 as uint64, hence the truncation.)"""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = args[0]
+        if u.bitwidth > 32:
+            bits = builder.trunc(bits, ir.IntType(32))
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(u), codegen
+
+
+def dot_row(W, i, x):
+    """W[i] . x, W float32 (n, m) or bf16 pairs as uint32 (n, m/2). Compiled per storage type by
+    the overload below."""
 
 
 @overload(dot_row, jit_options={"fastmath": FASTMATH})
-def _dot_row(W, i, x, buf):
+def _dot_row(W, i, x):
     if W.dtype == types.float32:
-        def dot_f32(W, i, x, buf):
+        def dot_f32(W, i, x):
             acc = np.float32(0.0)
             for j in range(W.shape[1]):
                 acc += W[i, j] * x[j]
             return acc
         return dot_f32
     if W.dtype == types.uint32:
-        def dot_bf16(W, i, x, buf):
-            m2 = W.shape[1]
-            for j in range(m2):        # bf16 is the top half of a float32; low half = even column
-                u = W[i, j]
-                buf[2 * j] = u << np.uint32(16)
-                buf[2 * j + 1] = u & np.uint32(0xFFFF0000)
-            row = buf[:2 * m2].view(np.float32)
+        def dot_bf16(W, i, x):
             acc = np.float32(0.0)
-            for j in range(2 * m2):
-                acc += row[j] * x[j]
+            for j in range(W.shape[1]):  # bf16 is the top half of a float32; low half = even column
+                u = W[i, j]
+                acc += bits_to_float32(u << np.uint32(16)) * x[2 * j]
+                acc += bits_to_float32(u & np.uint32(0xFFFF0000)) * x[2 * j + 1]
             return acc
         return dot_bf16
 
 
-def row(W, i, out, buf):
+def row(W, i, out):
     """out = W[i] as float32 (a row of the embedding), W stored as for dot_row."""
 
 
 @overload(row, jit_options={"fastmath": FASTMATH})
-def _row(W, i, out, buf):
+def _row(W, i, out):
     if W.dtype == types.float32:
-        def row_f32(W, i, out, buf):
+        def row_f32(W, i, out):
             out[:] = W[i]
         return row_f32
     if W.dtype == types.uint32:
-        def row_bf16(W, i, out, buf):
+        def row_bf16(W, i, out):
             for j in range(W.shape[1]):
                 u = W[i, j]
-                buf[2 * j] = u << np.uint32(16)
-                buf[2 * j + 1] = u & np.uint32(0xFFFF0000)
-            out[:] = buf[:2 * W.shape[1]].view(np.float32)
+                out[2 * j] = bits_to_float32(u << np.uint32(16))
+                out[2 * j + 1] = bits_to_float32(u & np.uint32(0xFFFF0000))
         return row_bf16
 
 
 @njit(fastmath=FASTMATH)
-def _rows(W, x, out, buf, lo, hi):
+def _rows(W, x, out, lo, hi):
     for i in range(lo, hi):
-        out[i] = dot_row(W, i, x, buf)
+        out[i] = dot_row(W, i, x)
 
 
 @njit(parallel=True, fastmath=FASTMATH)
-def matvec(W, x, out, rowbuf):
+def matvec(W, x, out):
     """out = W @ x, W (n, m) as stored. Rows in ROW_CHUNKS chunks, in parallel when the product is
     big enough to pay for the barrier; each row is one thread's sequential dot either way."""
     n = W.shape[0]
     step = (n + ROW_CHUNKS - 1) // ROW_CHUNKS
     if n * x.shape[0] < PARALLEL_FROM:
-        _rows(W, x, out, rowbuf[0], 0, n)
+        _rows(W, x, out, 0, n)
     else:
         for c in prange(ROW_CHUNKS):
-            _rows(W, x, out, rowbuf[c], min(n, c * step), min(n, (c + 1) * step))
+            _rows(W, x, out, min(n, c * step), min(n, (c + 1) * step))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,9 +321,9 @@ def time_mix(l, W, s, att_shift, S):
     for c in range(6):                               # lerps r w k v a g: (6, C)
         for i in range(C):
             s.mixed[c, i] = s.xa[i] + (att_shift[i] - s.xa[i]) * W.lerp[l, c, i]
-    matvec(W.Wr[l], s.mixed[0], s.r, s.rowbuf)
-    matvec(W.Wk[l], s.mixed[2], s.k, s.rowbuf)
-    matvec(W.Wv[l], s.mixed[3], s.v, s.rowbuf)
+    matvec(W.Wr[l], s.mixed[0], s.r)
+    matvec(W.Wk[l], s.mixed[2], s.k)
+    matvec(W.Wv[l], s.mixed[3], s.v)
     lora(s.mixed[1], W.w1[l], W.w2[l], s.lora, 1, s.w_pre)         # tanh between
     lora(s.mixed[4], W.a1[l], W.a2[l], s.lora, 0, s.a)
     lora(s.mixed[5], W.g1[l], W.g2[l], s.lora, 2, s.g)             # sigmoid between
@@ -322,7 +335,7 @@ def time_mix(l, W, s, att_shift, S):
         s.v_gate[i] += W.v0[l, i]                                  # a pre-activation
     wkv_heads(S, s, W.r_k[l], W.k_k[l], W.k_a[l], W.ln_x_w[l], W.ln_x_b[l], l == 0)
     att_shift[:] = s.xa
-    matvec(W.Wo[l], s.y, s.xk, s.rowbuf)                           # xk: free here, (C,)
+    matvec(W.Wo[l], s.y, s.xk)                           # xk: free here, (C,)
     for i in range(C):
         s.x[i] += s.xk[i]
 
@@ -334,11 +347,11 @@ def channel_mix(l, W, s, ffn_shift):
     layer_norm(s.x, W.ln2_w[l], W.ln2_b[l], s.xf)
     for i in range(C):
         s.xk[i] = s.xf[i] + (ffn_shift[i] - s.xf[i]) * W.ffn_lerp[l, i]
-    matvec(W.Wfk[l], s.xk, s.hidden, s.rowbuf)                     # (F,)
+    matvec(W.Wfk[l], s.xk, s.hidden)                     # (F,)
     for i in range(s.hidden.shape[0]):
         u = max(s.hidden[i], np.float32(0.0))
         s.hidden[i] = u * u                                        # squared ReLU
-    matvec(W.Wfv[l], s.hidden, s.xk, s.rowbuf)                     # (C,)
+    matvec(W.Wfv[l], s.hidden, s.xk)                     # (C,)
     for i in range(C):
         s.x[i] += s.xk[i]
     ffn_shift[:] = s.xf
@@ -353,7 +366,7 @@ def decode_token(token, W, att_shift, wkv, ffn_shift, s, with_head):
     Not itself parallel=True: its parallel regions are in the callees that pay for a barrier
     (`matvec`, `wkv_heads`, each compiled parallel), and a prange here, over layers or vectors,
     would only add barriers (Numba warns when parallel=True finds nothing to parallelise)."""
-    row(W.emb, token, s.xa, s.rowbuf[0])                           # emb[token] (C,)
+    row(W.emb, token, s.xa)                          # emb[token] (C,)
     layer_norm(s.xa, W.ln0_w, W.ln0_b, s.x)                        # x0 (C,)
     for l in range(att_shift.shape[0]):
         layer_norm(s.x, W.ln1_w[l], W.ln1_b[l], s.xa)
@@ -361,4 +374,4 @@ def decode_token(token, W, att_shift, wkv, ffn_shift, s, with_head):
         channel_mix(l, W, s, ffn_shift[l])
     if with_head:
         layer_norm(s.x, W.ln_out_w, W.ln_out_b, s.xf)
-        matvec(W.head, s.xf, s.logits, s.rowbuf)                   # (V,)
+        matvec(W.head, s.xf, s.logits)                   # (V,)
