@@ -3,7 +3,10 @@
 `RWKV7Numba` is `model.RWKV7` with the same public API and the same `forward_one` /
 `forward_seq` signatures (the backend contract: backends/__init__.py); only how they run changes:
 
-  * decode (`forward_one`, one token): every Linear layer is a Numba matrix-vector product over
+  * decode (`forward_one`, one token), decode="fused" (the default): the whole token is one
+    compiled call, `numba_decode.decode_token`, over weights stacked per kind across layers
+    (backends/numba_decode.py); DeepEmbed models, and decode="per-kernel", take the path below;
+  * decode="per-kernel": every Linear layer is a Numba matrix-vector product over
     the weights as stored, in parallel over output rows, and everything between the projections
     and the output projection of the time mix (removal key, decay, value residual, WKV update,
     group norm, bonus, gate) is one fused kernel (`time_mix_core`);
