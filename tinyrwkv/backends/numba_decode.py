@@ -62,7 +62,7 @@ DecodeWeights = namedtuple("DecodeWeights",
                            + [name for name, _ in STACKED])
 Scratch = namedtuple("Scratch", ["x", "xa", "xf", "mixed", "r", "k", "v", "w_pre", "a", "g",
                                  "v_gate", "v_first", "kk", "k_tilde", "decay", "beta", "v_res",
-                                 "y", "xk", "hidden", "lora", "logits"])
+                                 "y", "xk", "hidden", "lora", "pairs", "logits"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +114,9 @@ def make_scratch(config):
                    r=vec(), k=vec(), v=vec(), w_pre=vec(), a=vec(), g=vec(), v_gate=vec(),
                    v_first=vec(), kk=vec(), k_tilde=vec(), decay=vec(), beta=vec(), v_res=vec(),
                    y=vec(), xk=vec(), hidden=np.zeros(F, np.float32),
-                   lora=np.zeros(D, np.float32), logits=np.zeros(V, np.float32))
+                   lora=np.zeros(D, np.float32),
+                   pairs=np.zeros((3, 2, max(C, F) // 2), np.float32),   # inputs split for bf16
+                   logits=np.zeros(V, np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,27 +139,47 @@ def bits_to_float32(typingctx, u):
     return types.float32(u), codegen
 
 
-def dot_row(W, i, x):
-    """W[i] . x, W float32 (n, m) or bf16 pairs as uint32 (n, m/2). Compiled per storage type by
-    the overload below."""
+def split_pairs(W, x, xs):
+    """For bf16 W: xs[0] = x[0::2], xs[1] = x[1::2] (the inputs that meet the low and the high
+    half of each uint32 pair), so that dot_row reads both contiguously and vectorises; measured
+    2x faster than reading x[2j], x[2j + 1]. For float32 W: nothing."""
+
+
+@overload(split_pairs, jit_options={"fastmath": FASTMATH})
+def _split_pairs(W, x, xs):
+    if W.dtype == types.float32:
+        def no_split(W, x, xs):
+            pass
+        return no_split
+    if W.dtype == types.uint32:
+        def split(W, x, xs):
+            for j in range(W.shape[1]):
+                xs[0, j] = x[2 * j]
+                xs[1, j] = x[2 * j + 1]
+        return split
+
+
+def dot_row(W, i, x, xs):
+    """W[i] . x, W float32 (n, m) or bf16 pairs as uint32 (n, m/2); xs: x split by split_pairs.
+    Compiled per storage type by the overload below."""
 
 
 @overload(dot_row, jit_options={"fastmath": FASTMATH})
-def _dot_row(W, i, x):
+def _dot_row(W, i, x, xs):
     if W.dtype == types.float32:
-        def dot_f32(W, i, x):
+        def dot_f32(W, i, x, xs):
             acc = np.float32(0.0)
             for j in range(W.shape[1]):
                 acc += W[i, j] * x[j]
             return acc
         return dot_f32
     if W.dtype == types.uint32:
-        def dot_bf16(W, i, x):
+        def dot_bf16(W, i, x, xs):
             acc = np.float32(0.0)
             for j in range(W.shape[1]):  # bf16 is the top half of a float32; low half = even column
                 u = W[i, j]
-                acc += bits_to_float32(u << np.uint32(16)) * x[2 * j]
-                acc += bits_to_float32(u & np.uint32(0xFFFF0000)) * x[2 * j + 1]
+                acc += (bits_to_float32(u << np.uint32(16)) * xs[0, j]
+                        + bits_to_float32(u & np.uint32(0xFFFF0000)) * xs[1, j])
             return acc
         return dot_bf16
 
@@ -182,43 +204,49 @@ def _row(W, i, out):
 
 
 @njit(fastmath=FASTMATH)
-def _rows(W, x, out, lo, hi):
+def _rows(W, x, xs, out, lo, hi):
     for i in range(lo, hi):
-        out[i] = dot_row(W, i, x)
+        out[i] = dot_row(W, i, x, xs)
 
 
 @njit(parallel=True, fastmath=FASTMATH)
-def matvec(W, x, out):
+def matvec(W, x, out, pairs):
     """out = W @ x, W (n, m) as stored. Rows in ROW_CHUNKS chunks, in parallel when the product is
-    big enough to pay for the barrier; each row is one thread's sequential dot either way."""
+    big enough to pay for the barrier; each row is one thread's sequential dot either way.
+    pairs: (3, 2, M) scratch for split_pairs."""
     n = W.shape[0]
+    xs = pairs[0]
+    split_pairs(W, x, xs)
     step = (n + ROW_CHUNKS - 1) // ROW_CHUNKS
     if n * x.shape[0] < PARALLEL_FROM:
-        _rows(W, x, out, 0, n)
+        _rows(W, x, xs, out, 0, n)
     else:
         for c in prange(ROW_CHUNKS):
-            _rows(W, x, out, min(n, c * step), min(n, (c + 1) * step))
+            _rows(W, x, xs, out, min(n, c * step), min(n, (c + 1) * step))
 
 
 @njit(parallel=True, fastmath=FASTMATH)
-def matvec3(W1, x1, out1, W2, x2, out2, W3, x3, out3):
+def matvec3(W1, x1, out1, W2, x2, out2, W3, x3, out3, pairs):
     """Three products of the same shape (receptance, key, value) in one parallel region: one
     barrier instead of three. Chunk c of 3 * ROW_CHUNKS belongs to product c // ROW_CHUNKS."""
     n = W1.shape[0]
+    split_pairs(W1, x1, pairs[0])
+    split_pairs(W2, x2, pairs[1])
+    split_pairs(W3, x3, pairs[2])
     step = (n + ROW_CHUNKS - 1) // ROW_CHUNKS
     if 3 * n * x1.shape[0] < PARALLEL_FROM:
-        _rows(W1, x1, out1, 0, n)
-        _rows(W2, x2, out2, 0, n)
-        _rows(W3, x3, out3, 0, n)
+        _rows(W1, x1, pairs[0], out1, 0, n)
+        _rows(W2, x2, pairs[1], out2, 0, n)
+        _rows(W3, x3, pairs[2], out3, 0, n)
     else:
         for c in prange(3 * ROW_CHUNKS):
             lo, hi = min(n, (c % ROW_CHUNKS) * step), min(n, (c % ROW_CHUNKS + 1) * step)
             if c < ROW_CHUNKS:
-                _rows(W1, x1, out1, lo, hi)
+                _rows(W1, x1, pairs[0], out1, lo, hi)
             elif c < 2 * ROW_CHUNKS:
-                _rows(W2, x2, out2, lo, hi)
+                _rows(W2, x2, pairs[1], out2, lo, hi)
             else:
-                _rows(W3, x3, out3, lo, hi)
+                _rows(W3, x3, pairs[2], out3, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +370,8 @@ def time_mix(l, W, s, att_shift, S):
     for c in range(6):                               # lerps r w k v a g: (6, C)
         for i in range(C):
             s.mixed[c, i] = s.xa[i] + (att_shift[i] - s.xa[i]) * W.lerp[l, c, i]
-    matvec3(W.Wr[l], s.mixed[0], s.r, W.Wk[l], s.mixed[2], s.k, W.Wv[l], s.mixed[3], s.v)
+    matvec3(W.Wr[l], s.mixed[0], s.r, W.Wk[l], s.mixed[2], s.k, W.Wv[l], s.mixed[3], s.v,
+            s.pairs)
     lora(s.mixed[1], W.w1[l], W.w2[l], s.lora, 1, s.w_pre)         # tanh between
     lora(s.mixed[4], W.a1[l], W.a2[l], s.lora, 0, s.a)
     lora(s.mixed[5], W.g1[l], W.g2[l], s.lora, 2, s.g)             # sigmoid between
@@ -354,7 +383,7 @@ def time_mix(l, W, s, att_shift, S):
         s.v_gate[i] += W.v0[l, i]                                  # a pre-activation
     wkv_heads(S, s, W.r_k[l], W.k_k[l], W.k_a[l], W.ln_x_w[l], W.ln_x_b[l], l == 0)
     att_shift[:] = s.xa
-    matvec(W.Wo[l], s.y, s.xk)                           # xk: free here, (C,)
+    matvec(W.Wo[l], s.y, s.xk, s.pairs)                           # xk: free here, (C,)
     for i in range(C):
         s.x[i] += s.xk[i]
 
@@ -366,11 +395,11 @@ def channel_mix(l, W, s, ffn_shift):
     layer_norm(s.x, W.ln2_w[l], W.ln2_b[l], s.xf)
     for i in range(C):
         s.xk[i] = s.xf[i] + (ffn_shift[i] - s.xf[i]) * W.ffn_lerp[l, i]
-    matvec(W.Wfk[l], s.xk, s.hidden)                     # (F,)
+    matvec(W.Wfk[l], s.xk, s.hidden, s.pairs)                     # (F,)
     for i in range(s.hidden.shape[0]):
         u = max(s.hidden[i], np.float32(0.0))
         s.hidden[i] = u * u                                        # squared ReLU
-    matvec(W.Wfv[l], s.hidden, s.xk)                     # (C,)
+    matvec(W.Wfv[l], s.hidden, s.xk, s.pairs)                     # (C,)
     for i in range(C):
         s.x[i] += s.xk[i]
     ffn_shift[:] = s.xf
@@ -393,4 +422,4 @@ def decode_token(token, W, att_shift, wkv, ffn_shift, s, with_head):
         channel_mix(l, W, s, ffn_shift[l])
     if with_head:
         layer_norm(s.x, W.ln_out_w, W.ln_out_b, s.xf)
-        matvec(W.head, s.xf, s.logits)                   # (V,)
+        matvec(W.head, s.xf, s.logits, s.pairs)                   # (V,)
