@@ -297,6 +297,8 @@ class RWKV7Numba(ref.RWKV7):
             for a in (state.att_shift, state.wkv, state.ffn_shift))
 
     def _decode_fused(self, token, state, with_head):
+        """One token through numba_decode.decode_token. Its temporaries live in this model's one
+        scratch object, so one model must not decode from two Python threads at once."""
         from .numba_decode import decode_token
         decode_token(int(token), self._decode_weights, state.att_shift, state.wkv,
                      state.ffn_shift, self._scratch, with_head)
