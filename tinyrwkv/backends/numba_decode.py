@@ -203,13 +203,13 @@ def _row(W, i, out):
         return row_bf16
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def _rows(W, x, xs, out, lo, hi):
     for i in range(lo, hi):
         out[i] = dot_row(W, i, x, xs)
 
 
-@njit(parallel=True, fastmath=FASTMATH)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matvec(W, x, out, pairs):
     """out = W @ x, W (n, m) as stored. Rows in ROW_CHUNKS chunks, in parallel when the product is
     big enough to pay for the barrier; each row is one thread's sequential dot either way.
@@ -225,7 +225,7 @@ def matvec(W, x, out, pairs):
             _rows(W, x, xs, out, min(n, c * step), min(n, (c + 1) * step))
 
 
-@njit(parallel=True, fastmath=FASTMATH)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matvec3(W1, x1, out1, W2, x2, out2, W3, x3, out3, pairs):
     """Three products of the same shape (receptance, key, value) in one parallel region: one
     barrier instead of three. Chunk c of 3 * ROW_CHUNKS belongs to product c // ROW_CHUNKS."""
@@ -253,7 +253,7 @@ def matvec3(W1, x1, out1, W2, x2, out2, W3, x3, out3, pairs):
 # Small vector steps (one thread)
 # ----------------------------------------------------------------------------------------------
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def layer_norm(x, w, b, out):
     """model.layer_norm for one (C,) vector, into out."""
     C = x.shape[0]
@@ -269,12 +269,12 @@ def layer_norm(x, w, b, out):
         out[i] = (x[i] - mu) * inv * w[i] + b[i]
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def sigmoid(u):
     return 1 / (1 + np.exp(-u))
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def lora(x, A, B, mid, act, out):
     """out = act(x @ A) @ B, A (C, D), B (D, C): a LoRA for one token; act 0 none, 1 tanh,
     2 sigmoid. Rows of A and B are contiguous, so both loops vectorise over their inner axis."""
@@ -300,7 +300,7 @@ def lora(x, A, B, mid, act, out):
 # The time mix's WKV part, one head at a time
 # ----------------------------------------------------------------------------------------------
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def wkv_head(h, N, S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
     """Head h of the time mix from its projections to the gated output s.y (C,): removal key,
     replacement key, decay, value residual, WKV step, group norm, bonus, gate (model.py's
@@ -347,7 +347,7 @@ def wkv_head(h, N, S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
         s.y[i] = ((s.y[i] - mu) * inv * ln_x_w[i] + ln_x_b[i] + bonus * s.v_res[i]) * s.g[i]
 
 
-@njit(parallel=True, fastmath=FASTMATH)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def wkv_heads(S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
     """Every head of one layer, in parallel when the state is big enough to pay for it."""
     H, N = r_k.shape
@@ -363,7 +363,7 @@ def wkv_heads(S, s, r_k, k_k, k_a, ln_x_w, ln_x_b, first_layer):
 # One layer and one token
 # ----------------------------------------------------------------------------------------------
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def time_mix(l, W, s, att_shift, S):
     """model.time_mix for one token of layer l; adds its output to s.x. s.xa holds LN1(x)."""
     C = s.x.shape[0]
@@ -388,7 +388,7 @@ def time_mix(l, W, s, att_shift, S):
         s.x[i] += s.xk[i]
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, cache=True)
 def channel_mix(l, W, s, ffn_shift):
     """model.channel_mix for one token of layer l (plain x070); adds its output to s.x."""
     C = s.x.shape[0]
@@ -405,7 +405,7 @@ def channel_mix(l, W, s, ffn_shift):
     ffn_shift[:] = s.xf
 
 
-@njit(fastmath=FASTMATH, cache=False)
+@njit(fastmath=FASTMATH, cache=True)
 def decode_token(token, W, att_shift, wkv, ffn_shift, s, with_head):
     """One token through the whole model, in place: the state (att_shift (L, C), wkv (L, H, N, N),
     ffn_shift (L, C)) moves on by one token; s.x gets the hidden vector before ln_out and, with
