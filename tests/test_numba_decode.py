@@ -79,7 +79,7 @@ def test_fused_decode_bf16_storage():
     w = make_weights(3, 256, 1000, ranks=OFFICIAL_RANKS, seed=5)
     rounded = {k: widen(bf16_bits(a)) if k.endswith(BIG_MATRICES) else a for k, a in w.items()}
     model = numba_model(w, storage="bfloat16")
-    assert model.decode == "fused" and model._decode_weights.Wr.dtype == np.uint32
+    assert model.decode == "fused" and model._decode_weights.Wr[0].dtype == np.uint32
     ids = np.random.default_rng(1).integers(0, 1000, TOKENS)
     assert_close(model, tinyrwkv.RWKV7(rounded, dtype="float64"), ids,
                  random_state(model.config, seed=2), TOL_F32)

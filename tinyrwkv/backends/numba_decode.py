@@ -6,8 +6,10 @@ small model the time goes to dispatch, not to arithmetic. Here `decode_token` do
 Numba: embedding row and ln0, every layer (time mix and channel mix), ln_out and the head, writing
 the state in place, with every temporary preallocated once (`make_scratch`).
 
-Layout (`stack_weights`): per kind, one contiguous array across layers, e.g. all receptance
-matrices as (L, C, C), all lerp vectors as (L, 6, C), all w1 LoRA matrices as (L, C, Dw). The
+Layout (`stack_weights`): the six big matrices of a layer (receptance, key, value, output,
+channel-mix key and value) stay where loading put them, one tuple of L arrays per kind (no copy:
+peak memory at load stays the weights' bytes); the small tensors are stacked per kind across
+layers, e.g. all lerp vectors as (L, 6, C), all w1 LoRA matrices as (L, C, Dw). The
 ranks are the same in every layer (layer 0's v LoRA is unused: its slot is zeros). The big
 matrices are float32, or bf16 bits viewed as uint32 pairs (two weights an element, as
 numba_cpu's `_matvec_bf16`) with storage="bfloat16"; `dot_row` is compiled for either, and
@@ -76,33 +78,50 @@ def as_kernel_matrix(a):
     return a.view(np.uint32) if a.dtype == np.uint16 else a
 
 
+def read_only(a):
+    """A read-only view: every big matrix has the same Numba type (a memory-mapped tensor is
+    read-only, a converted one is not), so that the per-layer tuples are uniform."""
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
 def stack_weights(model):
-    """A DecodeWeights from a RWKV7Numba model's prepared weights (float32, or uint16 bf16 bits
-    for the big matrices). The stacked arrays replace the per-layer ones in `model.blocks` (each
-    layer's entry becomes a view of its slice), so the weights are held once, not twice."""
+    """A DecodeWeights from a RWKV7Numba model's prepared weights.
+
+    The big matrices (BIG: receptance ... channel-mix value, 6 per layer) are *not* copied: each
+    kind is a tuple of the per-layer arrays as loaded (memory-mapped from the file where they
+    are stored as the storage type), viewed as the kernels read them (`as_kernel_matrix`).
+    Stacking them into one (L, ...) array would need a second copy of most of the weights for a
+    moment, and keep the file's pages resident beside it (measured: 1.4x the weights' bytes at
+    load). The small per-layer tensors (vectors, LoRA matrices: a few % of the bytes) are
+    stacked per kind, (L, ...) float32, and each layer's entry in `model.blocks` becomes a view
+    of its slice, so they too are held once."""
     blocks, cfg = model.blocks, model.config
     L, C = cfg.n_layer, cfg.n_embd
     Dv = max(cfg.d_mv, 1)
     stacked = {}
     for name, key in STACKED:
+        if name in BIG:
+            stacked[name] = tuple(read_only(as_kernel_matrix(blocks[i][key])) for i in range(L))
+            continue
         if key in ("att.v0", "att.v1", "att.v2"):      # layer 0 has none: a zero slot
             shape = {"att.v0": (C,), "att.v1": (C, Dv), "att.v2": (Dv, C)}[key]
             layers = [np.zeros(shape, np.float32) if i == 0 or key not in blocks[i] else blocks[i][key]
                       for i in range(L)]
         else:
             layers = [blocks[i][key] for i in range(L)]
-        stacked[name] = np.stack(layers)                               # (L, ...)
+        stacked[name] = np.ascontiguousarray(np.stack(layers), dtype=np.float32)   # (L, ...)
         for i in range(L):
             if key in blocks[i]:
                 blocks[i][key] = stacked[name][i]                      # share, do not duplicate
     lerp = np.stack([np.stack([p[f"att.x_{c}"] for c in "rwkvag"]) for p in blocks])   # (L, 6, C)
-    for name in BIG:
-        stacked[name] = as_kernel_matrix(stacked[name])
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
-    return DecodeWeights(emb=as_kernel_matrix(model.emb), head=as_kernel_matrix(model.head),
+    return DecodeWeights(emb=read_only(as_kernel_matrix(model.emb)),
+                         head=read_only(as_kernel_matrix(model.head)),
                          ln0_w=f32(model.ln0[0]), ln0_b=f32(model.ln0[1]),
                          ln_out_w=f32(model.ln_out[0]), ln_out_b=f32(model.ln_out[1]),
-                         lerp=f32(lerp), **{k: (v if k in BIG else f32(v)) for k, v in stacked.items()})
+                         lerp=f32(lerp), **stacked)
 
 
 def make_scratch(config):
