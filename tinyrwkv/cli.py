@@ -53,7 +53,7 @@ def load_model(args):
     print(f"tinyrwkv: {model.path.name}: RWKV-7 {c.variant}, L{c.n_layer} C{c.n_embd} "
           f"H{c.n_head}x{c.head_size} V{c.vocab_size}, {model.n_params / 1e6:.1f}M params, "
           f"{model.dtype.name}, backend {model.backend}"
-          f"{f' ({model.threads} threads)' if getattr(model, 'threads', None) else ''}"
+          f"{f' ({model.threads_description})' if hasattr(model, 'threads_description') else ''}"
           f"{f' on {model.device_name}' if getattr(model, 'device_name', None) else ''}, "
           f"tokenizer {model.tokenizer.name} "
           f"(loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
@@ -432,7 +432,8 @@ def build_parser():
         p.add_argument("--device", type=option(int, NON_NEGATIVE),
                        help="CUDA device number for the cupy backend (default 0)")
         p.add_argument("--threads", type=option(int, POSITIVE),
-                       help="threads for kernels and BLAS (default: all cores)")
+                       help="threads for kernels and BLAS (default: prefill on all cores; decode "
+                            "chooses 1 to all while it runs, so a busy machine cannot stall it)")
         no_check_finite(p)
 
     def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):

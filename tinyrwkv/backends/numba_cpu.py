@@ -35,10 +35,12 @@ try:
 except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear message
     raise ImportError("the numba backend needs numba: pip install numba") from e
 
+import time
 from dataclasses import replace
 
 from .. import model as ref
 from ..formats import bf16_to_float32, to_bf16_bits
+from .thread_governor import ThreadGovernor
 
 FASTMATH = {"reassoc", "contract"}
 DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in the kernels
@@ -227,10 +229,10 @@ def _time_mix_core(S, r, w_pre, k, v, a, g, v_first, v_gate_pre, k_k, k_a, r_k, 
 # ----------------------------------------------------------------------------------------------
 
 def set_threads(threads):
-    """Threads for Numba kernels and, when threadpoolctl is installed, for BLAS."""
-    if threads is None:
-        return numba.get_num_threads()
-    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    """Threads for Numba kernels and, when threadpoolctl is installed, for BLAS. None: all the
+    cores Numba sees. Returns the count set."""
+    most = numba.config.NUMBA_NUM_THREADS
+    threads = most if threads is None else max(1, min(int(threads), most))
     numba.set_num_threads(threads)
     try:
         import threadpoolctl
@@ -258,7 +260,13 @@ class RWKV7Numba(ref.RWKV7):
         # "recurrent" run the Numba kernel (the recurrence with heads in parallel: as fast as the
         # chunked form at these sizes).
         self.sequence_wkv = ref.wkv_chunked if wkv_method == "chunked" else wkv_seq
+        # threads=N: N threads, always. None (the default): prefill uses every core, and decode
+        # lets a ThreadGovernor choose from 1 up to every core while it runs, from the measured
+        # time of its tokens, so that a busy machine slows it down instead of collapsing it
+        # (backends/thread_governor.py says why and how).
         self.threads = set_threads(threads)
+        self.thread_governor = ThreadGovernor(self.threads) if threads is None and \
+            self.threads > 1 else None
         # the six token-shift lerps of each layer as one (6, C) array for decode (derived, so
         # kept apart from the checkpoint-keyed blocks)
         self.stacked_lerps = [np.stack([p[f"att.x_{c}"] for c in "rwkvag"]) for p in self.blocks]
@@ -296,12 +304,33 @@ class RWKV7Numba(ref.RWKV7):
             a.dtype == np.float32 and a.flags.c_contiguous
             for a in (state.att_shift, state.wkv, state.ffn_shift))
 
+    @property
+    def threads_description(self):
+        """How many threads run, in words: '2 threads', or the governor's 'auto: 1 of 1-2'."""
+        if self.thread_governor is not None:
+            return self.thread_governor.describe()
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+
+    def _governed(self, step, *args):
+        """Run one decode step (a callable) on the governor's thread count, and tell the
+        governor how long it took. Without a governor: as is, on the fixed count."""
+        governor = self.thread_governor
+        if governor is None:
+            return step(*args)
+        n = governor.threads()
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        start = time.perf_counter()
+        out = step(*args)
+        governor.record(n, time.perf_counter() - start)
+        return out
+
     def _decode_fused(self, token, state, with_head):
         """One token through numba_decode.decode_token. Its temporaries live in this model's one
         scratch object, so one model must not decode from two Python threads at once."""
         from .numba_decode import decode_token
-        decode_token(int(token), self._decode_weights, state.att_shift, state.wkv,
-                     state.ffn_shift, self._scratch, with_head)
+        self._governed(decode_token, int(token), self._decode_weights, state.att_shift,
+                       state.wkv, state.ffn_shift, self._scratch, with_head)
 
     def forward(self, ids, state=None, full_output=False, mode="sequence"):
         """As the reference; one token with decode="fused" runs the fused step, head included."""
@@ -317,6 +346,9 @@ class RWKV7Numba(ref.RWKV7):
         if self._fused_ok(state):
             self._decode_fused(token, state, False)
             return self._scratch.x.copy(), state
+        return self._governed(self._forward_one_per_kernel, token, state)
+
+    def _forward_one_per_kernel(self, token, state):
         C, H = self.config.n_embd, self.config.n_head
         x0 = ref.layer_norm(as_float32(self.emb[token]), *self.ln0)          # (C,)
         x = x0
@@ -359,6 +391,8 @@ class RWKV7Numba(ref.RWKV7):
     def forward_seq(self, ids, state, steps=None, acts=None):
         # The reference's sequence form with this backend's WKV operator (unless the caller's
         # steps bring another one than the reference's default).
+        if numba.get_num_threads() != self.threads:   # decode's governor may have moved it
+            numba.set_num_threads(self.threads)
         steps = steps or self.steps
         if steps.wkv is ref.wkv_seq:
             steps = replace(steps, wkv=self.sequence_wkv)
