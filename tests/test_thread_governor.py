@@ -110,3 +110,12 @@ def test_a_fixed_count_has_no_governor_and_the_model_says_which():
         a, s1 = fixed.forward([t], s1)
         b, s2 = auto.forward([t], s2)
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "trace", "golden", "merge-lora", "train"])
+def test_every_command_that_computes_takes_threads(command):
+    from tinyrwkv.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command" or hasattr(a, "choices")
+               and isinstance(a.choices, dict) and command in a.choices)
+    assert "--threads" in sub.choices[command].format_help()

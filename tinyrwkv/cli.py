@@ -94,6 +94,7 @@ def cmd_merge_lora(args):
     llama.cpp LoRA GGUF) -> OUT, merged tensor by tensor while it is written."""
     from .files import OutputError
     from .formats.lora import LoraMerged, read_adapter
+    limit_threads(args)
     base = _model_source(args.base)
     lora, _ = read_adapter(args.lora)           # --alpha is required: the file's alpha, if any,
     if args.check_finite:                       # is not trusted over the user's
@@ -307,8 +308,12 @@ def _prod(shape):
 def cmd_trace(args):
     import tinyrwkv
     from . import oracle
-    model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy", tokenizer=args.tokenizer,
-                          progress=False, check_finite=args.check_finite)
+    try:
+        model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy",
+                              tokenizer=args.tokenizer, progress=False,
+                              check_finite=args.check_finite, threads=args.threads)
+    except ValueError as e:                     # threads without threadpoolctl
+        fail(str(e))
     if args.ids:
         try:
             ids = [int(t) for t in read_text(args.ids, "token id file").split()]
@@ -336,8 +341,19 @@ def cmd_compare(args):
     raise SystemExit(0 if report["ok"] else 1)
 
 
+def limit_threads(args):
+    """--threads for commands that compute with NumPy only (BLAS threads, via threadpoolctl)."""
+    if args.threads is not None:
+        from .loader import _blas_threads
+        try:
+            _blas_threads(args.threads)
+        except ValueError as e:
+            fail(str(e))
+
+
 def cmd_golden(args):
     from .golden import write_golden
+    limit_threads(args)
     manifest = write_golden(args.out)
     print(f"tinyrwkv: {len(manifest['cases'])} golden cases -> {args.out}/manifest.json",
           file=sys.stderr)
@@ -408,6 +424,10 @@ def build_parser():
         epilog="Run 'tinyrwkv COMMAND --help' for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)   # Parsers too
     fmt = HelpFormatter
+
+    def blas_threads_arg(p):
+        p.add_argument("--threads", type=option(int, POSITIVE),
+                       help="BLAS threads (default: all cores; needs threadpoolctl)")
 
     def model_args(p):
         p.add_argument("--model", "-m", metavar="PATH",
@@ -500,6 +520,7 @@ def build_parser():
     tr.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                     help="float64: the oracle; float32: what a float32 implementation should match")
     tr.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --prompt (default: the model's)")
+    blas_threads_arg(tr)
     no_check_finite(tr)
     tr.set_defaults(func=cmd_trace)
 
@@ -523,6 +544,7 @@ def build_parser():
                                     "when torch is installed) with token ids, float64 expected "
                                     "logits and states, traces and a JSON manifest.")
     gd.add_argument("--out", required=True, metavar="DIR")
+    blas_threads_arg(gd)
     gd.set_defaults(func=cmd_golden)
 
     cv = sub.add_parser("convert", help="convert between .pth, .safetensors and GGUF",
@@ -554,6 +576,7 @@ def build_parser():
     ml.add_argument("--alpha", type=option(float), required=True,
                     help="the lora_alpha used in training")
     ml.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    blas_threads_arg(ml)
     no_check_finite(ml, "write the merged model even if a tensor holds NaN or Inf")
     ml.set_defaults(func=cmd_merge_lora)
 
