@@ -114,7 +114,7 @@ class Options:
     warmup: int = 8
     prefill: tuple = (512, 2048)
     prefill_budget: float = 60.0
-    threads: int | None = None
+    threads: tuple = (None,)       # one entry: every run at that count; several: the thread sweep
     seed: int = 0
     quick: bool = False
     timeout: float = 3600.0
@@ -122,19 +122,52 @@ class Options:
     cache_dir: str | None = None
     wait_quiet: float = 0.0
     retry_busy: int = 0
+    batch: tuple = ()              # batch sizes of the batched-decode measurement (tinyrwkv rows)
+    busy: int = 0                  # background busy processes during this pass
+    load: str = "quiet"            # "quiet", "busy" or "both" (passes with and without them)
+    llama_extra_bufts: str = "auto"   # llama.cpp's repacked CPU buffers: "auto", "on", "off"
+
+    @property
+    def sweep(self):
+        """True when several thread counts are measured (--threads 1,2,4)."""
+        return len(self.threads) > 1
 
 
-BACKENDS = ("numpy", "numba", "numba-bf16", "official")
+# What the rows are. tinyrwkv: BACKEND[-STORAGE]; the official package; llama.cpp: llama-GGUFTYPE.
+BACKENDS = ("numpy", "numba", "numba-bf16", "numba-f16", "numba-int8", "official",
+            "llama-f32", "llama-f16", "llama-q8_0")
+TINYRWKV_STORAGE = {"": "float32", "bf16": "bfloat16", "f16": "float16", "int8": "int8"}
+LLAMA_TYPES = ("f32", "f16", "q8_0")
+# Validation limits, max|delta logit|/std, per storage (or GGUF type). float32 and bf16 storage of
+# a bf16 checkpoint hold the same numbers as the official package: CHECK_TOL. float16: llama.cpp's
+# F16 products round the activations to float16 too (measured 1.6e-3 on the shipped model,
+# tests/test_llamacpp.py). int8 / Q8_0: the weights are quantised (and llama.cpp quantises the
+# activations to 8 bits as well: measured 3.6e-2); these rows differ by design, the limit only
+# catches a broken row (a wrong mapping gives O(1)).
+CHECK_TOLS = {"float32": CHECK_TOL, "bfloat16": CHECK_TOL, "float16": 1e-2, "int8": 1e-1,
+              "f32": CHECK_TOL, "f16": 1e-2, "q8_0": 1e-1}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def backend_setup(name):
-    """'numpy', 'numba', 'numba-bf16', 'numpy-bf16', 'official' -> (backend, weights)."""
+    """A row's name -> (kind, storage).
+
+    'numpy', 'numba' -> float32; 'numba-bf16', 'numpy-bf16' -> bfloat16; 'numba-f16' -> float16;
+    'numba-int8' -> int8 (the storage name is passed to tinyrwkv.load as it is: a tinyrwkv that
+    refuses it gives a "not available" row); 'official' -> ('official', 'float32');
+    'llama-f32', 'llama-f16', 'llama-q8_0' -> ('llama', GGUF type)."""
     if name == "official":
         return "official", "float32"
     backend, _, suffix = name.partition("-")
-    if backend not in ("numpy", "numba") or suffix not in ("", "bf16"):
+    if backend == "llama" and suffix in LLAMA_TYPES:
+        return "llama", suffix
+    if backend not in ("numpy", "numba") or suffix not in TINYRWKV_STORAGE:
         raise ValueError(f"unknown backend {name!r}: use {', '.join(BACKENDS)} or numpy-bf16")
-    return backend, "bfloat16" if suffix == "bf16" else "float32"
+    return backend, TINYRWKV_STORAGE[suffix]
+
+
+def check_tol(storage):
+    return CHECK_TOLS.get(storage, CHECK_TOL)
 
 
 def installed_version(dist):

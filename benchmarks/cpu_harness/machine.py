@@ -71,6 +71,7 @@ def machine_info():
             "usable_cores": usable, "memory_gb": mem / GB if mem else None,
             "os": platform.platform(), "python": platform.python_version(),
             "versions": {d: installed_version(d) for d in ("tinyrwkv", "numpy", "numba", "torch",
-                                                           "rwkv", "threadpoolctl")},
+                                                           "rwkv", "threadpoolctl",
+                                                           "llama-cpp-python", "gguf")},
             "thread_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                           "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}
