@@ -207,12 +207,13 @@ def format_shape(name, shape_result, opts, background=0):
         if busy:
             worst = max(busy)
             limit = BUSY_CORES + background
-            own = (f" (including this pass's {background} busy background process"
-                   f"{'es' if background > 1 else ''}, one core each)" if background else "")
+            own = (f", this pass's {background} busy background process"
+                   f"{'es' if background > 1 else ''} included" if background else "")
             lines.append(f"Other processes on the machine used {statistics.mean(c for c, _, _ in busy):.2f} "
-                         f"cores on average during the runs{own} (most: {worst[0]:.2f}, {worst[1]} "
-                         f"run {worst[2]})" + (": numbers are noisy, rerun on a quiet machine"
-                                               if worst[0] > limit else "") + ".")
+                         f"cores on average during the runs (most: {worst[0]:.2f}, {worst[1]} "
+                         f"run {worst[2]}{own})"
+                         + (": numbers are noisy, rerun on a quiet machine" if worst[0] > limit
+                            else "") + ".")
         dropped = {k: len(r["discarded_busy"]) for k, r in shape_result["rows"].items()
                    if r["discarded_busy"]}
         if dropped:
@@ -250,7 +251,7 @@ def format_sweep(summary, opts):
     """decode tok/s (and the longest prefill's) of every backend at every thread count."""
     Ts = [str(T) for T in opts.prefill]
     metrics = ["decode"] + ([f"prefill@{Ts[-1]}"] if Ts else [])
-    head = ["backend", "tok/s"] + [f"{t} threads" for t in opts.threads]
+    head = ["backend", "tok/s"] + [f"{t} thread{'s' if t != 1 else ''}" for t in opts.threads]
     lines = ["Thread sweep (medians; the best of each line in bold):", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name in opts.backends:
@@ -349,7 +350,10 @@ def format_report(report, opts):
 def _format_comparison(a, b, opts):
     """tok/s of pass b / pass a, per shape and backend at its best thread count (>1: faster in
     b)."""
-    lines = [f"## '{b['label']}' / '{a['label']}' (tok/s ratio)", ""]
+    la, lb = a.get("parts") or [a["label"]], b.get("parts") or [b["label"]]
+    differ = [(x, y) for x, y in zip(la, lb) if x != y] or [(a["label"], b["label"])]
+    title = "; ".join(f"{y} / {x}" for x, y in differ)
+    lines = [f"## {title} (tok/s ratio, each backend at its best thread count)", ""]
     for name, sa in a["shapes"].items():
         sb = b["shapes"].get(name, {})
         if "summary" not in sa or "summary" not in sb:

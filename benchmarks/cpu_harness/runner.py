@@ -175,6 +175,9 @@ def _new_row(name, threads, shape, files, opts, available):
             row["decode_bytes_per_token"] = conv["decode_bytes"]     # exact, from the file
             row["decode_bytes_by_type"] = conv.get("decode_bytes_by_type")
         row["extra_bufts"] = {"on": True, "off": False}.get(opts.llama_extra_bufts)
+        if opts.llama_extra_bufts == "off":
+            row["notes"].append("loaded with use_extra_bufts=False (--llama-extra-bufts off): "
+                                "no repacked CPU weight buffers")
     else:
         row["checkpoint"] = files.get("tinyrwkv")     # None: the shipped model, load() no path
     need = shape.counts()["params"] * 4 * 1.2     # float32 weights plus headroom
@@ -568,6 +571,7 @@ def benchmark(opts, both_openblas=False, env=None):
                 with Background(n_busy, workdir, log=lambda m: _log(opts, m)) as bg:
                     result = run_pass(pass_opts, workdir, pass_env, full, checkpoints, available)
                 result["background"] = bg.report()
+                result["parts"] = [label, _load_label(n_busy)]
                 results.append(result)
     finally:
         signal.signal(signal.SIGTERM, old_term)
