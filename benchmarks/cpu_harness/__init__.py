@@ -135,8 +135,8 @@ fixed 16-token prefill and of one decode step after it; the table's notes give
 max|delta logit| / std(logits) against the official package (or, without it, against the numpy
 backend). Above its limit (`CHECK_TOLS`: 1e-3 for float32 and bf16 storage, which hold the
 checkpoint's bf16 numbers exactly; 1e-2 for float16 (llama.cpp's F16 products also round the
-activations); 1e-1 for int8 / Q8_0, which differ by design: the number is reported, the limit
-only catches a broken row) the row is marked "CHECK FAILED".
+activations); 3e-1 for int8 / Q8_0, which differ by design (0.04-0.1 measured): the number is
+reported, the limit only catches a broken row) the row is marked "CHECK FAILED".
 
 worker.py runs inside the child processes; the parent side (runner.py, report.py) never imports
 torch, the official package or a backend, so its own memory and threads stay out of the
@@ -194,10 +194,11 @@ LLAMA_TYPES = ("f32", "f16", "q8_0")
 # a bf16 checkpoint hold the same numbers as the official package: CHECK_TOL. float16: llama.cpp's
 # F16 products round the activations to float16 too (measured 1.6e-3 on the shipped model,
 # tests/test_llamacpp.py). int8 / Q8_0: the weights are quantised (and llama.cpp quantises the
-# activations to 8 bits as well: measured 3.6e-2); these rows differ by design, the limit only
-# catches a broken row (a wrong mapping gives O(1)).
-CHECK_TOLS = {"float32": CHECK_TOL, "bfloat16": CHECK_TOL, "float16": 1e-2, "int8": 1e-1,
-              "f32": CHECK_TOL, "f16": 1e-2, "q8_0": 1e-1}
+# activations to 8 bits as well: measured 3.6e-2 on the shipped model, 1.0e-1 on the synthetic
+# 0.1B); these rows differ by design: the number is reported, and the limit only catches a
+# broken row (a wrong tensor mapping gives O(1)).
+CHECK_TOLS = {"float32": CHECK_TOL, "bfloat16": CHECK_TOL, "float16": 1e-2, "int8": 3e-1,
+              "f32": CHECK_TOL, "f16": 1e-2, "q8_0": 3e-1}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
