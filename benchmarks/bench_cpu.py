@@ -102,8 +102,9 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="time one child process may take")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run in under a minute: options left at their defaults become "
-                             "--shapes tiny --runs 1 --decode-tokens 8 --warmup 4 --prefill 64,256")
+                        help="a smoke run (1-2 minutes; the first one also converts the GGUFs): "
+                             "options left at their defaults become --shapes tiny --runs 1 "
+                             "--decode-tokens 8 --warmup 4 --prefill 64,256")
     parser.add_argument("--device-cpu", action="store_true",
                         help="the many-core machine's run: options left at their defaults become "
                              "--shapes 0.1B --threads 1,2,4,8,16 --backends numba,numba-bf16,"
