@@ -67,10 +67,29 @@ def machine_info():
     except (ValueError, OSError, AttributeError):
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {d: installed_version(d) for d in ("tinyrwkv", "numpy", "numba", "torch", "rwkv",
+                                                  "threadpoolctl", "llama-cpp-python", "gguf")}
+    versions["tinyrwkv"] = _checkout_version(versions["tinyrwkv"])
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical,
             "usable_cores": usable, "memory_gb": mem / GB if mem else None,
             "os": platform.platform(), "python": platform.python_version(),
-            "versions": {d: installed_version(d) for d in ("tinyrwkv", "numpy", "numba", "torch",
-                                                           "rwkv", "threadpoolctl")},
+            "versions": versions,
             "thread_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                           "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}
+
+
+def _checkout_version(installed):
+    """The version of the tinyrwkv the children import: this checkout's (its __version__ and git
+    commit), which may differ from the installed distribution's."""
+    import subprocess
+    root = Path(__file__).resolve().parents[2]
+    m = re.search(r'^__version__ = "([^"]+)"', (root / "tinyrwkv" / "__init__.py").read_text()
+                  if (root / "tinyrwkv" / "__init__.py").is_file() else "", re.M)
+    if not m:
+        return installed
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{m[1]} (checkout{' ' + commit if commit else ''})"

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from . import GENERATOR_VERSION
 
+# Bytes per weight of the big matrices (Linear and head) by storage / GGUF type.
+BIG_BYTES = {"float32": 4.0, "f32": 4.0, "bfloat16": 2.0, "float16": 2.0, "f16": 2.0,
+             "int8": 34 / 32, "q8_0": 34 / 32}
+
 
 # ----------------------------------------------------------------------------------------------
 # Shapes
@@ -24,6 +28,7 @@ class Shape:
     vocab_size: int
     ranks: tuple            # LoRA ranks (Dw, Da, Dv, Dg)
     head_size: int = 64
+    source: str = ""        # a real checkpoint (the shipped model) instead of synthetic weights
 
     @property
     def dim_ffn(self):
@@ -69,17 +74,21 @@ class Shape:
         return {"params": total, "embedding": emb, "head": head,
                 "non_embedding": total - emb, "body": total - emb - head, "big": big}
 
-    def decode_bytes(self, weights):
+    def decode_bytes(self, storage):
         """Bytes of weights one decode step reads: all but the embedding table (one row of it
-        is read), 4 bytes each, or 2 for the big matrices when stored as bf16."""
+        is read) and layer 0's unused v0/v1/v2. The big matrices (Linear and head) at 4 bytes
+        each (storage "float32"/"f32"), 2 ("bfloat16", "float16", "f16"), or as GGUF Q8_0 blocks,
+        34 bytes per 32 weights (a float16 scale + 32 int8: "int8", "q8_0"); the LoRA matrices
+        and the vectors at 4 bytes always. (llama.cpp rows use the exact bytes of their GGUF
+        file instead when it was read: see runner.)"""
         n = self.counts()
-        if weights == "bfloat16":
-            return 2 * n["big"] + 4 * (n["non_embedding"] - n["big"])
-        return 4 * n["non_embedding"]
+        per_big = BIG_BYTES.get(storage, 4.0)
+        return per_big * n["big"] + 4 * (n["non_embedding"] - n["big"])
 
     def describe(self):
         n = self.counts()
-        return (f"L{self.n_layer} C{self.n_embd} V{self.vocab_size} "
+        where = f"the shipped model ({Path(self.source).name}), " if self.source else ""
+        return (where + f"L{self.n_layer} C{self.n_embd} V{self.vocab_size} "
                 f"H{self.n_embd // self.head_size}x{self.head_size} F{self.dim_ffn}, "
                 f"LoRA {'/'.join(map(str, self.ranks))}: {n['params'] / 1e6:.1f}M weights "
                 f"({n['non_embedding'] / 1e6:.1f}M non-embedding)")
@@ -93,19 +102,57 @@ SHAPES = {
 }
 
 
-def parse_shape(text):
-    """A named shape (0.1B, 0.4B, 1.5B, tiny) or a custom one such as L4-C512 or L4-C512-V1024
-    (LoRA ranks from the training-code formula, `synthetic.lora_ranks`)."""
+def parse_shape(text, root=None):
+    """A named shape (0.1B, 0.4B, 1.5B, tiny), `shipped` (the model in weights/: its shape read
+    from the file's header) or a custom one such as L4-C512 or L4-C512-V1024 (LoRA ranks from
+    the training-code formula, `synthetic.lora_ranks`)."""
     if text in SHAPES:
         return SHAPES[text]
+    if text == "shipped":
+        return shipped_shape(root)
     m = re.fullmatch(r"L(\d+)-?C(\d+)(?:-?V(\d+))?", text)
     if not m:
-        raise ValueError(f"unknown shape {text!r}: use {', '.join(SHAPES)} or e.g. L4-C512-V1024")
+        raise ValueError(f"unknown shape {text!r}: use {', '.join(SHAPES)}, shipped or e.g. "
+                         "L4-C512-V1024")
     from tinyrwkv.synthetic import lora_ranks
     L, C, V = int(m[1]), int(m[2]), int(m[3] or 65536)
     if C % 64:
         raise ValueError(f"shape {text!r}: n_embd must be a multiple of the head size 64")
     return Shape(text, L, C, V, lora_ranks(C))
+
+
+def shipped_path(root=None):
+    """weights/model.safetensors of this checkout (what tinyrwkv.load() with no path reads)."""
+    root = Path(root) if root else Path(__file__).resolve().parents[2]
+    return root / "weights" / "model.safetensors"
+
+
+def safetensors_shapes(path):
+    """{key: shape} from a .safetensors header (8-byte length + JSON), without reading tensors."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def shipped_shape(root=None):
+    """The shipped model as a Shape (n_layer, n_embd, vocabulary and LoRA ranks from its header).
+    Its tensors must be the plain x070 set (the shape's counts are computed from it)."""
+    path = shipped_path(root)
+    if not path.is_file():
+        raise ValueError(f"--shapes shipped: no shipped model at {path}")
+    got = safetensors_shapes(path)
+    L = 1 + max(int(k.split(".")[1]) for k in got if k.startswith("blocks."))
+    V, C = got["emb.weight"]
+    ranks = tuple(got[f"blocks.0.att.{x}1"][1] for x in "wavg")
+    shape = Shape("shipped", L, C, V, ranks, got["blocks.0.att.r_k"][1], source=str(path))
+    want = {k: tuple(s) for k, s in shape.tensor_shapes().items()}
+    if want != got:
+        raise ValueError(f"--shapes shipped: {path} is not a plain RWKV-7 x070 checkpoint "
+                         f"(keys or shapes differ from L{L} C{C} V{V}'s)")
+    return shape
 
 
 def _prod(shape):
