@@ -9,7 +9,7 @@ weights along the input axis, and a block is 34 bytes:
 
 so a row takes cols / 32 * 34 bytes (8.5 bits a weight) and a matrix is held as a uint8 array
 (rows, cols / 32 * 34), byte for byte as in a GGUF file's Q8_0 tensor (ggml's `block_q8_0`,
-ggml/src/ggml-common.h; docs/formats.md, GGUF). That is why a Q8_0 GGUF loads with
+ggml/src/ggml-common.h; docs/formats.md §4.5). That is why a Q8_0 GGUF loads with
 storage="int8" without any conversion: the file's bytes, memory-mapped, are the storage.
 
 Quantising (`quantize_q8_0`) is ggml's reference rule (quantize_row_q8_0_ref in
