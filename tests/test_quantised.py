@@ -352,7 +352,7 @@ def test_other_backends_refuse_int8(tmp_path):
 def test_values_beyond_the_storage_range_are_refused():
     w = make_weights(1, 64, 97, seed=1)
     w["blocks.0.att.key.weight"][3, 5] = 1e5                  # beyond float16 (65504)
-    with pytest.raises(ValueError, match=r"blocks\.0\.att\.key\.weight .*beyond float16's range"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.att\.key\.weight has values beyond float16.s range"):
         numba_model(w, storage="float16")
     w["blocks.0.att.key.weight"][3, 5] = 1e7                  # d = 1e7 / 127 > 65504
     with pytest.raises(ValueError, match=r"blocks\.0\.att\.key\.weight .*too large for Q8_0"):

@@ -96,13 +96,20 @@ def as_float32(w):
 
 def float16_of(values, key):
     """Float values -> np.float16 (round to nearest even), or a ValueError naming the tensor if
-    any finite value is beyond float16's range (it would become inf)."""
-    values = as_float32(np.asarray(values))
-    with np.errstate(over="ignore"):
-        half = values.astype(np.float16)
-    if np.any(np.isinf(half) & ~np.isinf(values)):
-        raise ValueError(f"{key} has values up to {float(np.nanmax(np.abs(values))):.3g}, beyond "
-                         f"float16's range ({FLOAT16_MAX:g}); use storage='bfloat16' or 'float32'")
+    any finite value is beyond float16's range (it would become inf). Converted a slice of rows
+    at a time, so the temporaries stay small next to the tensor."""
+    values = np.asarray(values)
+    half = np.empty(values.shape, np.float16)
+    rows, out = values.reshape(-1, values.shape[-1]), half.reshape(-1, values.shape[-1])
+    step = max(1, (1 << 20) // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        chunk = as_float32(rows[start: start + step])
+        with np.errstate(over="ignore"):
+            out[start: start + step] = chunk
+        if np.any(np.isinf(out[start: start + step]) & ~np.isinf(chunk)):
+            raise ValueError(f"{key} has values beyond float16's range ({FLOAT16_MAX:g}), up to "
+                             f"{float(np.nanmax(np.abs(chunk))):.3g}; use storage='bfloat16' "
+                             "or 'float32'")
     return half
 
 
