@@ -388,3 +388,15 @@ def test_non_finite_q8_0_scale_is_refused(tmp_path):
         f.write(np.float16(np.nan).tobytes())
     with pytest.raises(CheckpointError, match=r"NaN or Inf in 1 tensor: blocks\.0\.att\.key\.weight"):
         tinyrwkv.load(path, storage="int8")
+
+
+def test_non_finite_float16_weight_is_refused(tmp_path):
+    """An fp16 file with an inf, loaded as float16 storage (kept as it is): refused by load's
+    finiteness check before any kernel could read it (the widening trick would make it 65536)."""
+    from tinyrwkv.errors import CheckpointError
+    from tinyrwkv.formats import save_safetensors
+    w = {k: v.astype(np.float16) for k, v in make_weights(1, 64, 97, seed=1).items()}
+    w["head.weight"][5, 7] = np.inf
+    save_safetensors(tmp_path / "m.safetensors", w)
+    with pytest.raises(CheckpointError, match=r"NaN or Inf in 1 tensor: head\.weight"):
+        tinyrwkv.load(tmp_path / "m.safetensors", storage="float16")
