@@ -61,6 +61,7 @@ MATRICES = ("receptance.weight", "key.weight", "value.weight", "output.weight", 
     ("cuda:1 bf16", ("cupy", "bfloat16", 1)),
     ("  cuda   fp32 ", ("cupy", "float32", 0)),
     ("cpu bf16", ("numba", "bfloat16", None)),
+    ("cpu fp16", ("numba", "float16", None)),
 ])
 def test_official_strategy_strings(strategy, expect):
     assert parse_strategy(strategy) == expect
@@ -74,9 +75,9 @@ def test_cpu_fp32_strategy_is_the_default_cpu_backend():
 
 @pytest.mark.parametrize("strategy, message", [
     ("cuda fp16i8", "quantised weights"),
+    ("cpu fp32i8", "storage='int8'"),
     ("cuda fp16 *10 -> cpu fp32", "splitting the layers"),
     ("mps fp32", "device mps is not supported"),
-    ("cpu fp16", "use 'cpu bf16' or 'cpu fp32'"),
     ("gpu half", "not '<device> <precision>'"),
 ])
 def test_unsupported_strategies_are_named(strategy, message):

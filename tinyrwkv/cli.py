@@ -442,13 +442,15 @@ def build_parser():
                        help="numba: compiled CPU kernels (default where numba is installed); "
                             "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
         p.add_argument("--storage", "--weights", dest="storage",
-                       choices=["float32", "bfloat16", "float16"],
-                       help="how the large matrices are kept: numba float32 (default) or "
-                            "bfloat16; cupy float16 (default), bfloat16 or float32 "
+                       choices=["float32", "bfloat16", "float16", "int8"],
+                       help="how the large matrices are kept: numba float32 (default), "
+                            "bfloat16, float16 or int8 (GGUF Q8_0 blocks; a q8_0 .gguf is used "
+                            "as it is); cupy float16 (default), bfloat16 or float32 "
                             "(--weights is the old name of this option)")
         p.add_argument("--strategy", metavar="TEXT",
                        help="the official package's strategy instead of --backend/--storage: "
-                            "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda:1 bf16', 'cuda fp32'")
+                            "'cpu fp32', 'cpu bf16', 'cpu fp16', 'cuda fp16', 'cuda:1 bf16', "
+                            "'cuda fp32'")
         p.add_argument("--device", type=option(int, NON_NEGATIVE),
                        help="CUDA device number for the cupy backend (default 0)")
         p.add_argument("--threads", type=option(int, POSITIVE),
@@ -690,7 +692,7 @@ def one_line_errors():
              if package else f"{e}; reinstall the package it names")
     except MemoryError:
         fail("out of memory; close other programs, or use a smaller model (or --storage "
-             "bfloat16 to halve the weights' memory)")
+             "bfloat16 to halve the weights' memory, int8 for about a quarter)")
     except Exception as e:
         traceback.print_exc()
         print(f"tinyrwkv: internal error: {type(e).__name__}: this is a bug in tinyrwkv, not a "

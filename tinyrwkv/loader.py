@@ -12,6 +12,8 @@ from .backends import NAMES as BACKENDS, STORAGE
 from .checks import NON_NEGATIVE, POSITIVE, check_int
 from .errors import CheckpointError
 from .formats import numerics, open_model, resolve_model_path
+from .formats.q8_0 import Q8_0Matrix, blocks_per_row
+from .formats.source import TensorSource
 from .model import RWKV7
 from .schema import check_x070_keys, detect_version
 from .tokenizer import TokenizerError, get_tokenizer
@@ -60,9 +62,10 @@ def parse_strategy(strategy):
     """The official `rwkv` package's strategy string -> (backend, storage, device).
 
     'cuda fp16' -> ("cupy", "float16", 0); 'cuda:1 bf16' -> ("cupy", "bfloat16", 1);
-    'cpu fp32' -> (the default CPU backend, "float32", None); 'cpu bf16' -> ("numba", "bfloat16").
-    What tinyrwkv does not do (layers split over devices, int8 weights, mps/dml) is refused by
-    name; so is 'cpu fp16' (the CPU backends store float32 or bfloat16).
+    'cpu fp32' -> (the default CPU backend, "float32", None); 'cpu bf16' -> ("numba", "bfloat16");
+    'cpu fp16' -> ("numba", "float16") (16-bit weights, float32 compute, as for bf16).
+    What tinyrwkv does not do (layers split over devices, the official package's i8/i4/i3
+    weights, mps/dml) is refused by name; tinyrwkv's own int8 is storage="int8" (GGUF Q8_0).
     """
     s = " ".join(str(strategy).split())
     if "->" in s or "*" in s:
@@ -76,17 +79,16 @@ def parse_strategy(strategy):
                          "or fp32 (e.g. 'cuda fp16')")
     device, index, precision, quant = m.groups()
     if quant:
-        raise ValueError(f"strategy {strategy!r}: {precision}{quant} (quantised weights) is not "
-                         f"supported; use '{device} {precision}'")
+        raise ValueError(f"strategy {strategy!r}: {precision}{quant} (the official package's "
+                         f"quantised weights) is not supported; use '{device} {precision}', or "
+                         "tinyrwkv's own int8 weights: storage='int8' (GGUF Q8_0 blocks, backend "
+                         "numba; CLI --storage int8), which is not the official package's scheme")
     if device in ("mps", "dml"):
         raise ValueError(f"strategy {strategy!r}: device {device} is not supported; tinyrwkv "
                          "runs on 'cpu' (NumPy/Numba) and 'cuda' (CuPy)")
     storage = _PRECISIONS[precision]
     if device == "cpu":
-        if storage == "float16":
-            raise ValueError("strategy 'cpu fp16' is not supported: the CPU backends store "
-                             "weights as float32 or bfloat16; use 'cpu bf16' or 'cpu fp32'")
-        return ("numba" if storage == "bfloat16" else default_backend()), storage, None
+        return (default_backend() if storage == "float32" else "numba"), storage, None
     return "cupy", storage, int(index or 0)
 
 
@@ -124,11 +126,13 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
             backends/numba_cpu.py), "cupy" (CUDA GPU, backends/cupy_gpu.py; needs CuPy), or
             None: numba where it is installed and dtype is float32, else numpy. `model.backend`
             says which one runs.
-        storage: how the large matrices are kept: numba "float32" (default) or "bfloat16";
-            cupy "float16" (default), "bfloat16" or "float32". Activations are float32 always.
+        storage: how the large matrices are kept: numba "float32" (default), "bfloat16",
+            "float16" or "int8" (GGUF Q8_0 blocks: a Q8_0 GGUF is used as it is, memory-mapped;
+            other files are quantised on load); cupy "float16" (default), "bfloat16" or
+            "float32". Activations are float32 always.
         threads: threads for the CPU kernels and BLAS (default: all cores)
         strategy: instead of backend/storage, the official package's words: "cpu fp32",
-            "cpu bf16", "cuda fp16", "cuda:1 bf16", "cuda fp32" (see parse_strategy)
+            "cpu bf16", "cpu fp16", "cuda fp16", "cuda:1 bf16", "cuda fp32" (see parse_strategy)
         device: the CUDA device for backend "cupy" (default 0)
         check_finite: refuse a file with NaN or Inf in any tensor (CheckpointError naming them),
             checked as it is read: one pass over the weights (formats.numerics.check_finite;
@@ -156,10 +160,11 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     storage = storage or STORAGE[backend][0]
     if storage not in STORAGE[backend]:
+        fix = ("; int8 storage (GGUF Q8_0 blocks) needs backend='numba'" if storage == "int8"
+               else "; 16-bit storage needs backend='numba' (CPU) or 'cupy' (GPU)"
+               if backend == "numpy" else "")
         raise ValueError(f"backend {backend!r} stores weights as {' or '.join(STORAGE[backend])}, "
-                         f"not {storage!r}"
-                         + ("; 16-bit storage needs backend='numba' (CPU) or 'cupy' (GPU)"
-                            if backend == "numpy" else ""))
+                         f"not {storage!r}{fix}")
     if backend != "cupy" and device is not None:
         raise ValueError("device= is for backend='cupy' (a CUDA device number)")
     if backend == "numba":
@@ -174,6 +179,8 @@ def load(path=None, dtype="float32", tokenizer=None, progress=None, wkv_method="
         check_available(device or 0)         # before reading a large file: say so now
     path = shipped_model_path() if path is None else resolve_model_path(path)
     source = open_model(path)               # any format, official keys (tinyrwkv/formats)
+    if backend == "numba" and storage in ("float16", "int8"):
+        source = StoredForm(source, storage)     # converted a tensor at a time, as it is read
     tensors = source.read_all(dtype=_read_dtype(source, backend, dtype, storage), progress=progress)
     return _build(tensors, path, backend, dtype, wkv_method, storage, threads, device,
                   tokenizer, source.tokenizer, check_finite)
@@ -192,10 +199,53 @@ def _check_arguments(dtype, threads, device):
         check_int("device", device, NON_NEGATIVE)
 
 
+class StoredForm(TensorSource):
+    """`source`, read one tensor at a time, each converted at once to what the numba backend keeps
+    for storage "float16" or "int8" (backends/numba_cpu.py, `stored_form`): the big matrices in
+    the storage type, everything else float32. So loading holds the stored model plus one tensor
+    in conversion, never a float32 copy of the model.
+
+    int8: a GGUF tensor stored as Q8_0 is not read at all: its blocks are memory-mapped and become
+    the storage as they are (a Q8_0Matrix); any other is read as float32 and quantised by ggml's
+    rule (formats/q8_0.py), so a float checkpoint gives the bytes `tinyrwkv convert --type q8_0`
+    writes. float16: an fp16/f16 tensor is read as float16 (no conversion), any other as float32
+    and rounded to nearest.
+    """
+
+    def __init__(self, source, storage):
+        from .backends.numba_cpu import BIG_MATRICES
+        self.source, self.storage, self.big = source, storage, BIG_MATRICES
+        self.path, self.format, self.tokenizer = source.path, source.format, source.tokenizer
+        self.infos = source.tensors()
+
+    def tensors(self):
+        return self.infos
+
+    def read(self, key, dtype=None):
+        from .backends.numba_cpu import stored_form
+        info = self.infos[key]
+        if not key.endswith(self.big):
+            return self.source.read(key, "float32")
+        if self.storage == "int8":
+            if info.dtype == "q8_0" and hasattr(self.source, "quantized"):
+                stored = self.source.quantized(key)                 # a memory map of the file
+                if not stored.transposed and tuple(stored.shape) == tuple(info.shape):
+                    return Q8_0Matrix(stored.blocks, info.shape)
+            blocks_per_row(info.shape[-1], key)          # refused before anything is read
+            return Q8_0Matrix(stored_form(key, self.source.read(key, "float32"), "int8"),
+                              info.shape)
+        as_stored = info.dtype in ("fp16", "f16")
+        return stored_form(key, self.source.read(key, "float16" if as_stored else "float32"),
+                           "float16")
+
+
 def _read_dtype(source, backend, dtype, storage):
     """How to read the tensors. 16-bit storage: bf16 tensors stay memory-mapped as they are in
     the file (uint16 bits); the GPU converts them to its storage type itself. Otherwise the
-    compute dtype (a float32 file read as float32 stays memory-mapped too)."""
+    compute dtype (a float32 file read as float32 stays memory-mapped too). (float16 and int8
+    storage on the numba backend read through StoredForm, which chooses per tensor.)"""
+    if isinstance(source, StoredForm):
+        return None
     if storage == "bfloat16":
         return "bfloat16"
     if backend == "cupy":

@@ -460,7 +460,7 @@ class RWKV7:
             raise ValueError(f"dtype must be float32 or float64, not {self.dtype}")
         self.config = Config.from_weights(weights)
         H, N = self.config.n_head, self.config.head_size
-        get = lambda key: self.prepare_weight(key, np.asarray(weights[key]))
+        get = lambda key: self.prepare_weight(key, weights[key])
         self.emb, self.head = get("emb.weight"), get("head.weight")        # (V, C) each
         self.ln0 = (get("blocks.0.ln0.weight"), get("blocks.0.ln0.bias"))
         self.ln_out = (get("ln_out.weight"), get("ln_out.bias"))
@@ -479,8 +479,9 @@ class RWKV7:
 
     def prepare_weight(self, key, array):
         """One tensor as the forward pass uses it, cast to the model's dtype (no copy when it
-        already is: a float32 file stays memory-mapped). Backends override this."""
-        return array.astype(self.dtype, copy=False)
+        already is: a float32 file stays memory-mapped). Backends override this (and may be
+        given other array-likes: the numba backend takes int8 tensors as Q8_0 blocks)."""
+        return np.asarray(array).astype(self.dtype, copy=False)
 
     def stored_tensors(self):
         """{checkpoint key: NumPy array}: the numbers this model computes with, as floats (the

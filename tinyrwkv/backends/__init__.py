@@ -15,19 +15,21 @@ A backend model
     zero_state, config, n_params) and the same results within a stated float32 tolerance;
     it overrides `forward_one` (decode) and/or `forward_seq` (prefill), never the meaning;
   * computes in float32 (`dtype`), and stores its large matrices as `storage`: "float32",
-    "bfloat16" (the top 16 bits of a float32, kept as uint16) or "float16";
+    "bfloat16" (the top 16 bits of a float32, kept as uint16), "float16" or "int8" (GGUF Q8_0
+    blocks, formats/q8_0.py; numba only);
   * keeps every weight under its checkpoint key ('att.key.weight', 'att.w1', ...) in `blocks`,
     possibly in another array type (CuPy), storage type or layout (a LoRA matrix transposed for a
     kernel), which its docstring states; anything derived (stacked lerps, fused tables) is kept
     apart, under names that are not checkpoint keys;
   * implements `stored_tensors()`: {checkpoint key: NumPy array} of exactly the numbers it
-    computes with, as float32 (16-bit weights widened exactly). This is how the oracle sees a
-    backend: `tinyrwkv.oracle.trace(model, ids)` runs the NumPy reference on these tensors, so a
-    trace of any backend and storage is of the weights that backend really uses, and is never
-    silently of others. A backend that cannot give them raises NotImplementedError naming itself;
+    computes with, as float32 (16-bit weights widened, Q8_0 blocks dequantised: both exact).
+    This is how the oracle sees a backend: `tinyrwkv.oracle.trace(model, ids)` runs the NumPy
+    reference on these tensors, so a trace of any backend and storage is of the weights that
+    backend really uses, and is never silently of others. A backend that cannot give them
+    raises NotImplementedError naming itself;
   * returns States whose arrays may live elsewhere (CuPy); `State.to_host()` brings them back,
     and `forward` accepts a NumPy state;
-  * says what it is in `backend` (e.g. "numba", "numba-bf16", "cupy-fp16").
+  * says what it is in `backend` (e.g. "numba", "numba-bf16", "numba-int8", "cupy-fp16").
 
 The WKV operator, everywhere (reference, chunked, Numba, CUDA, training, tinyrwkv.ops)
     wkv(S, r, w, k, v, alpha, beta) -> (S_T, y)
@@ -44,5 +46,5 @@ The WKV operator, everywhere (reference, chunked, Numba, CUDA, training, tinyrwk
 SAVE_EVERY = 16   # training keeps the WKV state before every 16th token and recomputes the rest
 
 NAMES = ("numpy", "numba", "cupy")
-STORAGE = {"numpy": ("float32",), "numba": ("float32", "bfloat16"),
+STORAGE = {"numpy": ("float32",), "numba": ("float32", "bfloat16", "float16", "int8"),
            "cupy": ("float16", "bfloat16", "float32")}   # the first is each backend's default

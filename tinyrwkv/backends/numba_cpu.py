@@ -14,10 +14,21 @@
     the whole sequence) with the WKV recurrence replaced by a Numba kernel that runs the heads in
     parallel (`wkv_seq`, the twin of `model.wkv_seq`), plugged into the reference's steps.
 
-Weights can be stored as float32 or as bfloat16 (`storage="bfloat16"`): the large matrices (r, k,
-v, output, channel-mix key and value, embedding, head, DeepEmbed tables) stay 16-bit in memory,
-read straight from a bf16 checkpoint without conversion, and are widened to float32 inside the
-kernels as they are read: half the bytes per token. Everything is computed in float32.
+Storage (`storage=`): the large matrices (BIG_MATRICES: r, k, v, output, channel-mix key and
+value, embedding, head, DeepEmbed table) are kept as
+
+    "float32"    float32
+    "bfloat16"   bf16 bits (uint16): read straight from a bf16 checkpoint without conversion
+    "float16"    IEEE half (np.float16): read straight from an fp16 file or an F16 GGUF
+    "int8"       GGUF Q8_0 blocks (uint8 (rows, cols / 32 * 34): formats/q8_0.py), byte for byte
+                 as in a Q8_0 GGUF, which is memory-mapped as the storage; a float checkpoint is
+                 quantised on load by ggml's rule
+
+and widened to float32 inside the kernels as they are read (numba_decode.py: `dot_row`, `row`):
+1/2 (16-bit) or 0.53 (Q8_0) of float32's bytes per token. Everything else (LoRA matrices,
+vectors, the state) is float32, and everything is computed in float32. `stored_tensors()` gives
+the stored weights widened exactly (dequantised), so the float64 reference can be run on the
+same numbers (tests/test_quantised.py).
 
 Deviation from the reference, on purpose: the kernels are compiled with
 fastmath={"reassoc", "contract"}, which lets LLVM vectorise dot products by adding in another
@@ -26,6 +37,8 @@ parity tests (tests/test_fast.py) hold these kernels to the reference within a f
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -40,6 +53,8 @@ from dataclasses import replace
 
 from .. import model as ref
 from ..formats import bf16_to_float32, to_bf16_bits
+from ..formats.q8_0 import Q8_0Matrix, dequantize_q8_0, quantize_q8_0, values_shape
+from . import numba_decode
 from .thread_governor import ThreadGovernor
 
 FASTMATH = {"reassoc", "contract"}
@@ -47,11 +62,15 @@ DECAY_SCALE = float(ref.DECAY_SCALE)   # plain floats: compile-time constants in
 GN_EPS = float(ref.GN_EPS)
 ROWS_PER_TASK = 16          # rows of a matrix-vector product handled by one parallel task
 
-# Tensors kept 16-bit with storage="bfloat16": the large ones, whose bytes dominate each token.
-# The LoRA matrices and per-channel vectors are small and stay float32.
+# The tensors kept in the storage type (the rest is float32): the large ones, whose bytes dominate
+# each token. The LoRA matrices and per-channel vectors are small and stay float32.
 BIG_MATRICES = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
                 "ffn.key.weight", "ffn.value.weight", "ffn.s_emb.weight", "emb.weight",
                 "head.weight")
+# storage -> model.backend
+BACKEND_NAMES = {"float32": "numba", "bfloat16": "numba-bf16", "float16": "numba-fp16",
+                 "int8": "numba-int8"}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def bf16_bits(x):
@@ -65,8 +84,58 @@ def widen(bits):
 
 
 def as_float32(w):
-    """A weight as float32, whether stored float32 or as bf16 bits."""
-    return widen(w) if w.dtype == np.uint16 else w
+    """A weight as float32 whatever its storage, exactly: float32 as it is, bf16 bits (uint16)
+    widened, float16 widened, Q8_0 blocks (uint8, any leading axes: a matrix or some of its rows)
+    dequantised."""
+    if w.dtype == np.uint16:
+        return widen(w)
+    if w.dtype == np.float16:
+        return w.astype(np.float32)
+    if w.dtype == np.uint8:
+        return dequantize_q8_0(w)
+    return w
+
+
+def float16_of(values, key):
+    """Float values -> np.float16 (round to nearest even), or a ValueError naming the tensor if
+    any finite value is beyond float16's range (it would become inf). Converted a slice of rows
+    at a time, so the temporaries stay small next to the tensor."""
+    values = np.asarray(values)
+    half = np.empty(values.shape, np.float16)
+    rows, out = values.reshape(-1, values.shape[-1]), half.reshape(-1, values.shape[-1])
+    step = max(1, (1 << 20) // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        chunk = as_float32(rows[start: start + step])
+        with np.errstate(over="ignore"):
+            out[start: start + step] = chunk
+        if np.any(np.isinf(out[start: start + step]) & ~np.isinf(chunk)):
+            raise ValueError(f"{key} has values beyond float16's range ({FLOAT16_MAX:g}), up to "
+                             f"{float(np.nanmax(np.abs(chunk))):.3g}; use storage='bfloat16' "
+                             "or 'float32'")
+    return half
+
+
+def stored_form(key, array, storage):
+    """One tensor as RWKV7Numba keeps it under `storage` (module docstring): the big matrices
+    (BIG_MATRICES) in the storage type, everything else float32. `array`: float32/float16/
+    float64, bf16 bits (uint16, as the readers give them), or a Q8_0Matrix (an int8 tensor as
+    tinyrwkv.load reads it). Anything already in its stored form is kept as it is, no copy (a
+    memory-mapped tensor stays mapped)."""
+    if isinstance(array, Q8_0Matrix):
+        if storage == "int8" and key.endswith(BIG_MATRICES):
+            return array.blocks
+        array = array.dequantize()
+    array = np.asarray(array)
+    if key.endswith(BIG_MATRICES):
+        if storage == "int8":
+            return quantize_q8_0(as_float32(array), name=key)
+        if storage == "float16":
+            return array if array.dtype == np.float16 else float16_of(array, key)
+        if storage == "bfloat16":
+            return array if array.dtype == np.uint16 else bf16_bits(array)
+    if array.dtype == np.uint16:
+        return widen(array)
+    return np.asarray(array.astype(np.float32, copy=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,12 +191,15 @@ def vecmat(x, M):
 
 
 def matvec(W, x):
-    """W @ x for one token: W (out, in) as stored (float32 or bf16 bits), x (in,) float32."""
+    """W @ x for one token: W (out, in) as stored (any storage), x (in,) float32."""
     out = np.empty(W.shape[0], np.float32)
     if W.dtype == np.uint16:
         _matvec_bf16(W.view(np.uint32), x, out)   # needs an even row length (all RWKV widths are)
-    else:
+    elif W.dtype == np.float32:
         _matvec_f32(W, x, out)
+    else:            # float16 and Q8_0: the fused step's products, one copy of each widening
+        pairs = np.empty((3, 2, x.shape[0] // 2), np.float32)          # split_pairs' scratch
+        numba_decode.matvec(numba_decode.as_kernel_matrix(W), x, out, pairs)
     return out
 
 
@@ -243,19 +315,22 @@ def set_threads(threads):
 
 
 class RWKV7Numba(ref.RWKV7):
-    """RWKV-7 on Numba kernels; float32 compute, weights stored float32 or bfloat16."""
+    """RWKV-7 on Numba kernels; float32 compute, the big matrices stored as `storage` (float32,
+    bfloat16, float16 or int8: the module docstring). `weights`: {key: array}, as
+    tinyrwkv.load reads them (a Q8_0Matrix for an int8 tensor); each is converted to its stored
+    form as it is taken (`stored_form`), so a dict of float32 arrays works with any storage."""
 
     def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", storage="float32",
                  threads=None, decode="fused"):
         if np.dtype(dtype) != np.float32:
             raise ValueError("the numba backend computes in float32; for float64 (the oracle "
                              "mode) use backend='numpy'")
-        if storage not in ("float32", "bfloat16"):
-            raise ValueError(f"the numba backend stores weights as 'float32' or 'bfloat16', "
-                             f"not {storage!r}")
+        if storage not in BACKEND_NAMES:
+            raise ValueError(f"the numba backend stores weights as "
+                             f"{', '.join(map(repr, BACKEND_NAMES))}, not {storage!r}")
         self.storage = storage
         super().__init__(weights, dtype="float32", name=name, wkv_method=wkv_method)
-        self.backend = "numba" + ("-bf16" if storage == "bfloat16" else "")
+        self.backend = BACKEND_NAMES[storage]
         # Prefill's WKV operator: wkv_method="chunked" asks for the NumPy chunked form; "auto" and
         # "recurrent" run the Numba kernel (the recurrence with heads in parallel: as fast as the
         # chunked form at these sizes).
@@ -277,23 +352,23 @@ class RWKV7Numba(ref.RWKV7):
             raise ValueError(f"decode must be 'fused' or 'per-kernel', not {decode!r}")
         self.decode = "per-kernel" if self.config.variant != "x070" else decode
         if self.decode == "fused":
-            from . import numba_decode
             self._decode_weights = numba_decode.stack_weights(self)   # shares the blocks' memory
             self._scratch = numba_decode.make_scratch(self.config)
 
     def prepare_weight(self, key, array):
-        """Big matrices: bf16 bits (uint16) with storage="bfloat16", else float32. A bf16 input
-        (uint16 bits from read_checkpoint(dtype="bfloat16")) is kept as it is: no copy."""
-        big = key.endswith(BIG_MATRICES)
-        if self.storage == "bfloat16" and big:
-            return np.asarray(array) if array.dtype == np.uint16 else bf16_bits(array)
-        if array.dtype == np.uint16:
-            return widen(array)
-        return np.asarray(array.astype(np.float32, copy=False))
+        """The big matrices in the storage type, the rest float32 (`stored_form`)."""
+        return stored_form(key, array, self.storage)
 
     def stored_tensors(self):
-        """The reference's view of these weights: bf16 storage widened exactly to float32."""
+        """The reference's view of these weights: every storage widened exactly to float32."""
         return {key: as_float32(a) for key, a in super().stored_tensors().items()}
+
+    @property
+    def n_params(self):
+        """As the reference's, counted from the stored arrays without widening them (a Q8_0 row
+        of n bytes holds n / 34 * 32 weights)."""
+        count = lambda a: math.prod(values_shape(a.shape)) if a.dtype == np.uint8 else a.size
+        return sum(int(count(a)) for a in super().stored_tensors().values())
 
     # ---- decode: one token ----
 
@@ -328,9 +403,8 @@ class RWKV7Numba(ref.RWKV7):
     def _decode_fused(self, token, state, with_head):
         """One token through numba_decode.decode_token. Its temporaries live in this model's one
         scratch object, so one model must not decode from two Python threads at once."""
-        from .numba_decode import decode_token
-        self._governed(decode_token, int(token), self._decode_weights, state.att_shift,
-                       state.wkv, state.ffn_shift, self._scratch, with_head)
+        self._governed(numba_decode.decode_token, int(token), self._decode_weights,
+                       state.att_shift, state.wkv, state.ffn_shift, self._scratch, with_head)
 
     def forward(self, ids, state=None, full_output=False, mode="sequence"):
         """As the reference; one token with decode="fused" runs the fused step, head included."""

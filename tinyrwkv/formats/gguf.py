@@ -22,8 +22,10 @@ the only place N is written and **it cannot be cross-checked** (it must divide C
 head_size=16 on a model with heads of 32, loads as a different model).
 
 Quantised tensors (q8_0, q4_0, K-quants) are widened to float32 by `read` with the `gguf`
-package's dequantisers (f32/f16/bf16 need no package): no backend computes on them yet.
-`quantized(key)` gives a tensor's blocks as stored, for a backend that will.
+package's dequantisers (f32/f16/bf16 need no package). `quantized(key)` gives a tensor's blocks
+as stored, memory-mapped: the numba backend's storage="int8" computes on q8_0 blocks as they
+are (formats/q8_0.py), and `write_gguf` writes q8_0 with that module's quantiser (ggml's rule,
+bit for bit), the other quantised types with the gguf package's.
 Reading uses plain file reads, one tensor at a time, and writing uses the gguf package's
 streaming mode (tensor infos first, then each tensor's data as it is made), so converting to or
 from GGUF holds one tensor, not the model.
@@ -45,6 +47,7 @@ from .gguf_header import UNQUANTISED, read_gguf_header
 from .gguf_vocab import add_tokenizer, read_tokenizer
 from .numerics import (BF16_BITS, FP32, bf16_to_float32, from_float32, parse_target,
                        result_dtype, to_bf16_bits)
+from .q8_0 import quantize_q8_0
 from .reading import read_exactly
 from .renamed import Renamed
 from .source import TensorInfo, as_source
@@ -376,6 +379,8 @@ def _encode(array, qtype, gguf):
         return array.astype(np.float16)
     if qtype == Q.BF16:
         return to_bf16_bits(array).view(np.uint8).reshape(*array.shape[:-1], -1)
+    if qtype == Q.Q8_0:                  # tinyrwkv's own copy of ggml's rule (formats/q8_0.py),
+        return quantize_q8_0(array)      # the one the numba backend quantises on load with
     out = np.empty(gguf.quants.quant_shape_to_byte_shape(array.shape, qtype), np.uint8)
     rows, blocks = array.reshape(-1, array.shape[-1]), out.reshape(-1, out.shape[-1])
     step = max(1, _CHUNK_BYTES // (4 * rows.shape[1]))          # rows of float32 at a time

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CheckpointError
+from .q8_0 import Q8_0Matrix
 
 # read(..., dtype=BF16_BITS): floating tensors as bf16 bit patterns in np.uint16 arrays.
 BF16_BITS = "bfloat16"
@@ -139,7 +140,10 @@ def nonfinite_count(array, bf16_bits=True):
     """How many NaN or +-Inf values `array` holds, read FINITE_CHUNK elements at a time along its
     first axis (any strides: a view is never copied whole). uint16 arrays are bf16 bit patterns
     (the readers' dtype="bfloat16") when bf16_bits, whose exponent bits are all ones for NaN and
-    Inf; other integer and bool arrays hold neither."""
+    Inf; other integer and bool arrays hold neither. A Q8_0Matrix (an int8 tensor) is finite
+    exactly when its float16 scales are (its quants are integers): those are counted."""
+    if isinstance(array, Q8_0Matrix):
+        array = array.scales()
     array = np.asarray(array)
     is_bits = bf16_bits and array.dtype == np.uint16
     if array.dtype.kind not in "fc" and not is_bits:
