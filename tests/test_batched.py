@@ -1,19 +1,15 @@
 """Batched decode (model.forward_batch, numba_decode.decode_batch) and generation of several prompts
-at once (generate_batch, `tinyrwkv generate --prompt ... --prompt ...`), against one sequence at a
-time."""
-import os
-import subprocess
-import sys
+at once (generate_batch), against one sequence at a time."""
 
 import numpy as np
 import pytest
 
 import tinyrwkv
-from tinyrwkv.formats import save_safetensors
+from tinyrwkv.generate import Session, stream_batch
 from tinyrwkv.model import BatchState
 from tinyrwkv.synthetic import make_weights
 
-from conftest import ROOT, TOL_F32, have, rel_err
+from conftest import TOL_F32, have, rel_err
 
 needs_numba = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
@@ -201,3 +197,82 @@ def test_numba_paths_without_the_fused_step_take_the_reference_loop():
             got = np.stack(logits), batch.split()
         assert rel_err(got[0], alone[0]) < TOL_F32
         assert max(rel_err(g.wkv, a.wkv) for g, a in zip(got[1], alone[1])) < TOL_F32
+
+
+# ---- generation: several prompts as one batch ----
+
+class ByteTokenizer:
+    """Token t < 256 is the byte t. eot_id: the end-of-text token (None: there is none)."""
+    name, vocab_size = "bytes", 257
+
+    def __init__(self, eot_id=256):
+        self.eot_id = eot_id
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+PROMPTS = ["Once upon a time", "a", "The quick brown fox jumps over"]
+
+
+def generation_model(backend):
+    w = make_weights(2, 128, 257, seed=5)
+    return tinyrwkv.RWKV7(w) if backend == "numpy" else numba_model(w)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=needs_numba)])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.9)],
+                         ids=["greedy", "seeded"])
+def test_generate_batch_equals_each_prompt_alone(backend, sampling):
+    """Each sequence samples with its own RNG (seeded alike) from logits that are the same bits as
+    alone, so every completion is exactly the prompt's own. One sequence is made to leave the
+    batch early by a stop string taken from its own text, another by end-of-text."""
+    model = generation_model(backend)
+    alone = lambda prompt, tok, **kw: "".join(tinyrwkv.generate(
+        model, prompt, tokenizer=tok, max_tokens=16, seed=3, **sampling, **kw))
+    free = ByteTokenizer(eot_id=None)
+    texts = [alone(p, free) for p in PROMPTS]
+    session = Session(model, free, seed=3)
+    session.feed(PROMPTS[2])
+    _ = list(session.stream(16, tinyrwkv.SamplingParams(**sampling)))
+    eot = ByteTokenizer(eot_id=session.generated[6])       # prompt 2 ends by its 7th token
+    stop = [texts[1][4:7]]                                  # prompt 1 stops by its 7th character
+    want = [alone(p, eot, stop=stop) for p in PROMPTS]
+    assert len(want[1]) < len(texts[1]) and len(want[2]) < len(texts[2])
+    got = tinyrwkv.generate(model, PROMPTS, tokenizer=eot, max_tokens=16, seed=3, stop=stop,
+                            **sampling)
+    assert got == want
+    assert tinyrwkv.generate(model, [PROMPTS[1]], tokenizer=eot, max_tokens=16, seed=3,
+                             stop=stop, **sampling) == [want[1]]
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=needs_numba)])
+def test_stream_batch_leaves_each_session_as_alone(backend):
+    """After stream_batch every session's state, logits and tokens are those of its own stream;
+    seeds may differ per session."""
+    model, tok = generation_model(backend), ByteTokenizer()
+    params = tinyrwkv.SamplingParams(temperature=1.0, top_p=1.0)
+    alone, together = [], []
+    for seed, prompt in zip((1, 2, 3), PROMPTS):
+        for sessions in (alone, together):
+            sessions.append(Session(model, tok, seed=seed))
+            sessions[-1].feed(prompt)
+    texts = ["".join(s.stream(10, params, stop=["e"])) for s in alone]
+    pieces = [[] for _ in PROMPTS]
+    for i, text in stream_batch(together, 10, params, stop=["e"]):
+        pieces[i].append(text)
+    assert ["".join(p) for p in pieces] == texts
+    for a, b in zip(alone, together):
+        assert a.generated == b.generated and np.array_equal(a.logits, b.logits)
+        assert np.array_equal(a.state.wkv, b.state.wkv)
+        assert a.stats["tokens"] == b.stats["tokens"]
+    seeds = tinyrwkv.generate(model, PROMPTS, tokenizer=tok, max_tokens=8, seed=[1, 2, 3],
+                              temperature=1.0, top_p=1.0)
+    assert seeds == ["".join(tinyrwkv.generate(model, p, tokenizer=tok, max_tokens=8, seed=s,
+                                                temperature=1.0, top_p=1.0))
+                     for s, p in zip((1, 2, 3), PROMPTS)]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        tinyrwkv.generate(model, PROMPTS, tokenizer=tok, seed=[1, 2])
