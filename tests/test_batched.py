@@ -1,15 +1,20 @@
 """Batched decode (model.forward_batch, numba_decode.decode_batch) and generation of several prompts
-at once (generate_batch), against one sequence at a time."""
+at once (generate_batch, `tinyrwkv generate --prompt ... --prompt ...`), against one sequence at a
+time."""
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import tinyrwkv
+from tinyrwkv.formats import save_safetensors
 from tinyrwkv.generate import Session, stream_batch
 from tinyrwkv.model import BatchState
 from tinyrwkv.synthetic import make_weights
 
-from conftest import TOL_F32, have, rel_err
+from conftest import ROOT, TOL_F32, have, rel_err
 
 needs_numba = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
@@ -276,3 +281,33 @@ def test_stream_batch_leaves_each_session_as_alone(backend):
                      for s, p in zip((1, 2, 3), PROMPTS)]
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         tinyrwkv.generate(model, PROMPTS, tokenizer=tok, seed=[1, 2])
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "tinyrwkv", *map(str, args)], capture_output=True,
+                          timeout=300, cwd=ROOT, env=env)
+    return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+
+def test_cli_generates_several_prompts_as_one_batch(tmp_path):
+    """--prompt (repeatable) and --prompts-file: each completion under its label, in order, and
+    each the same text as that prompt generated alone."""
+    model = tmp_path / "tiny-world.safetensors"
+    save_safetensors(model, make_weights(n_layer=2, n_embd=64, vocab_size=65536, seed=3))
+    options = ["--model", model, "-n", "6", "-t", "0"]
+    alone = []
+    for prompt in ("Hello", "Once upon a time"):
+        rc, out, err = run_cli("generate", prompt, *options)
+        assert rc == 0, err
+        alone.append(out)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\nOnce upon a time\n\n", encoding="utf-8")
+    rc, out, err = run_cli("generate", "--prompt", "Hello", "--prompts-file", prompts_file,
+                           *options)
+    assert rc == 0, err
+    assert out == f"==> prompt 1 <==\n{alone[0]}\n==> prompt 2 <==\n{alone[1]}"
+    assert "as a batch of 2" in err and "tok/s" in err
+    rc, _, err = run_cli("generate", "--prompt", "a", "--prompt", "b", "--save-state",
+                         tmp_path / "s.npz", *options)
+    assert rc == 1 and "--save-state saves one state" in err
