@@ -10,6 +10,9 @@
     the weights as stored, in parallel over output rows, and everything between the projections
     and the output projection of the time mix (removal key, decay, value residual, WKV update,
     group norm, bonus, gate) is one fused kernel (`time_mix_core`);
+  * several sequences, one token each (`forward_batch`): one compiled call per step for the
+    whole batch, `numba_decode.decode_batch`, which reads each weight once for all of them and
+    gives each sequence the same bits as decoding it alone;
   * prefill (`forward_seq`, T tokens): the reference's sequence form (BLAS matrix products over
     the whole sequence) with the WKV recurrence replaced by a Numba kernel that runs the heads in
     parallel (`wkv_seq`, the twin of `model.wkv_seq`), plugged into the reference's steps.
