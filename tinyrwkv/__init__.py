@@ -17,7 +17,7 @@ from .formats import read_checkpoint
 from .formats.state_file import load_state, save_state
 from .generate import Session, generate
 from .loader import load
-from .model import RWKV7, STEPS, Config, State, Steps
+from .model import RWKV7, STEPS, BatchState, Config, State, Steps
 from .oracle import trace
 from .sampling import SamplingParams, sample_logits
 from .tokenizer import HFTokenizer, TokenizerError, WorldTokenizer, get_tokenizer
@@ -25,7 +25,7 @@ from .tokenizer import HFTokenizer, TokenizerError, WorldTokenizer, get_tokenize
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "read_checkpoint", "RWKV7", "Config", "State", "WorldTokenizer", "HFTokenizer",
+    "load", "read_checkpoint", "RWKV7", "Config", "State", "BatchState", "WorldTokenizer", "HFTokenizer",
     "get_tokenizer", "generate", "Session", "SamplingParams", "sample_logits",
     "CheckpointError", "UnsupportedCheckpoint", "TokenizerError", "train", "oracle", "trace",
     "Steps", "STEPS", "save_state", "load_state",

@@ -193,9 +193,12 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv", inputs=()):
 def cmd_generate(args):
     from .formats.state_file import save_state, state_file_path
     from .generate import Session
+    prompts = prompts_of(args)
+    if len(prompts) > 1:
+        return generate_several(args, prompts)
     if args.save_state:
         state_file_path(args.save_state)         # a folder is refused before the generation
-    prompt = args.prompt
+    prompt = prompts[0] if prompts else None
     if prompt is None:
         if sys.stdin.isatty():
             fail("give a prompt: tinyrwkv generate \"Once upon a time\" (or pipe it on stdin)")
@@ -217,6 +220,48 @@ def cmd_generate(args):
         written = save_state(session.state, args.save_state)
         added = "" if written.name == Path(args.save_state).name else " (.npz added to the name)"
         print(f"tinyrwkv: state saved to {written}{added}", file=sys.stderr)
+
+
+def prompts_of(args):
+    """The prompts given: the positional one, then each --prompt, then the lines of
+    --prompts-file (blank lines skipped). None of them: [] (then stdin is the prompt)."""
+    prompts = ([] if args.prompt is None else [args.prompt]) + args.prompts
+    if args.prompts_file:
+        lines = read_text(args.prompts_file, "prompts file").splitlines()
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            fail(f"{args.prompts_file}: the prompts file has no prompts; write one per line")
+        prompts += from_file
+    return prompts
+
+
+def generate_several(args, prompts):
+    """Several prompts: prefilled one by one, decoded together as one batch (generate.py's
+    stream_batch); each completion printed after the batch ends, in the prompts' order, under a
+    `==> prompt i <==` line (as `head` labels several files)."""
+    from .generate import Session, stream_batch
+    if args.save_state:
+        fail("--save-state saves one state: give one prompt")
+    model = load_model(args)
+    seed = None if args.seed < 0 else args.seed
+    start = load_state(args.state, model.config) if args.state else None
+    sessions = [Session(model, model.tokenizer, state=start, seed=seed) for _ in prompts]
+    for session, prompt in zip(sessions, prompts):
+        session.feed(prompt)
+    texts = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for i, piece in stream_batch(sessions, args.max_tokens, sampling_from(args), stop=args.stop):
+        texts[i].append(piece)
+    seconds = time.perf_counter() - t0
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        separator = "\n" if i > 0 else ""            # a blank line between completions
+        emit(f"{separator}==> prompt {i + 1} <==\n")
+        emit((prompt if args.echo else "") + "".join(text) + "\n")
+    prompt_tokens = sum(s.stats["prompt_tokens"] for s in sessions)
+    prompt_seconds = sum(s.stats["prompt_seconds"] for s in sessions)
+    print(f"tinyrwkv: {len(prompts)} prompts {rate(prompt_tokens, prompt_seconds)}; generated "
+          f"{rate(sum(s.stats['tokens'] for s in sessions), seconds)} as a batch of "
+          f"{len(prompts)}", file=sys.stderr)
 
 
 def cmd_chat(args):
@@ -481,6 +526,12 @@ def build_parser():
                        description="Continue a prompt with an RWKV-7 model. Text streams to stdout; "
                                    "speed is reported on stderr.")
     g.add_argument("prompt", nargs="?", help="the text to continue (default: read stdin)")
+    g.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable): several prompts are generated together, as one "
+                        "batch, and each completion is printed under a '==> prompt N <==' line")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="prompts to generate together as one batch, one per line (blank lines "
+                        "are skipped)")
     model_args(g)
     sampling_args(g, temperature=1.0, top_p=0.85, presence=0.2, frequency=0.2, max_tokens=200)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",

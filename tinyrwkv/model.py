@@ -435,6 +435,66 @@ class State:
                                  "state holds real numbers: pass a real state")
 
 
+@dataclass
+class BatchState:
+    """The states of B sequences side by side, for decoding them together (`RWKV7.forward_batch`).
+
+        att_shift (B, L, C)   wkv (B, L, H, N, N)   ffn_shift (B, L, C)
+
+    Sequence-major: sequence b's state is one contiguous block, so `batch[b]` is its State as a
+    view (nothing is copied to hand it out or to write it back) and a batched kernel walks the
+    sequences with one stride. (`State.zeros(config, batch=(B,))` is layer-major, (L, B, ...):
+    the layout of the sequence form and the trainer, where a layer of the whole batch is one
+    array operation.) Made by `RWKV7.batch_state(states)`; `split()` gives B States back.
+    """
+    att_shift: np.ndarray
+    wkv: np.ndarray
+    ffn_shift: np.ndarray
+
+    @classmethod
+    def zeros(cls, config, n_seq, dtype=np.float32):
+        L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
+        return cls(np.zeros((n_seq, L, C), dtype), np.zeros((n_seq, L, H, N, N), dtype),
+                   np.zeros((n_seq, L, C), dtype))
+
+    def __len__(self):
+        return self.wkv.shape[0]
+
+    def __getitem__(self, b):
+        """Sequence b's State: a view, so changing it changes the batch."""
+        return State(self.att_shift[b], self.wkv[b], self.ffn_shift[b])
+
+    def __setitem__(self, b, state):
+        """Copy `state` (a State of the model's shapes; a GPU state is brought to the host) into
+        sequence b's place, cast to the batch's dtype."""
+        host = state.to_host()
+        self.att_shift[b], self.wkv[b], self.ffn_shift[b] = host.att_shift, host.wkv, host.ffn_shift
+
+    def split(self):
+        """The B States, copied out of the batch (they outlive it and do not share its memory)."""
+        return [self[b].copy() for b in range(len(self))]
+
+    def take(self, rows):
+        """A new BatchState of the sequences `rows` (indices, in that order), copied: how a
+        sequence that has finished leaves the batch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return BatchState(self.att_shift[rows], self.wkv[rows], self.ffn_shift[rows])
+
+    @property
+    def nbytes(self):
+        return self.att_shift.nbytes + self.wkv.nbytes + self.ffn_shift.nbytes
+
+    def check_fits(self, config):
+        """Raise ValueError unless the three arrays hold the same number of sequences, each
+        with the shapes of `config`'s State."""
+        n_seq, want = len(self), State.zeros(config)
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            got, need = getattr(self, name).shape, (n_seq, *getattr(want, name).shape)
+            if got != need:
+                raise ValueError(f"BatchState.{name} has shape {got}; {n_seq} sequences of this "
+                                 f"model need {need} (make it with model.batch_state(states))")
+
+
 class RWKV7:
     """An RWKV-7 model: its weights, its config, and the two forward forms.
 
@@ -570,6 +630,56 @@ class RWKV7:
     def logits(self, h):
         """The LM head: (..., C) normalised hidden vectors -> (..., V) logits."""
         return h @ self.head.T
+
+    # ---- several sequences, one token each ----
+
+    def batch_state(self, states):
+        """B states (each a State as `forward` takes it, or None for the zero state) as one
+        BatchState in the model's dtype. A copy: the given states are not modified."""
+        states = list(states)
+        if not states:
+            raise ValueError("a batch needs at least one state (None for a zero state)")
+        batch = BatchState.zeros(self.config, len(states), self.dtype)
+        for b, state in enumerate(states):
+            if state is not None:
+                state.check_fits(self.config, where=f"states[{b}].")
+                batch[b] = state
+        return batch
+
+    def check_batch(self, tokens, states):
+        """The B next tokens as an int64 array (checked as check_ids does), one per state."""
+        tokens = self.check_ids(tokens)
+        if len(tokens) != len(states):
+            raise ValueError(f"forward_batch got {len(tokens)} tokens for {len(states)} states: "
+                             "give one next token per sequence")
+        return tokens
+
+    def forward_batch(self, tokens, states):
+        """One token for each of B sequences: their logits (B, V) and their states moved on.
+
+        Args:
+            tokens: B token ids, the next token of each sequence
+            states: either a list of B States (None: the zero state), each as `forward` takes
+                it: they are not modified and the new States are returned, as `forward` returns
+                its state; or a BatchState (`batch_state`): moved on in place and returned,
+                with no copy of the states (the form to keep across the steps of a generation)
+        Returns: logits (B, V) in the model's dtype, and the states in the form they were given.
+
+        Here it is the plain composition, each sequence through `forward` in turn, so the math
+        stays written once. A backend may run the whole batch in one pass (RWKV7Numba reads each
+        weight once per step for all B sequences); its result must be this loop's. Sequences of
+        different lengths are prefilled one by one (`forward` on each prompt), then decoded
+        together with this.
+        """
+        tokens = self.check_batch(tokens, states)
+        if isinstance(states, BatchState):
+            rows = []
+            for b, token in enumerate(tokens):
+                logits, states[b] = self.forward([token], states[b])   # states[b]: a view
+                rows.append(logits)
+            return np.stack(rows), states
+        results = [self.forward([token], state) for token, state in zip(tokens, states)]
+        return np.stack([logits for logits, _ in results]), [state for _, state in results]
 
     def embed(self, ids, state=None, pool="last", normalize=True):
         """A sentence embedding: the final hidden vector (after ln_out) of the last token

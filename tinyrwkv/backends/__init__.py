@@ -11,9 +11,10 @@ it (loader, oracle, train, cli). A backend's optional dependency (numba, cupy) i
 own module only, so `import tinyrwkv` works without either.
 
 A backend model
-  * is a subclass of model.RWKV7 with the same public API (forward, hidden, logits, embed,
-    zero_state, config, n_params) and the same results within a stated float32 tolerance;
-    it overrides `forward_one` (decode) and/or `forward_seq` (prefill), never the meaning;
+  * is a subclass of model.RWKV7 with the same public API (forward, forward_batch,
+    batch_state, hidden, logits, embed, zero_state, config, n_params) and the same results within
+    a stated float32 tolerance; it overrides `forward_one` (decode), `forward_seq` (prefill)
+    and/or `forward_batch` (B sequences, one token each), never the meaning;
   * computes in float32 (`dtype`), and stores its large matrices as `storage`: "float32",
     "bfloat16" (the top 16 bits of a float32, kept as uint16), "float16" or "int8" (GGUF Q8_0
     blocks, formats/q8_0.py; numba only);

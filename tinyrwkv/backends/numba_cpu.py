@@ -10,6 +10,9 @@
     the weights as stored, in parallel over output rows, and everything between the projections
     and the output projection of the time mix (removal key, decay, value residual, WKV update,
     group norm, bonus, gate) is one fused kernel (`time_mix_core`);
+  * several sequences, one token each (`forward_batch`): one compiled call per step for the
+    whole batch, `numba_decode.decode_batch`, which reads each weight once for all of them and
+    gives each sequence the same bits as decoding it alone;
   * prefill (`forward_seq`, T tokens): the reference's sequence form (BLAS matrix products over
     the whole sequence) with the WKV recurrence replaced by a Numba kernel that runs the heads in
     parallel (`wkv_seq`, the twin of `model.wkv_seq`), plugged into the reference's steps.
@@ -354,6 +357,7 @@ class RWKV7Numba(ref.RWKV7):
         if self.decode == "fused":
             self._decode_weights = numba_decode.stack_weights(self)   # shares the blocks' memory
             self._scratch = numba_decode.make_scratch(self.config)
+        self._batch_scratch = None    # forward_batch's temporaries, made for the first batch
 
     def prepare_weight(self, key, array):
         """The big matrices in the storage type, the rest float32 (`stored_form`)."""
@@ -459,6 +463,38 @@ class RWKV7Numba(ref.RWKV7):
             x = x + matvec(p["ffn.value.weight"], h)
             state.ffn_shift[i] = xf
         return x, state
+
+    # ---- decode: one token for each of B sequences ----
+
+    def forward_batch(self, tokens, states):
+        """As the reference (same arguments, same results, bit for bit: see numba_decode.py), in
+        one compiled call per step, `numba_decode.decode_batch`, which reads each weight once for
+        all B sequences. A list of States is gathered into a new BatchState (the one copy a step
+        makes, which also leaves the given States as they were) and the new States returned are
+        views of it, one contiguous block each; a BatchState is moved on in place, no copy.
+        decode="per-kernel", DeepEmbed models and a BatchState that is not float32 and
+        C-contiguous take the reference's loop over `forward`."""
+        tokens = self.check_batch(tokens, states)
+        given_batch = isinstance(states, ref.BatchState)
+        if given_batch:
+            states.check_fits(self.config)      # the kernel indexes it without bounds checks
+        if self.decode != "fused" or (given_batch and not self._fused_ok(states)):
+            return super().forward_batch(tokens, states)
+        batch = states if given_batch else self.batch_state(states)
+        logits = self._decode_batch(tokens, batch)
+        return logits, (batch if given_batch else [batch[b] for b in range(len(batch))])
+
+    def _decode_batch(self, tokens, batch):
+        """tokens (B,) int64 through numba_decode.decode_batch; returns the logits (B, V). The
+        scratch is the model's, grown to the largest batch seen (one model, one thread at a time,
+        as for _decode_fused)."""
+        from .numba_decode import decode_batch, make_batch_scratch
+        n_seq = len(tokens)
+        if self._batch_scratch is None or self._batch_scratch.x.shape[0] < n_seq:
+            self._batch_scratch = make_batch_scratch(self.config, n_seq)
+        decode_batch(tokens, self._decode_weights, batch.att_shift, batch.wkv, batch.ffn_shift,
+                     self._batch_scratch, True)
+        return self._batch_scratch.logits[:n_seq].copy()
 
     # ---- prefill: T tokens ----
 
