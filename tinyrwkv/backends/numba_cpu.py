@@ -390,12 +390,17 @@ class RWKV7Numba(ref.RWKV7):
             return self.thread_governor.describe()
         return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
 
-    def _governed(self, step, *args):
+    def _governed(self, step, *args, work=1):
         """Run one decode step (a callable) on the governor's thread count, and tell the
-        governor how long it took. Without a governor: as is, on the fixed count."""
+        governor how long it took. Without a governor: as is, on the fixed count. `work`: the
+        batch size; steps of another size take another time, so each size has its own governor
+        (the one-sequence governor is `thread_governor`)."""
         governor = self.thread_governor
         if governor is None:
             return step(*args)
+        if work != 1:
+            governors = self.__dict__.setdefault("_batch_governors", {})
+            governor = governors.setdefault(work, ThreadGovernor(self.threads))
         n = governor.threads()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
@@ -492,8 +497,8 @@ class RWKV7Numba(ref.RWKV7):
         n_seq = len(tokens)
         if self._batch_scratch is None or self._batch_scratch.x.shape[0] < n_seq:
             self._batch_scratch = make_batch_scratch(self.config, n_seq)
-        decode_batch(tokens, self._decode_weights, batch.att_shift, batch.wkv, batch.ffn_shift,
-                     self._batch_scratch, True)
+        self._governed(decode_batch, tokens, self._decode_weights, batch.att_shift, batch.wkv,
+                       batch.ffn_shift, self._batch_scratch, True, work=n_seq)
         return self._batch_scratch.logits[:n_seq].copy()
 
     # ---- prefill: T tokens ----
