@@ -38,6 +38,7 @@ except ImportError as e:  # the caller (tinyrwkv.load) turns this into a clear m
 from dataclasses import replace
 
 from .. import model as ref
+from . import numba_prefill
 from ..formats import bf16_to_float32, to_bf16_bits
 
 FASTMATH = {"reassoc", "contract"}
@@ -357,20 +358,36 @@ class RWKV7Numba(ref.RWKV7):
     # ---- prefill: T tokens ----
 
     def forward_seq(self, ids, state, steps=None, acts=None):
-        # The reference's sequence form with this backend's WKV operator (unless the caller's
-        # steps bring another one than the reference's default).
+        """Prefill: the fused sequence form (backends/numba_prefill.py), or, when the caller asks
+        for intermediates (`acts`) or brings steps of its own other than the WKV operator, the
+        reference's composition (model.block) with this backend's WKV operator."""
         steps = steps or self.steps
-        if steps.wkv is ref.wkv_seq:
-            steps = replace(steps, wkv=self.sequence_wkv)
+        wkv = self.sequence_wkv if steps.wkv is ref.wkv_seq else steps.wkv
         x0 = ref.layer_norm(as_float32(self.emb[ids]), *self.ln0)            # (T, C)
-        x, v_first = x0, None
+        if acts is not None or replace(steps, wkv=ref.wkv_seq) != ref.STEPS:
+            return self._forward_seq_reference(ids, x0, state, replace(steps, wkv=wkv), acts)
+        x, pending, v_first = x0.copy(), None, None          # x0 is kept for DeepEmbed's rows
         for i, p in enumerate(self.blocks):
             s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
             # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
             p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
+            pending, v_first = numba_prefill.block(x, pending, v_first, state, i, p32,
+                                                   self.stacked_lerps[i], self.config.n_head,
+                                                   wkv, s_emb)
+        x += pending
+        return x, state
+
+    def _forward_seq_reference(self, ids, x0, state, steps, acts):
+        """model.RWKV7.forward_seq on this backend's weights (widened per layer), with `steps`."""
+        x, v_first = x0, None
+        for i, p in enumerate(self.blocks):
+            s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
+            p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
             layer_acts = None if acts is None else acts.setdefault(f"L{i}", {})
             x, v_first = ref.block(x, v_first, state, i, p32, self.config.n_head, s_emb, steps,
                                    layer_acts)
+        if acts is not None:
+            acts["ln0"] = x0
         return x, state
 
     def logits(self, h):
