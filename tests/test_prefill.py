@@ -61,7 +61,8 @@ def test_exp_f32():
 
 
 @pytest.mark.parametrize("T, lerps", [(1, 6), (7, 6), (100, 1)])
-def test_norm_and_mix(T, lerps):
+def test_add_and_norm_then_mix(T, lerps):
+    """add_and_norm and mix, over rows in two slices as `share` runs them."""
     rng = np.random.default_rng(T)
     C = 96
     x, dx = rng.standard_normal((2, T, C))
@@ -71,14 +72,18 @@ def test_norm_and_mix(T, lerps):
     normed = M.layer_norm(want_x, ln_w, ln_b)
     shifted = M.token_shift(normed, before)
     want = np.stack([M.lerp(normed, shifted, m) for m in mix])
-    x32, dx32, *vectors = f32(x, dx, ln_w, ln_b, before, mix)
+    x32, dx32, ln_w32, ln_b32, before32, mix32 = f32(x, dx, ln_w, ln_b, before, mix)
     got_normed, got = np.empty((T, C), np.float32), np.empty((lerps, T, C), np.float32)
-    prefill().norm_and_mix(x32, dx32, *vectors, got_normed, got)
+    half = T // 2
+    for lo, hi in ((0, half), (half, T)):
+        prefill().add_and_norm(x32, dx32, ln_w32, ln_b32, got_normed, lo, hi)
+    for lo, hi in ((half, T), (0, half)):                 # any order once every row is normed
+        prefill().mix(got_normed, before32, mix32, got, lo, hi)
     assert rel_err(x32, want_x) < 1e-6                   # the residual is added in place
     assert rel_err(got_normed, normed) < 1e-5 and rel_err(got, want) < 1e-5
     x32 = f32(want_x)[0]                                  # dx=None: no residual add
-    prefill().norm_and_mix(x32, None, *vectors, got_normed, got)
-    assert rel_err(got, want) < 1e-5
+    prefill().add_and_norm(x32, None, ln_w32, ln_b32, got_normed, 0, T)
+    assert rel_err(got_normed, normed) < 1e-5
 
 
 @pytest.mark.parametrize("first_layer", [True, False])
@@ -98,7 +103,8 @@ def test_wkv_inputs(first_layer):
     k32, got["v"], w32, a32, v_lora32, v_first32, *vectors = f32(k, v, w_lora, a_lora, v_lora,
                                                                   v_first, w0, a0, v0, k_k, k_a)
     prefill().wkv_inputs(k32, got["v"], w32, a32, None if first_layer else v_lora32, v_first32,
-                         *vectors, H, got["decay"], got["k_tilde"], got["alpha"], got["beta"])
+                         *vectors, H, got["decay"], got["k_tilde"], got["alpha"], got["beta"],
+                         0, T)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-5, name
 
@@ -115,15 +121,38 @@ def test_time_mix_output():
          "att.output.weight": np.eye(C)}
     want = M.time_mix_output(y, r, k, v, g, p, H)
     got = np.empty((T, C), np.float32)
-    prefill().time_mix_output(*f32(y, r, k, v, g, ln_w, ln_b, r_k), got)
+    prefill().time_mix_output(*f32(y, r, k, v, g, ln_w, ln_b, r_k), got, 0, T)
     assert rel_err(got, want) < 1e-5
 
 
 def test_squared_relu():
     u = np.random.default_rng(5).standard_normal((7, 50))
     got = f32(u)[0]
-    prefill().squared_relu_(got)
+    prefill().squared_relu_(got, 0, 7)
     assert rel_err(got, M.squared_relu(u)) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T, H, N", [(1, 1, 64), (17, 3, 32), (64, 4, 24)])
+def test_wkv_recurrent(T, H, N, threads):
+    from test_chunked import wkv_inputs
+    S_ref, y_ref = M.wkv_seq(*wkv_inputs(T, H, N, np.float64, seed=T + H))
+    args = wkv_inputs(T, H, N, np.float32, seed=T + H)
+    S_in = args[0].copy()
+    S, y = prefill().wkv_recurrent(*args, threads=threads)
+    assert rel_err(y, y_ref) < 2e-5 and rel_err(S, S_ref) < 2e-5     # as test_chunked's float32
+    assert np.array_equal(args[0], S_in)                      # the input state is not modified
+
+
+def test_share_runs_every_task_once_and_reraises():
+    done = []
+    prefill().share([lambda i=i: done.append(i) for i in range(37)], threads=2)
+    assert sorted(done) == list(range(37))
+
+    def fails():
+        raise ValueError("task failed")
+    with pytest.raises(ValueError, match="task failed"):
+        prefill().share([fails] + [lambda: None] * 5, threads=2)
 
 
 # ---- the whole prefill ---------------------------------------------------------------------------

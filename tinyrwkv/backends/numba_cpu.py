@@ -366,14 +366,18 @@ class RWKV7Numba(ref.RWKV7):
         x0 = ref.layer_norm(as_float32(self.emb[ids]), *self.ln0)            # (T, C)
         if acts is not None or replace(steps, wkv=ref.wkv_seq) != ref.STEPS:
             return self._forward_seq_reference(ids, x0, state, replace(steps, wkv=wkv), acts)
+        threads = numba.get_num_threads()          # set_threads: the Numba count is the count
+        own_wkv = None if wkv is wkv_seq else wkv   # None: block's recurrence, heads on the threads
         x, pending, v_first = x0.copy(), None, None          # x0 is kept for DeepEmbed's rows
-        for i, p in enumerate(self.blocks):
-            s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
-            # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
-            p32 = {key: as_float32(value) for key, value in p.items() if key != "ffn.s_emb.weight"}
-            pending, v_first = numba_prefill.block(x, pending, v_first, state, i, p32,
-                                                   self.stacked_lerps[i], self.config.n_head,
-                                                   wkv, s_emb)
+        with numba_prefill.single_threaded_blas():           # the threads are block's (`share`)
+            for i, p in enumerate(self.blocks):
+                s_emb = self._deep_embed_rows(p, ids, x0) if "ffn.s1" in p else None
+                # 16-bit matrices widened for this layer only, then freed: BLAS needs float32.
+                p32 = {key: as_float32(value) for key, value in p.items()
+                       if key != "ffn.s_emb.weight"}
+                pending, v_first = numba_prefill.block(x, pending, v_first, state, i, p32,
+                                                       self.stacked_lerps[i], self.config.n_head,
+                                                       threads, own_wkv, s_emb)
         x += pending
         return x, state
 

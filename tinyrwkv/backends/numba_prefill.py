@@ -29,8 +29,13 @@ bit for bit (tests/test_prefill.py).
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
+
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import model as ref
 from .numba_decode import bits_to_float32, layer_norm   # layer_norm: one vector, per position
@@ -38,7 +43,8 @@ from .numba_decode import bits_to_float32, layer_norm   # layer_norm: one vector
 FASTMATH = {"reassoc", "contract"}
 # error_model="numpy": x / 0 gives inf or NaN, as in NumPy, instead of Python's ZeroDivisionError,
 # whose check in every division keeps LLVM from vectorising a loop (measured: 6x on the decay).
-OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", cache=True)
+# nogil: the kernels release the GIL, so that several Python threads run them at once (`share`).
+OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
 # float32 constants: Numba types a Python float, or an int beside a float32, as float64, and one
 # float64 operand turns a whole expression into float64 (half the vector width, or none).
 DECAY_SCALE = np.float32(ref.DECAY_SCALE)
@@ -84,38 +90,39 @@ def sigmoid(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels, parallel over positions
+# Kernels: each on the rows lo:hi of (T, ...) arrays (or on one head), on the calling thread
 # ----------------------------------------------------------------------------------------------
 
-@njit(parallel=True, **OPTIONS)
-def norm_and_mix(x, dx, ln_w, ln_b, x_before, lerps, normed, mixed):
-    """The twin of model.block's residual add `x + dx`, then `layer_norm`, `token_shift` and one
-    `lerp` per row of `lerps`:
-
-        x += dx (in place; skipped when dx is None)      normed = layer_norm(x, ln_w, ln_b)
-        mixed[m] = lerp(normed, token_shift(normed, x_before), lerps[m])
-
-    x, dx (T, C); x_before (C,): the normed vector of the token before the first (the state's
-    shift); lerps (M, C): six for the time mix (r w k v a g), one for the channel mix.
-    Writes normed (T, C) and mixed (M, T, C)."""
-    T, C = x.shape
-    for t in prange(T):
+@njit(**OPTIONS)
+def add_and_norm(x, dx, ln_w, ln_b, normed, lo, hi):
+    """The twin of model.block's residual add and `layer_norm`, on rows lo:hi:
+    x += dx (in place; skipped when dx is None), normed = layer_norm(x, ln_w, ln_b). x, dx (T, C)."""
+    for t in range(lo, hi):
         if dx is not None:
-            for j in range(C):
+            for j in range(x.shape[1]):
                 x[t, j] += dx[t, j]
         layer_norm(x[t], ln_w, ln_b, normed[t])
-    for t in prange(T):                       # a second pass: row t - 1 must be normed first
+
+
+@njit(**OPTIONS)
+def mix(normed, x_before, lerps, mixed, lo, hi):
+    """The twin of `token_shift` and one `lerp` per row of `lerps`, on rows lo:hi:
+    mixed[m] = lerp(normed, token_shift(normed, x_before), lerps[m]).
+    normed (T, C), every row of it already computed (row lo - 1 is read); x_before (C,): the
+    normed vector of the token before the first (the state's shift); lerps (M, C): six for the
+    time mix (r w k v a g), one for the channel mix. Writes mixed (M, T, C)."""
+    for t in range(lo, hi):
         previous = x_before if t == 0 else normed[t - 1]
         for m in range(lerps.shape[0]):
-            for j in range(C):
+            for j in range(normed.shape[1]):
                 mixed[m, t, j] = normed[t, j] + (previous[j] - normed[t, j]) * lerps[m, j]
 
 
-@njit(parallel=True, **OPTIONS)
+@njit(**OPTIONS)
 def wkv_inputs(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, n_head,
-               decay, k_tilde, alpha, beta):
-    """The twin of model.time_mix_inputs's position-wise steps after the products: `decay`,
-    `learning_rate`, `removal_key`, `replacement_key`, `value_residual`, and time_mix's
+               decay, k_tilde, alpha, beta, lo, hi):
+    """The twin of model.time_mix_inputs's position-wise steps after the products, on rows lo:hi:
+    `decay`, `learning_rate`, `removal_key`, `replacement_key`, `value_residual`, and time_mix's
     alpha = -kk, beta = kk * a.
 
     k, v (T, C): the key and value projections; w_lora, a_lora, v_lora (T, C): the LoRA outputs
@@ -123,9 +130,9 @@ def wkv_inputs(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, n_he
     layer 0, which has no value residual. v_first (T, C): layer 0's value (unused in layer 0).
     Writes decay, k_tilde, alpha, beta (T, C); v becomes the value after the residual, in place.
     """
-    T, C = k.shape
+    C = k.shape[1]
     N = C // n_head
-    for t in prange(T):
+    for t in range(lo, hi):
         # One loop per step: a loop that reads and writes many arrays is not vectorised (LLVM
         # gives up on proving that they do not overlap), and each of these is (measured: 2x).
         for j in range(C):                                                # model.decay
@@ -150,14 +157,32 @@ def wkv_inputs(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, n_he
                 v[t, j] += (v_first[t, j] - v[t, j]) * sigmoid(v0[j] + v_lora[t, j])
 
 
-@njit(parallel=True, **OPTIONS)
-def time_mix_output(y, r, k_tilde, v, g, ln_x_w, ln_x_b, r_k, out):
-    """The twin of model.time_mix_output up to the output projection: `group_norm` of the WKV
-    output y, plus the `bonus` r.(k_tilde r_k) v per head, times the gate (`output_gate`).
-    y, r, k_tilde, v (after the value residual), g: (T, C); r_k (H, N). Writes out (T, C)."""
-    T, C = y.shape
+@njit(**OPTIONS)
+def wkv_head(S, r, w, k, v, alpha, beta, y, h):
+    """The twin of model.wkv_seq for head h: its recurrence over the T tokens, one `wkv_step` at
+    a time. S (H, N, N) [value][key], updated in place; r, w, k, v, alpha, beta, y (T, H, N)."""
+    T, H, N = r.shape
+    for t in range(T):
+        for i in range(N):                                   # state row i: value channel i
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa += S[h, i, j] * alpha[t, h, j]                       # (S alpha)_i
+            yi = np.float32(0.0)
+            for j in range(N):
+                s = S[h, i, j] * w[t, h, j] + sa * beta[t, h, j] + v[t, h, i] * k[t, h, j]
+                S[h, i, j] = s
+                yi += s * r[t, h, j]
+            y[t, h, i] = yi
+
+
+@njit(**OPTIONS)
+def time_mix_output(y, r, k_tilde, v, g, ln_x_w, ln_x_b, r_k, out, lo, hi):
+    """The twin of model.time_mix_output up to the output projection, on rows lo:hi: `group_norm`
+    of the WKV output y, plus the `bonus` r.(k_tilde r_k) v per head, times the gate
+    (`output_gate`). y, r, k_tilde, v (after the value residual), g: (T, C); r_k (H, N).
+    Writes out (T, C)."""
     H, N = r_k.shape
-    for t in prange(T):
+    for t in range(lo, hi):
         for h in range(H):
             o = h * N
             mu = np.float32(0.0)
@@ -176,69 +201,170 @@ def time_mix_output(y, r, k_tilde, v, g, ln_x_w, ln_x_b, r_k, out):
                 out[t, i] = (normed + bonus * v[t, i]) * g[t, i]
 
 
-@njit(parallel=True, **OPTIONS)
-def squared_relu_(u):
-    """The twin of model.squared_relu, in place: u = max(u, 0)^2. u (T, F)."""
-    for t in prange(u.shape[0]):
+@njit(**OPTIONS)
+def squared_relu_(u, lo, hi):
+    """The twin of model.squared_relu, in place on rows lo:hi: u = max(u, 0)^2. u (T, F)."""
+    for t in range(lo, hi):
         for j in range(u.shape[1]):
             z = max(u[t, j], np.float32(0.0))
             u[t, j] = z * z
 
 
 # ----------------------------------------------------------------------------------------------
+# Threads: one set of them shares every piece of work
+# ----------------------------------------------------------------------------------------------
+
+_helpers = None     # the helper threads, started on first use and shared by every model
+
+
+def share(tasks, threads):
+    """Run every task (a function of no arguments) once, on `threads` threads: the caller and
+    threads - 1 helpers, each taking the next task as soon as it is done with one, and sleeping,
+    not spinning, when there is none. Returns when all are done.
+
+    Why not BLAS's and Numba's own threads: each keeps its threads spinning for a while after a
+    call, waiting for the next, so when BLAS and Numba alternate, the two sets of threads take
+    the cores from each other; and a BLAS product split in equal halves waits, spinning, for the
+    slower half, so another busy process on the machine slows it down several times over.
+    Here there is one set of threads, BLAS runs single-threaded inside each task, and a thread
+    slowed down by another process simply takes fewer tasks. Measured on 2 cores: see
+    benchmarks/prefill.py."""
+    global _helpers
+    if threads <= 1 or len(tasks) == 1:
+        for task in tasks:
+            task()
+        return
+    if _helpers is None:
+        _helpers = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                      thread_name_prefix="tinyrwkv-prefill")
+    queue = iter(tasks)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                task = next(queue, None)
+            if task is None:
+                return
+            task()
+    helpers = [_helpers.submit(work) for _ in range(min(threads, len(tasks)) - 1)]
+    work()
+    for helper in helpers:
+        helper.result()                                # re-raises a helper's exception
+
+
+def row_tasks(kernel, T, threads, *args):
+    """Tasks that run kernel(*args, lo, hi) over rows 0:T in slices of at least MIN_ROWS rows,
+    about TASKS_PER_THREAD per thread (more tasks: finer sharing, a little more overhead)."""
+    n = max(1, min(TASKS_PER_THREAD * threads, T // MIN_ROWS))
+    bounds = [T * i // n for i in range(n + 1)]
+    return [partial(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def linear_tasks(x, W, out, threads):
+    """Tasks that compute out = x @ W.T (float32 BLAS, as the reference), each for a slice of
+    W's rows (the output features), so that a thread packs only its own slice of W."""
+    n_out = W.shape[0]
+    n = max(1, min(TASKS_PER_THREAD * threads, n_out // MIN_FEATURES))
+    bounds = [n_out * i // n // 16 * 16 for i in range(n)] + [n_out]   # multiples of 16 floats
+
+    def product(lo, hi):
+        np.matmul(x, W[lo:hi].T, out=out[:, lo:hi])
+    return [partial(product, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+TASKS_PER_THREAD = 4
+MIN_ROWS = 16           # positions per task of a position-wise kernel, at least
+MIN_FEATURES = 128      # output features per task of a matrix product, at least
+
+
+def single_threaded_blas():
+    """A context in which BLAS runs on the calling thread only (threadpoolctl), restored after."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    import threadpoolctl
+    return threadpoolctl.ThreadpoolController()
+
+
+# ----------------------------------------------------------------------------------------------
 # One layer
 # ----------------------------------------------------------------------------------------------
 
-def block(x, pending, v_first, state, layer_id, p, lerps, n_head, wkv, s_emb=None):
-    """model.block over T tokens with the fused kernels; x (T, C) float32 is updated in place.
+def wkv_recurrent(S, r, w, k, v, alpha, beta, threads=1):
+    """Numba twin of `model.wkv_seq` (same signature and result), the heads shared among `threads`
+    threads: S (H, N, N); r, w, k, v, alpha, beta (T, H, N). Returns S_T, y (T, H, N)."""
+    S = np.array(S, dtype=np.float32)                     # a copy: the input is not modified
+    args = [np.ascontiguousarray(u, dtype=np.float32) for u in (r, w, k, v, alpha, beta)]
+    y = np.empty_like(args[0])
+    share([partial(wkv_head, S, *args, y, h) for h in range(r.shape[1])], threads)
+    return S, y
+
+
+def block(x, pending, v_first, state, layer_id, p, lerps, n_head, threads, wkv=None, s_emb=None):
+    """model.block over T tokens with the fused kernels, on `threads` threads (the caller runs
+    BLAS single-threaded: `single_threaded_blas`); x (T, C) float32 is updated in place.
 
     pending: the previous layer's channel-mix output, not yet added to x (None in layer 0);
     p: this layer's weights as float32 (keys as in model.RWKV7.blocks); lerps (6, C): the time
-    mix's lerp vectors r w k v a g stacked; wkv: the WKV operator; s_emb (T, D*D): DeepEmbed rows.
+    mix's lerp vectors r w k v a g stacked; wkv: a WKV operator (S, r, w, k, v, alpha, beta) ->
+    (S, y), or None for `wkv_recurrent` on these threads; s_emb (T, D*D): DeepEmbed rows.
     Updates layer `layer_id` of `state` in place. Returns (this layer's channel-mix output, to be
     added to x, and v_first).
     """
     T, C = x.shape
     H = n_head
     empty = lambda *shape: np.empty(shape, np.float32)
+    rows = lambda kernel, *args: share(row_tasks(kernel, T, threads, *args), threads)
 
-    # time mix (model.time_mix): inputs, projections, position-wise steps, WKV, output
+    # time mix (model.time_mix): x += pending; LN1 and the six lerps
     xa, mixed = empty(T, C), empty(6, T, C)
-    norm_and_mix(x, pending, p["ln1.weight"], p["ln1.bias"], state.att_shift[layer_id], lerps,
-                 xa, mixed)
+    rows(add_and_norm, x, pending, p["ln1.weight"], p["ln1.bias"], xa)
+    rows(mix, xa, state.att_shift[layer_id], lerps, mixed)
     xr, xw, xk, xv, x_a, xg = mixed
-    r = xr @ p["att.receptance.weight"].T
-    k = xk @ p["att.key.weight"].T
-    v = xv @ p["att.value.weight"].T
-    w_lora = np.tanh(xw @ p["att.w1"]) @ p["att.w2"]
-    a_lora = (x_a @ p["att.a1"]) @ p["att.a2"]
-    g = ref.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+    # the seven products of the inputs, at once: r, k, v (split by features) and the four LoRAs
+    r, k, v, w_lora, a_lora, g = (empty(T, C) for _ in range(6))
+    v_lora = None if layer_id == 0 else empty(T, C)
+    tasks = (linear_tasks(xr, p["att.receptance.weight"], r, threads)
+             + linear_tasks(xk, p["att.key.weight"], k, threads)
+             + linear_tasks(xv, p["att.value.weight"], v, threads)
+             + [lambda: np.matmul(np.tanh(xw @ p["att.w1"]), p["att.w2"], out=w_lora),
+                lambda: np.matmul(x_a @ p["att.a1"], p["att.a2"], out=a_lora),
+                lambda: np.matmul(ref.sigmoid(xg @ p["att.g1"]), p["att.g2"], out=g)])
+    if v_lora is not None:
+        tasks.append(lambda: np.matmul(xv @ p["att.v1"], p["att.v2"], out=v_lora))
+    share(tasks, threads)
     if layer_id == 0:
-        v_first, v_lora = v.copy(), None           # v itself becomes the value after the residual
-    else:
-        v_lora = (xv @ p["att.v1"]) @ p["att.v2"]
+        v_first = v.copy()                         # v itself becomes the value after the residual
     decay, k_tilde, alpha, beta = empty(T, C), empty(T, C), empty(T, C), empty(T, C)
-    wkv_inputs(k, v, w_lora, a_lora, v_lora, v_first, p["att.w0"], p["att.a0"],
-               p.get("att.v0", p["att.a0"]), p["att.k_k"], p["att.k_a"], H,
-               decay, k_tilde, alpha, beta)
+    rows(wkv_inputs, k, v, w_lora, a_lora, v_lora, v_first, p["att.w0"], p["att.a0"],
+         p["att.v0"] if v_lora is not None else p["att.a0"],        # (layer 0 has no v0: unread)
+         p["att.k_k"], p["att.k_a"], H, decay, k_tilde, alpha, beta)
     heads = lambda u: u.reshape(T, H, C // H)
-    state.wkv[layer_id], y = wkv(state.wkv[layer_id], heads(r), heads(decay), heads(k_tilde),
-                                 heads(v), heads(alpha), heads(beta))
-    gated = empty(T, C)
-    time_mix_output(np.ascontiguousarray(y.reshape(T, C)), r, k_tilde, v, g,
-                    p["att.ln_x.weight"], p["att.ln_x.bias"], p["att.r_k"], gated)
-    att = gated @ p["att.output.weight"].T
+    wkv_args = (state.wkv[layer_id], heads(r), heads(decay), heads(k_tilde), heads(v),
+                heads(alpha), heads(beta))
+    S, y = wkv_recurrent(*wkv_args, threads=threads) if wkv is None else wkv(*wkv_args)
+    state.wkv[layer_id] = S
+    gated, att = empty(T, C), empty(T, C)
+    rows(time_mix_output, np.ascontiguousarray(y.reshape(T, C), dtype=np.float32), r, k_tilde, v,
+         g, p["att.ln_x.weight"], p["att.ln_x.bias"], p["att.r_k"], gated)
+    share(linear_tasks(gated, p["att.output.weight"], att, threads), threads)
     state.att_shift[layer_id] = xa[-1]
 
-    # channel mix (model.channel_mix), after x += att
+    # channel mix (model.channel_mix): x += att; LN2 and its lerp; key, squared ReLU, value
     xf, xk = empty(T, C), empty(1, T, C)
-    norm_and_mix(x, att, p["ln2.weight"], p["ln2.bias"], state.ffn_shift[layer_id],
-                 p["ffn.x_k"].reshape(1, C), xf, xk)
-    hidden = xk[0] @ p["ffn.key.weight"].T                             # (T, F)
-    squared_relu_(hidden)
+    rows(add_and_norm, x, att, p["ln2.weight"], p["ln2.bias"], xf)
+    rows(mix, xf, state.ffn_shift[layer_id], p["ffn.x_k"].reshape(1, C), xk)
+    hidden = empty(T, p["ffn.key.weight"].shape[0])                        # (T, F)
+    share(linear_tasks(xk[0], p["ffn.key.weight"], hidden, threads), threads)
+    rows(squared_relu_, hidden)
     if s_emb is not None:                         # DeepEmbed's gate, as model.channel_mix
         D = p["ffn.s1"].shape[1]
         m = (xf @ p["ffn.s1"])[:, None, :]                              # (T, 1, D)
         hidden *= (m @ s_emb.reshape(T, D, D))[:, 0, :] @ p["ffn.s2"] + p["ffn.s0"]
     state.ffn_shift[layer_id] = xf[-1]
-    return hidden @ p["ffn.value.weight"].T, v_first
+    out = empty(T, C)
+    share(linear_tasks(hidden, p["ffn.value.weight"], out, threads), threads)
+    return out, v_first
