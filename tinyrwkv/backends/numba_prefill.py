@@ -1,30 +1,43 @@
-"""Prefill (T tokens at once) on the CPU: BLAS for the matrix products, Numba for the rest.
+"""Prefill (T tokens at once) on the CPU: BLAS for the matrix products, Numba for the rest, and
+one set of threads for both.
 
 The reference's sequence form (model.block over (T, C) arrays) spends most of a prefill in its
 matrix products, which NumPy hands to BLAS over the whole sequence: that part is already fast.
 What is left is the position-wise work between the products, a dozen NumPy expressions per
 layer, each a pass over (T, C) arrays with a temporary of its own. Here those passes are fused
-into a few Numba kernels, each the twin of named reference steps (its docstring says which),
-parallel over positions:
+into a few Numba kernels, each the twin of named reference steps (its docstring says which):
 
-    norm_and_mix      (residual add,) layer_norm, token_shift, lerp: (T, C) -> the mixed inputs
+    add_and_norm      the residual add, layer_norm
+    mix               token_shift, lerp: the six mixed inputs of the time mix (one for the channel mix)
     wkv_inputs        decay, learning_rate, removal_key, replacement_key, value_residual
+    wkv_head          wkv_seq, one head (the recurrence)
     time_mix_output   group_norm, bonus, output_gate
     squared_relu_     squared_relu, in place
 
 and `block` strings them between the matrix products (`x @ W.T` in float32, as the reference) in
-the order of model.block. The WKV operator is passed in (backends/numba_cpu.py chooses it), with
-the signature every WKV operator has: wkv(S, r, w, k, v, alpha, beta) -> (S_T, y).
+the order of model.block. The residual adds ride along: the time mix's output is added to x by
+the kernel that normalises x for the channel mix, and the channel mix's output by the next
+layer's first kernel (`block` hands it on as `pending`; the caller adds the last one).
 
-Residual adds ride along: the time mix's output is added to x by the kernel that normalises x for
-the channel mix, and the channel mix's output by the next layer's first kernel (`block` hands it
-on as `pending`; the caller adds the last one).
+Threads (`share`): every piece of work is cut into tasks (rows of a position-wise kernel, a slice
+of a product's output features, a WKV head, a LoRA) that the caller and its helper threads take
+one after the other; BLAS runs single-threaded inside a task and the kernels release the GIL.
+BLAS's and Numba's own thread pools are not used: each spins for a while after a call, waiting
+for the next, so when the two alternate they take the cores from each other, and a product split
+in fixed halves waits for its slower half, which another busy process on the machine makes
+several times slower. Measured on 2 cores: `share` docstring and benchmarks/prefill.py.
+
+The WKV operator: the recurrence (`wkv_recurrent`, heads as tasks) unless the caller passes
+another; the chunked form (model.wkv_chunked, NumPy) is 3-4x slower on the CPU at every length
+measured (64 to 2048 tokens, numbers in backends/numba_cpu.py), so "auto" is the recurrence.
 
 Numerics: float32 with fastmath={"reassoc", "contract"}, as the other Numba kernels
-(backends/numba_cpu.py explains why); each position is computed by one thread in a fixed order,
-so these kernels give the same bits for any thread count. BLAS may not (OpenBLAS splits a
-product differently for other thread counts): 1 and 2 threads agree within float32 rounding, not
-bit for bit (tests/test_prefill.py).
+(backends/numba_cpu.py explains why), and a vectorisable exp (`exp_f32`, within 1e-7 relative).
+Each position and each head is computed by one thread in a fixed order, so the kernels give the
+same bits for any thread count; the products are cut by output features, each computed whole by
+one BLAS call, so they too do not depend on the thread count, but on how many tasks a product is
+cut into (TASKS_PER_THREAD x threads): 1 and 2 threads agree within float32 rounding, not
+necessarily bit for bit (tests/test_prefill.py).
 """
 
 from __future__ import annotations
@@ -256,7 +269,7 @@ def share(tasks, threads):
 def row_tasks(kernel, T, threads, *args):
     """Tasks that run kernel(*args, lo, hi) over rows 0:T in slices of at least MIN_ROWS rows,
     about TASKS_PER_THREAD per thread (more tasks: finer sharing, a little more overhead)."""
-    n = max(1, min(TASKS_PER_THREAD * threads, T // MIN_ROWS))
+    n = 1 if threads == 1 else max(1, min(TASKS_PER_THREAD * threads, T // MIN_ROWS))
     bounds = [T * i // n for i in range(n + 1)]
     return [partial(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -265,7 +278,7 @@ def linear_tasks(x, W, out, threads):
     """Tasks that compute out = x @ W.T (float32 BLAS, as the reference), each for a slice of
     W's rows (the output features), so that a thread packs only its own slice of W."""
     n_out = W.shape[0]
-    n = max(1, min(TASKS_PER_THREAD * threads, n_out // MIN_FEATURES))
+    n = 1 if threads == 1 else max(1, min(TASKS_PER_THREAD * threads, n_out // MIN_FEATURES))
     bounds = [n_out * i // n // 16 * 16 for i in range(n)] + [n_out]   # multiples of 16 floats
 
     def product(lo, hi):
