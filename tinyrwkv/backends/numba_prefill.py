@@ -267,23 +267,37 @@ def share(tasks, threads):
 
 
 def row_tasks(kernel, T, threads, *args):
-    """Tasks that run kernel(*args, lo, hi) over rows 0:T in slices of at least MIN_ROWS rows,
-    about TASKS_PER_THREAD per thread (more tasks: finer sharing, a little more overhead)."""
-    n = 1 if threads == 1 else max(1, min(TASKS_PER_THREAD * threads, T // MIN_ROWS))
-    bounds = [T * i // n for i in range(n + 1)]
-    return [partial(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    """Tasks that run kernel(*args, lo, hi) over rows 0:T, in slices of at least MIN_ROWS rows."""
+    return [partial(kernel, *args, lo, hi) for lo, hi in _cuts(T, threads, MIN_ROWS)]
 
 
 def linear_tasks(x, W, out, threads):
-    """Tasks that compute out = x @ W.T (float32 BLAS, as the reference), each for a slice of
-    W's rows (the output features), so that a thread packs only its own slice of W."""
-    n_out = W.shape[0]
-    n = 1 if threads == 1 else max(1, min(TASKS_PER_THREAD * threads, n_out // MIN_FEATURES))
-    bounds = [n_out * i // n // 16 * 16 for i in range(n)] + [n_out]   # multiples of 16 floats
+    """Tasks that compute out = x @ W.T (float32 BLAS, as the reference), each for a slice of the
+    output: of its rows (positions) when there are more positions than output features, else of
+    its columns (features). BLAS packs both operands of each call into its own layout; the one
+    every task packs again whole is the other one, so the cut is along the longer axis (measured,
+    8 tasks, one thread: 768 x 768 at T=2048 cut by features 15% slower than by positions)."""
+    T, n_out = out.shape
+    if T > n_out:
+        return [partial(_product_rows, x, W, out, lo, hi) for lo, hi in _cuts(T, threads, 64)]
+    return [partial(_product_features, x, W, out, lo, hi)
+            for lo, hi in _cuts(n_out, threads, MIN_FEATURES)]
 
-    def product(lo, hi):
-        np.matmul(x, W[lo:hi].T, out=out[:, lo:hi])
-    return [partial(product, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+def _product_rows(x, W, out, lo, hi):
+    np.matmul(x[lo:hi], W.T, out=out[lo:hi])
+
+
+def _product_features(x, W, out, lo, hi):
+    np.matmul(x, W[lo:hi].T, out=out[:, lo:hi])
+
+
+def _cuts(n, threads, smallest):
+    """(lo, hi) slices of range(n): one per task, TASKS_PER_THREAD per thread (one at one thread),
+    none shorter than `smallest`, the cuts at multiples of 16 (whole vectors)."""
+    parts = 1 if threads == 1 else max(1, min(TASKS_PER_THREAD * threads, n // smallest))
+    bounds = [n * i // parts // 16 * 16 for i in range(parts)] + [n]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
 TASKS_PER_THREAD = 4
