@@ -7,9 +7,13 @@ package, on a 0.1B-shaped synthetic model, at 1 and 2 threads, quiet or beside a
 
 Each measurement is one `model.forward(ids)` of T tokens from the zero state (the logits of the
 last token included), timed with the wall clock; variants and thread counts are interleaved
-(A B C A B C ...) and the median of `runs` is printed as tokens/s, with the machine's load
-average at the end of each row. --busy runs one `while True: pass` process beside the
-measurement (killed after): the case where threads that spin while waiting lose most.
+(A B C A B C ...). On a shared machine other processes come and go, so each run also records how
+many cores they used meanwhile (Linux: /proc/stat's busy time less this process's CPU time, per
+second of the run). Printed per variant: tokens/s, the median of the undisturbed runs (others
+used under 0.25 core, beyond the busy process of --busy) and, in brackets, how many of the runs
+that was and the median of all runs; then the load average. --busy runs one
+`while True: pass` process beside the measurement (killed after): the case where threads that
+spin while waiting lose most.
 --official adds `rwkv` 0.8.32 ("cpu fp32", torch threads = the thread count), reading the same
 weights from a float32 .pth written once to --cache (RWKV_V7_ON=1, no CUDA, TorchScript on).
 """
@@ -67,6 +71,28 @@ def tinyrwkv_forward(model):
     return forward
 
 
+def machine_busy_seconds():
+    """CPU seconds all processes have been busy since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(forward, ids, threads):
+    """(seconds, cores other processes used meanwhile or None) of one forward."""
+    busy0, own0, start = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    forward(ids, threads)
+    wall = time.perf_counter() - start
+    if busy0 is None:
+        return wall, None
+    others = (machine_busy_seconds() - busy0 - (time.process_time() - own0)) / wall
+    return wall, max(0.0, others)
+
+
 def cpu_name():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -102,25 +128,31 @@ def main():
     if args.busy:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        print(f"0.1B (L12 C768 V65536), storage {args.storage}, {'one busy process beside' if busy else 'quiet'}; "
-              f"tokens/s, median of {args.runs} (interleaved)")
-        print(f"{'T':>5} {'threads':>7} " + " ".join(f"{v:>9}" for v in variants)
+        print(f"0.1B (L12 C768 V65536), storage {args.storage}, "
+              f"{'one busy process beside' if busy else 'no busy process added'}; tokens/s of "
+              f"the undisturbed runs (how many of {args.runs}, median of all), interleaved")
+        print(f"{'T':>5} {'threads':>7} " + " ".join(f"{v:>20}" for v in variants)
               + "  fused/before" + ("  fused/official" if args.official else "") + "   load")
         for T in args.T:
             ids = rng.integers(0, SHAPE["vocab_size"], T)
             for th in args.threads:                                    # warm-up (compiles)
                 for forward in variants.values():
                     forward(ids[:32], th)
-            times = {(v, th): [] for v in variants for th in args.threads}
+            runs = {(v, th): [] for v in variants for th in args.threads}
             for _ in range(args.runs):
                 for th in args.threads:
                     for v, forward in variants.items():
-                        start = time.perf_counter()
-                        forward(ids, th)
-                        times[v, th].append(time.perf_counter() - start)
+                        runs[v, th].append(timed(forward, ids, th))
+            expected = 1.0 if busy else 0.0          # the busy process is not a disturbance
             for th in args.threads:
-                rate = {v: T / np.median(times[v, th]) for v in variants}
-                row = f"{T:5d} {th:7d} " + " ".join(f"{rate[v]:9.1f}" for v in variants)
+                rate, cells = {}, []
+                for v in variants:
+                    every = [T / wall for wall, _ in runs[v, th]]
+                    calm = [T / wall for wall, others in runs[v, th]
+                            if others is None or others < expected + 0.25]
+                    rate[v] = np.median(calm) if calm else float("nan")
+                    cells.append(f"{rate[v]:7.1f} ({len(calm)}, {np.median(every):5.1f})")
+                row = f"{T:5d} {th:7d} " + " ".join(f"{c:>20}" for c in cells)
                 row += f"  {rate['fused'] / rate['before']:12.2f}"
                 if args.official:
                     row += f"  {rate['fused'] / rate['official']:15.2f}"

@@ -351,7 +351,7 @@ def block(x, pending, v_first, state, layer_id, p, lerps, n_head, threads, wkv=N
     rows(add_and_norm, x, pending, p["ln1.weight"], p["ln1.bias"], xa)
     rows(mix, xa, state.att_shift[layer_id], lerps, mixed)
     xr, xw, xk, xv, x_a, xg = mixed
-    # the seven products of the inputs, at once: r, k, v (split by features) and the four LoRAs
+    # the seven products of the inputs as one set of tasks: r, k, v (cut in slices) and the LoRAs
     r, k, v, w_lora, a_lora, g = (empty(T, C) for _ in range(6))
     v_lora = None if layer_id == 0 else empty(T, C)
     tasks = (linear_tasks(xr, p["att.receptance.weight"], r, threads)
