@@ -130,4 +130,4 @@ def test_bench_smoke():
     """`tinyrwkv bench` runs end to end (speed itself is measured by the benchmark, not here)."""
     rc, out, err = run("bench", "--quick", "--backends", "numpy", "--runs", "1")
     assert rc == 0, err[-2000:]
-    assert "| numpy | float32 |" in out and "memory bandwidth" in out
+    assert "| numpy | fp32 |" in out and "memory bandwidth" in out
