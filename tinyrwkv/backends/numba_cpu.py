@@ -61,6 +61,7 @@ from . import numba_prefill
 from ..formats import bf16_to_float32, to_bf16_bits
 from ..formats.q8_0 import Q8_0Matrix, dequantize_q8_0, quantize_q8_0, values_shape
 from . import numba_decode
+from .numba_prefill import wkv_head
 from .thread_governor import ThreadGovernor
 
 FASTMATH = {"reassoc", "contract"}
@@ -211,19 +212,10 @@ def matvec(W, x):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _wkv_seq_kernel(S, r, w, k, v, alpha, beta, y):
-    T, H, N = r.shape
-    for h in prange(H):                                   # heads are independent
-        for t in range(T):
-            for i in range(N):                            # state row i: value channel i
-                sa = np.float32(0.0)
-                for j in range(N):
-                    sa += S[h, i, j] * alpha[t, h, j]              # (S alpha)_i
-                yi = np.float32(0.0)
-                for j in range(N):
-                    s = S[h, i, j] * w[t, h, j] + sa * beta[t, h, j] + v[t, h, i] * k[t, h, j]
-                    S[h, i, j] = s
-                    yi += s * r[t, h, j]
-                y[t, h, i] = yi
+    """Every head's recurrence (numba_prefill.wkv_head, the twin of model.wkv_seq for one head),
+    the heads in parallel: they are independent."""
+    for h in prange(r.shape[1]):
+        wkv_head(S, r, w, k, v, alpha, beta, y, h)
 
 
 def wkv_seq(S, r, w, k, v, alpha, beta):
