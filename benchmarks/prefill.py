@@ -16,6 +16,8 @@ that was and the median of all runs; then the load average. --busy runs one
 spin while waiting lose most.
 --official adds `rwkv` 0.8.32 ("cpu fp32", torch threads = the thread count), reading the same
 weights from a float32 .pth written once to --cache (RWKV_V7_ON=1, no CUDA, TorchScript on).
+--llamacpp adds llama.cpp (llama-cpp-python) on the same weights written once as an F32 GGUF
+(tinyrwkv's writer, the World tokenizer), one Llama object per thread count, n_batch 512.
 """
 import argparse
 import os
@@ -61,6 +63,27 @@ def official_model(weights, cache):
     def forward(ids, threads):
         torch.set_num_threads(threads)
         return model.forward([int(i) for i in ids], None)[0]
+    return forward
+
+
+def llamacpp_model(weights, cache, threads, max_T):
+    """llama.cpp on the same weights, from an F32 GGUF (written once)."""
+    from llama_cpp import Llama
+    from tinyrwkv.formats import write_gguf
+    from tinyrwkv.tokenizer import get_tokenizer
+    path = Path(cache) / "prefill-bench-0.1B-seed0-f32.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(path.with_suffix(".partial"), weights, "f32",
+                   tokenizer=get_tokenizer(SHAPE["vocab_size"]))            # World
+        os.replace(path.with_suffix(".partial"), path)
+    models = {th: Llama(model_path=str(path), n_ctx=max_T + 8, n_batch=512, n_threads=th,
+                        n_threads_batch=th, verbose=False) for th in threads}
+
+    def forward(ids, threads):
+        llm = models[threads]
+        llm.reset()
+        llm.eval([int(i) for i in ids])
     return forward
 
 
@@ -110,6 +133,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--busy", action="store_true", help="one busy process beside the runs")
     parser.add_argument("--official", action="store_true", help="the official rwkv package too")
+    parser.add_argument("--llamacpp", action="store_true", help="llama.cpp (F32 GGUF) too")
     parser.add_argument("--storage", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cache", default="/tmp/tinyrwkv-prefill-bench")
     args = parser.parse_args()
@@ -123,6 +147,8 @@ def main():
                 "fused": tinyrwkv_forward(RWKV7Numba(weights, storage=args.storage))}
     if args.official:
         variants["official"] = official_model(weights, args.cache)
+    if args.llamacpp:
+        variants["llama.cpp"] = llamacpp_model(weights, args.cache, args.threads, max(args.T))
     rng = np.random.default_rng(0)
     busy = None
     if args.busy:
@@ -132,7 +158,8 @@ def main():
               f"{'one busy process beside' if busy else 'no busy process added'}; tokens/s of "
               f"the undisturbed runs (how many of {args.runs}, median of all), interleaved")
         print(f"{'T':>5} {'threads':>7} " + " ".join(f"{v:>20}" for v in variants)
-              + "  fused/before" + ("  fused/official" if args.official else "") + "   load")
+              + "  fused/before" + "".join(f"  {'fused/' + v:>15}" for v in variants
+                                           if v in ("official", "llama.cpp")) + "   load")
         for T in args.T:
             ids = rng.integers(0, SHAPE["vocab_size"], T)
             for th in args.threads:                                    # warm-up (compiles)
@@ -154,8 +181,9 @@ def main():
                     cells.append(f"{rate[v]:7.1f} ({len(calm)}, {np.median(every):5.1f})")
                 row = f"{T:5d} {th:7d} " + " ".join(f"{c:>20}" for c in cells)
                 row += f"  {rate['fused'] / rate['before']:12.2f}"
-                if args.official:
-                    row += f"  {rate['fused'] / rate['official']:15.2f}"
+                for other in ("official", "llama.cpp"):
+                    if other in rate:
+                        row += f"  {rate['fused'] / rate[other]:15.2f}"
                 print(row + f"   {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         if busy is not None:
