@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def main():
     parser.add_argument("--official", action="store_true", help="the official rwkv package too")
     parser.add_argument("--llamacpp", action="store_true", help="llama.cpp (F32 GGUF) too")
     parser.add_argument("--storage", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--cache", default="/tmp/tinyrwkv-prefill-bench")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tinyrwkv-prefill-bench"),
+                        help="folder for the checkpoints it writes (kept between runs)")
     args = parser.parse_args()
 
     import numba
