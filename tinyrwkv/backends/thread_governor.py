@@ -15,10 +15,13 @@ token takes are directly comparable from one token to the next. `ThreadGovernor`
   * every `period` tokens it tries its neighbours on a ladder of thread counts (1, 2, 4, ...,
     the most: halving and doubling) for PROBE_TOKENS tokens each, and moves to whichever was
     fastest on average (by more than SWITCH_MARGIN; the mean, since on a busy machine a
-    collapsing count still has some fast tokens);
+    collapsing count still has some fast tokens, but without the current count's slowest quarter,
+    so that a preempted token or two on a quiet machine do not move it);
   * while nothing changes, the period doubles (up to LONGEST_PERIOD tokens), so that probing a
-    worse count costs ~1-2% of the tokens on a steady machine; a token that takes more than
-    SLOWDOWN times the usual (the machine just got busy) triggers a probe at once;
+    worse count costs ~1-2% of the tokens on a steady machine; SLOW_RUN tokens in a row that take
+    more than SLOWDOWN times the usual (the machine just got busy) trigger a probe at once (one
+    slow token alone is the scheduler's jitter: on a quiet 2-core machine a single token often
+    takes 2x, and reacting to each cost a few per cent);
   * a neighbour that was much slower (more than BACKOFF_RATIO times) is probed less often: its
     own period doubles each time (up to BACKOFF_LONGEST), since a collapsed count costs a lot per
     probe token.
@@ -40,7 +43,8 @@ PROBE_TOKENS = 3          # tokens decoded at a neighbour count per probe
 FIRST_PERIOD = 4          # tokens before the first probe, and after a change
 LONGEST_PERIOD = 128      # tokens between probes on a steady machine
 SWITCH_MARGIN = 0.95      # move when a neighbour takes less than this fraction of the time
-SLOWDOWN = 2.0            # a token this many times slower than usual triggers a probe now
+SLOWDOWN = 2.0            # SLOW_RUN tokens in a row this many times slower than usual ...
+SLOW_RUN = 2              # ... trigger a probe now
 BACKOFF_RATIO = 2.0       # a neighbour this many times slower is probed less often ...
 BACKOFF_LONGEST = 4096    # ... at most every this many tokens
 KEEP = 8                  # token times kept per thread count
@@ -79,6 +83,7 @@ class ThreadGovernor:
         self.probe_times = {}              # thread count -> times seen in this probe
         self.neighbour_wait = {}           # thread count -> probes to skip (back-off)
         self.neighbour_skip = {}           # thread count -> current back-off length
+        self.slow_run = 0                  # tokens in a row slower than SLOWDOWN x the usual
         self.tokens = 0
         self.history = []
 
@@ -100,11 +105,16 @@ class ThreadGovernor:
                 self._decide()
             return
         usual = self.times[threads]
-        if len(usual) >= 3 and seconds > SLOWDOWN * statistics.median(usual):
+        slow = len(usual) >= 3 and seconds > SLOWDOWN * statistics.median(usual)
+        self.slow_run = self.slow_run + 1 if slow else 0
+        if self.slow_run >= SLOW_RUN:
             self.until_probe = 0                           # the machine changed: look now,
             self.period = FIRST_PERIOD                     # and forget how it was
             self.neighbour_wait.clear()
+            self.slow_run = 0
+            recent = list(usual)[-(SLOW_RUN - 1):] if SLOW_RUN > 1 else []
             usual.clear()
+            usual.extend(recent)                           # the slow tokens, as they are now
         usual.append(seconds)
         self.until_probe -= 1
         if self.until_probe <= 0:
@@ -127,7 +137,8 @@ class ThreadGovernor:
         # Means, not medians or minima: what a thread count costs is its average token, and on a
         # busy machine a collapsing count has fast tokens too (when the other program sleeps).
         seen = {n: statistics.fmean(ts) for n, ts in self.probe_times.items()}
-        seen[self.current] = statistics.fmean(self.times[self.current])
+        own = sorted(self.times[self.current])
+        seen[self.current] = statistics.fmean(own[:len(own) - len(own) // 4])  # top quarter off
         mine = seen[self.current]
         best = min(seen, key=seen.get)
         if seen[best] >= SWITCH_MARGIN * mine:
