@@ -19,9 +19,10 @@ from conftest import ROOT, TOL_F32, have, rel_err
 needs_numba = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
 # One shape for every numba test (compile time counts; Numba compiles per type, not per size):
-# 3 layers, C 256 (4 heads of 64), V 1000, the 0.1B release's unequal LoRA ranks (Dw, Da, Dv, Dg).
-# Big enough that the batched products and WKV heads run their parallel branches from B = 1.
-L, C, V, RANKS = 3, 256, 1000, (64, 64, 32, 128)
+# 3 layers, C 512 (8 heads of 64), V 1000, the 0.1B release's unequal LoRA ranks (Dw, Da, Dv, Dg).
+# Big enough that the batched products, the WKV heads and the LoRAs (numba_decode.loras: 2 x 512 x
+# 288 multiply-adds >= LORA_PARALLEL_FROM) run their parallel branches from B = 1.
+L, C, V, RANKS = 3, 512, 1000, (64, 64, 32, 128)
 STEPS = 6
 PROMPT_LENGTHS = (1, 5, 12)      # three sequences, each at another position when decoding starts
 

@@ -53,7 +53,8 @@ def assert_close(model, ref, ids, init, tol):
 # Measured (max over logits and the three state tensors): 1.3e-6..1.9e-6 float32, 1.8e-6 bf16
 # storage on rounded weights: TOL_F32 = 5e-5 leaves >25x headroom, ~1000x below a real bug.
 @pytest.mark.parametrize("L, C, N, V, ranks", [
-    (3, 256, 64, 1000, OFFICIAL_RANKS),      # official rank pattern; big enough to run parallel
+    (3, 256, 64, 1000, OFFICIAL_RANKS),      # official rank pattern; products, heads in parallel
+    (2, 512, 64, 500, OFFICIAL_RANKS),       # and the LoRAs too (numba_decode.LORA_PARALLEL_FROM)
     (1, 96, 32, 301, None),                  # one layer (no value residual); awkward width
     (3, 96, 32, 65536, (32, 16, 8, 48)),     # a World-sized head
 ])
@@ -87,14 +88,17 @@ def test_fused_decode_bf16_storage():
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_fused_decode_is_bit_identical_across_threads(storage):
-    """Every output row of a matrix-vector product and every WKV head is one thread's sequential
-    loop, whatever the thread count (threads only share out whole rows and heads), so 1 and 2
-    threads give the same bits, not merely close ones."""
+    """Every output row of a matrix-vector product, every WKV head and every LoRA chunk is one
+    thread's sequential loop, whatever the thread count (threads only share out whole rows, heads
+    and chunks; the LoRA chunks' sums are added in a fixed order), so 1 and 2 threads give the
+    same bits, not merely close ones. C = 512: every one of them runs its parallel branch."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
-    w = make_weights(2, 256, 500, ranks=OFFICIAL_RANKS, seed=3)
+    w = make_weights(2, 512, 500, ranks=OFFICIAL_RANKS, seed=3)
     model = numba_model(w, storage=storage)
+    from tinyrwkv.backends import numba_decode
+    assert 2 * 512 * sum(OFFICIAL_RANKS) >= numba_decode.LORA_PARALLEL_FROM
     ids = np.random.default_rng(2).integers(0, 500, 8)
     init = random_state(model.config, seed=4)
     saved = numba.get_num_threads()

@@ -34,10 +34,11 @@ section's comment says why). Single-thread decode on the 0.1B shape, tokens per 
 (benchmarks/decode_fused.py, a busy 2-core AMD EPYC VM): float32 49, bf16 77, float16 65, int8 95.
 
 Parallelism: `prange` only where the work pays for a barrier: the matrix-vector products (rows in
-chunks) and the WKV heads, and only when their size is at least PARALLEL_FROM multiply-adds; the
-small vector work (norms, lerps, the LoRAs) runs on one thread. Each output row, and each head, is
-computed by one thread in a fixed order whatever the thread count, so results are bit-identical
-for any number of threads (tests/test_numba_decode.py checks it).
+chunks) and the WKV heads, when their size is at least PARALLEL_FROM multiply-adds, and a layer's
+LoRAs (`loras`: fixed row and column chunks), from LORA_PARALLEL_FROM; the small vector work
+(norms, lerps) runs on one thread. Each output row, each head and each LoRA chunk is computed by
+one thread in a fixed order whatever the thread count, so results are bit-identical for any
+number of threads (tests/test_numba_decode.py checks it).
 
 The math is the twin of model.py (`block`, `time_mix`, `channel_mix` and their steps), in float32
 with the same fastmath={"reassoc", "contract"} as numba_cpu; the parity tests hold it to the
@@ -84,6 +85,8 @@ GN_EPS = float(ref.GN_EPS)
 LN_EPS = float(ref.LN_EPS)
 PARALLEL_FROM = 1 << 16    # multiply-adds below which a parallel region costs more than it saves
 ROW_CHUNKS = 64            # a big matrix-vector product is split into this many row chunks
+LORA_CHUNKS = 16           # a layer's LoRAs: at most this many row (down) and column (up) chunks ...
+LORA_PARALLEL_FROM = 1 << 18   # ... in parallel from this many multiply-adds (2 regions + a sum)
 
 # Per-layer tensors stacked across layers: (stacked name, checkpoint key without 'blocks.{i}.').
 STACKED = (("Wr", "att.receptance.weight"), ("Wk", "att.key.weight"),
@@ -180,7 +183,7 @@ def make_scratch(config):
                    r=vec(), k=vec(), v=vec(), w_pre=vec(), a=vec(), g=vec(), v_gate=vec(),
                    v_first=vec(), kk=vec(), k_tilde=vec(), decay=vec(), beta=vec(), v_res=vec(),
                    y=vec(), xk=vec(), hidden=np.zeros(F, np.float32),
-                   lora=np.zeros(D, np.float32),
+                   lora=np.zeros((LORA_CHUNKS + 1, 4, D), np.float32),     # `loras`' parts
                    pairs=np.zeros((3, 2, max(C, F) // 2), np.float32),   # inputs split for bf16
                    logits=np.zeros(V, np.float32))
 
@@ -480,25 +483,113 @@ def sigmoid(u):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def lora(x, A, B, mid, act, out):
-    """out = act(x @ A) @ B, A (C, D), B (D, C): a LoRA for one token; act 0 none, 1 tanh,
-    2 sigmoid. Rows of A and B are contiguous, so both loops vectorise over their inner axis."""
-    D = A.shape[1]
-    mid[:D] = 0
-    for i in range(A.shape[0]):
-        xi = x[i]
-        for d in range(D):
-            mid[d] += xi * A[i, d]                                   # (D,)
-    for d in range(D):
-        if act == 1:
-            mid[d] = np.tanh(mid[d])
-        elif act == 2:
-            mid[d] = sigmoid(mid[d])
+def lora_down(x, A, lo, hi, acc):
+    """acc[:D] = x[lo:hi] @ A[lo:hi], A (C, D): one row chunk of a LoRA's down-projection. Rows of
+    A are contiguous, so the inner loop vectorises over D."""
+    out = acc[:A.shape[1]]
     out[:] = 0
-    for d in range(D):
-        md = mid[d]
-        for j in range(B.shape[1]):
-            out[j] += md * B[d, j]                                   # (C,)
+    for i in range(lo, hi):
+        xi, a = x[i], A[i]
+        for d in range(out.shape[0]):
+            out[d] += xi * a[d]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def lora_up(mid, B, lo, hi, out):
+    """out[lo:hi] = mid[:D] @ B[:, lo:hi], B (D, C): one column chunk of a LoRA's up-projection.
+    Written with slices (views): indexed as out[j] and B[d, j] with j from lo, LLVM left the loop
+    scalar (1.6 G multiply-adds/s against 13.8 with the views, one AMD EPYC core)."""
+    o = out[lo:hi]
+    o[:] = 0
+    for d in range(B.shape[0]):
+        md, b = mid[d], B[d, lo:hi]
+        for j in range(o.shape[0]):
+            o[j] += md * b[j]
+
+
+@njit(cache=True)
+def lora_chunks(C):
+    """How many chunks a layer's LoRAs are split into: a function of the width only (never of the
+    thread count, so that the sums' order is fixed), at least 64 rows or columns each."""
+    return max(1, min(LORA_CHUNKS, C // 64))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _loras_down(mixed, parts, c, lo, hi, w1, a1, g1, v1, with_v):
+    lora_down(mixed[1], w1, lo, hi, parts[c, 0])
+    lora_down(mixed[4], a1, lo, hi, parts[c, 1])
+    lora_down(mixed[5], g1, lo, hi, parts[c, 2])
+    if with_v:
+        lora_down(mixed[3], v1, lo, hi, parts[c, 3])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _loras_middle(parts, ranks, with_v, chunks):
+    """parts[LORA_CHUNKS, k] = act_k(sum over chunks c, in order, of parts[c, k]): w tanh, a none,
+    g sigmoid, v none."""
+    for k in range(4 if with_v else 3):
+        for d in range(ranks[k]):
+            acc = parts[0, k, d]
+            for c in range(1, chunks):
+                acc += parts[c, k, d]
+            if k == 0:
+                acc = np.tanh(acc)
+            elif k == 2:
+                acc = sigmoid(acc)
+            parts[LORA_CHUNKS, k, d] = acc
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _loras_up(parts, lo, hi, w2, a2, g2, v2, w_out, a_out, g_out, v_out, with_v):
+    mid = parts[LORA_CHUNKS]
+    lora_up(mid[0], w2, lo, hi, w_out)
+    lora_up(mid[1], a2, lo, hi, a_out)
+    lora_up(mid[2], g2, lo, hi, g_out)
+    if with_v:
+        lora_up(mid[3], v2, lo, hi, v_out)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def loras(l, W, mixed, parts, w_out, a_out, g_out, v_out, with_v):
+    """The LoRAs of layer l's time mix for one token, from its lerped inputs mixed (6, C: r w k v
+    a g): w_out = tanh(x_w @ w1) @ w2, a_out = (x_a @ a1) @ a2, g_out = sigmoid(x_g @ g1) @ g2 and,
+    with with_v (every layer but the first), v_out = (x_v @ v1) @ v2. The biases w0, a0, v0 and
+    what follows (model.time_mix) are the caller's. parts: (LORA_CHUNKS + 1, 4, max rank) scratch.
+
+    The down-projections are split into `lora_chunks(C)` row chunks, summed afterwards in chunk
+    order, and the up-projections into as many column chunks: two parallel regions when the work pays
+    for them (LORA_PARALLEL_FROM). On one thread, a layer's LoRA matrices (~1.8 MB at C = 768,
+    cold from memory after the big products) had taken a third of a token on 16 cores
+    (benchmarks/decode_profile.py). The chunks are fixed, so the order of every sum, and so the
+    result, is the same for any thread count and for a sequence in a batch."""
+    ranks = (W.w1.shape[2], W.a1.shape[2], W.g1.shape[2], W.v1.shape[2])
+    _loras_chunked(mixed, parts, ranks, W.w1[l], W.a1[l], W.g1[l], W.v1[l], W.w2[l], W.a2[l],
+                   W.g2[l], W.v2[l], w_out, a_out, g_out, v_out, with_v)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _loras_chunked(mixed, parts, ranks, w1, a1, g1, v1, w2, a2, g2, v2, w_out, a_out, g_out,
+                   v_out, with_v):
+    C = mixed.shape[1]
+    chunks = lora_chunks(C)
+    step = (C + chunks - 1) // chunks
+    work = 2 * C * (ranks[0] + ranks[1] + ranks[2] + ranks[3])
+    if work < LORA_PARALLEL_FROM:
+        for c in range(chunks):
+            _loras_down(mixed, parts, c, min(C, c * step), min(C, (c + 1) * step), w1, a1, g1,
+                        v1, with_v)
+        _loras_middle(parts, ranks, with_v, chunks)
+        for c in range(chunks):
+            _loras_up(parts, min(C, c * step), min(C, (c + 1) * step), w2, a2, g2, v2, w_out,
+                      a_out, g_out, v_out, with_v)
+    else:
+        for c in prange(chunks):
+            _loras_down(mixed, parts, c, min(C, c * step), min(C, (c + 1) * step), w1, a1, g1,
+                        v1, with_v)
+        _loras_middle(parts, ranks, with_v, chunks)
+        for c in prange(chunks):
+            _loras_up(parts, min(C, c * step), min(C, (c + 1) * step), w2, a2, g2, v2, w_out,
+                      a_out, g_out, v_out, with_v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,11 +675,7 @@ def time_mix(l, W, s, att_shift, S):
             s.mixed[c, i] = s.xa[i] + (att_shift[i] - s.xa[i]) * W.lerp[l, c, i]
     matvec3(W.Wr[l], s.mixed[0], s.r, W.Wk[l], s.mixed[2], s.k, W.Wv[l], s.mixed[3], s.v,
             s.pairs)
-    lora(s.mixed[1], W.w1[l], W.w2[l], s.lora, 1, s.w_pre)         # tanh between
-    lora(s.mixed[4], W.a1[l], W.a2[l], s.lora, 0, s.a)
-    lora(s.mixed[5], W.g1[l], W.g2[l], s.lora, 2, s.g)             # sigmoid between
-    if l > 0:
-        lora(s.mixed[3], W.v1[l], W.v2[l], s.lora, 0, s.v_gate)
+    loras(l, W, s.mixed, s.lora, s.w_pre, s.a, s.g, s.v_gate, l > 0)
     for i in range(C):
         s.w_pre[i] += W.w0[l, i]
         s.a[i] = sigmoid(W.a0[l, i] + s.a[i])                      # learning rate in (0, 1)
@@ -657,7 +744,7 @@ def make_batch_scratch(config, n_seq):
                    r=vec(), k=vec(), v=vec(), w_pre=vec(), a=vec(), g=vec(), v_gate=vec(),
                    v_first=vec(), kk=vec(), k_tilde=vec(), decay=vec(), beta=vec(), v_res=vec(),
                    y=vec(), xk=vec(), hidden=np.zeros((n_seq, F), np.float32),
-                   lora=np.zeros((n_seq, D), np.float32),
+                   lora=np.zeros((n_seq, LORA_CHUNKS + 1, 4, D), np.float32),
                    pairs=np.zeros((3, n_seq, 2, max(C, F) // 2), np.float32),
                    logits=np.zeros((n_seq, V), np.float32))
 
@@ -764,11 +851,8 @@ def time_mix_batch(l, W, sb, n_seq, att_shift, wkv):
     matvec3_batch(W.Wr[l], sb.mixed[0], sb.r, W.Wk[l], sb.mixed[2], sb.k, W.Wv[l], sb.mixed[3],
                   sb.v, sb.pairs, n_seq)
     for b in range(n_seq):
-        lora(sb.mixed[1, b], W.w1[l], W.w2[l], sb.lora[b], 1, sb.w_pre[b])      # tanh between
-        lora(sb.mixed[4, b], W.a1[l], W.a2[l], sb.lora[b], 0, sb.a[b])
-        lora(sb.mixed[5, b], W.g1[l], W.g2[l], sb.lora[b], 2, sb.g[b])          # sigmoid between
-        if l > 0:
-            lora(sb.mixed[3, b], W.v1[l], W.v2[l], sb.lora[b], 0, sb.v_gate[b])
+        loras(l, W, sb.mixed[:, b], sb.lora[b], sb.w_pre[b], sb.a[b], sb.g[b], sb.v_gate[b],
+              l > 0)
         for i in range(C):
             sb.w_pre[b, i] += W.w0[l, i]
             sb.a[b, i] = sigmoid(W.a0[l, i] + sb.a[b, i])
