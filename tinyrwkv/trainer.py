@@ -1,6 +1,6 @@
 """`tinyrwkv train`: train an RWKV-7 on a text file with train.py's hand-written gradients.
 
-    tinyrwkv train --data ../shared/data/tinystories-subset/train.txt --out runs/ts
+    tinyrwkv train --data stories.txt --out runs/ts
 
 What it does: trains a byte-level BPE tokenizer on the text (HF `tokenizers`; or `--tokenizer`),
 initialises the model as RWKV-LM does (docs/architecture.md §10, `make_weights(training_init=True)`), and

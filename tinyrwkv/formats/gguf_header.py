@@ -4,7 +4,8 @@
     header.metadata["rwkv7.block_count"]      # ints, floats, bools, strings, lists, arrays
     header.tensors["token_embd.weight"]       # GGUFTensor: shape, type, where its bytes are
 
-Layout (GGUF v2 and v3, little-endian; llama.cpp's ggml/src/gguf.cpp and docs/gguf.md):
+Layout (GGUF v2 and v3, little-endian; llama.cpp's ggml/src/gguf.cpp and ggml's GGUF
+specification, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     "GGUF"  u32 version  u64 tensor count  u64 metadata count
     metadata, each:  string key  u32 value type  value
