@@ -565,8 +565,8 @@ else:
 # (docs/architecture.md §5.2): `state[3i]` is layer `i`'s time-mix shift (your `att_shift`),
 # `state[3i + 1]` its WKV matrices `(H, N, N)` (your `S`), `state[3i + 2]` its channel-mix shift
 # (your `ffn_shift`). The WKV matrices are indexed `[head][value][key]` there too, so nothing is
-# transposed (fla and RWKV-LM's training kernel store the transpose, §5.4). The WKV part is
-# float32 whatever the strategy (§5.3). Its `forward` writes the new state into the list it is
+# transposed (fla and RWKV-LM's training kernel store the transpose, docs/architecture.md §5.4). The WKV part
+# is float32 whatever the strategy (docs/architecture.md §5.3). Its `forward` writes the new state into the list it is
 # given, so keep a copy if you need the old one (here the state travels through a file, so ours
 # is safe). `None` means its zero state. Your state becomes its list by flattening the tuples:
 
