@@ -8,8 +8,9 @@ What counts as a citation, and how each is resolved:
   checked). The § may be on the next line of a wrapped comment.
 - A § with no file name before it: in a docs page, a section of that page (or of the page a
   markdown link around it points to); in the library's code, a section of the docs page the same
-  file named last before it (tinyrwkv/model.py says once that it follows docs/architecture.md);
-  in a chapter or the README, an error: name the file.
+  file named last before it (tinyrwkv/model.py says once that it follows docs/architecture.md),
+  and the same in a chapter's code cells (dense comments); in a chapter's prose or the README,
+  an error: name the file.
 - `chapter NN §M` (or `ch NN §M`): a numbered heading ("## M · ..." or "## M. ...") of that chapter.
 - `<file>.md#anchor`, in a link or in text: the anchor must be one GitHub makes from a heading of
   that file; a link whose text cites one § must point at that section's heading.
@@ -227,6 +228,7 @@ def problems(path, text=None):
                 check_anchor(m.start(), file, anchor)
 
     # § citations.
+    prose = markdown_spans(path, text) if kind == "chapter" else []
     for m in GROUP.finditer(text):
         numbers = re.findall(r"\d+(?:\.\d+)*", m.group())
         before = text[max(0, m.start() - 300):m.start()]
@@ -250,7 +252,8 @@ def problems(path, text=None):
             check_section(m.start(), link, numbers, link.name)
         elif kind == "markdown" and path.parent == DOCS:
             check_section(m.start(), path, numbers, path.name)
-        elif kind == "code" and any(offset < m.start() for offset, _ in named):
+        elif ((kind == "code" or kind == "chapter" and not any(s <= m.start() < e for s, e in prose))
+              and any(offset < m.start() for offset, _ in named)):
             file = [f for offset, f in named if offset < m.start()][-1]
             check_section(m.start(), file, numbers, f"{file.name} (named last above)")
         else:
@@ -304,7 +307,8 @@ def test_bad_citations_are_caught():
     assert messages("tinyrwkv/example.py", "docs/nothing.md §1")
     assert messages("tinyrwkv/example.py", "docs/architecture.md#no-such-heading")
     assert messages("tinyrwkv/example.py", "architecture.md §3")             # no docs/
-    assert messages("chapters/src/99_example.py", "# as §3 says")            # which file?
+    assert messages("chapters/src/99_example.py", "# %% [markdown]\n# as §3 says")   # which file?
+    assert messages("chapters/src/99_example.py", "# %%\nx = 1  # §3")      # none named above
     assert messages("chapters/src/99_example.py", "# see chapter 01 §99")
     assert messages("docs/README.md", "[x](architecture.md#310-decay-nope)")
     assert messages("docs/README.md", "[architecture.md §3.11](architecture.md#310-decay)")
