@@ -543,8 +543,8 @@ assert 1 <= len(falls_apart) < len(MISTAKES) / 2   # "a few fall apart"
 #
 # So the recipe for checking your own port is: make it write the intermediates it computes under
 # these names (our `rec`), save them, and compare. Our forward pass records all of them except
-# `w_log` and `w_cuda`, the decay in the forms other kernels take (docs/architecture.md §11.6), which it never
-# computes; `compare` lists those as "not in the other trace" and ignores them.
+# `w_log` and `w_cuda`, the decay in the forms other kernels take (docs/architecture.md §11.6),
+# which it never computes; `compare` lists those as "not in the other trace" and ignores them.
 #
 # **Which precision to trace in.** `compare`'s tolerance is set by the other program's precision:
 # `--dtype fp32` (the default) accepts max|Δ|/std ≤ 1e-4 per tensor. Our forward pass computes in
