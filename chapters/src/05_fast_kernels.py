@@ -307,7 +307,7 @@ if numba:
         assert ok, (key, ratio)
         worst = max(worst, ratio)
     print(f"matvec_f32 = W @ x within the float32 bound on all {len(matrices)} matrices "
-          f"(largest error: {worst:.2f} of the bound)")
+          f"(largest error: {worst:.1e} of the bound)")
 
 # %% [markdown]
 # **Why the thread count cannot change the result.** Each output row is computed by exactly one
@@ -732,8 +732,8 @@ if numba and most >= 2:
               f"mean {times.mean() * 1e3:6.3f} ms, slowest 1% {np.quantile(times, 0.99) * 1e3:6.2f} ms; "
               f"{t.conditions()}")
     print(f"governor, with the busy process: {governed.count(1)} of {len(governed)} calls on 1 thread, "
-          f"{len(governor.history)} changes, now {governor.describe()}; the first changes "
-          f"(call, from, to, why): {governor.history[:3]}")
+          f"now {governor.describe()}; its changes (call, from, to, why), the first three of "
+          f"{len(governor.history)}: {governor.history[:3]}")
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for (label, n), (times, _) in runs.items():
