@@ -400,8 +400,8 @@ for key in ("blocks.1.att.w0", "blocks.1.att.v2", "blocks.0.att.k_k", "blocks.0.
 # decay and gradient clipping.
 #
 # One practical detail: the matrix products here are tiny (a few thousand numbers), and NumPy's
-# BLAS would share each one among all the cores. On a busy machine that is the collapse chapter
-# 05 (§7) shows: every product waits at a barrier for a thread that is off its core, and a step
+# BLAS would share each one among all the cores. On a busy machine that is the collapse of
+# chapter 05 §7: every product waits at a barrier for a thread that is off its core, and a step
 # can take many times longer. So the loop runs BLAS on one thread (`threadpool_limits(1)`,
 # from `threadpoolctl`, a dependency of tinyrwkv); for products this small one thread is also
 # the faster choice on a quiet machine.
