@@ -62,8 +62,8 @@ print("trained:  ", trained.config)
 print("tokenizer:", bpe)
 
 # %% [markdown]
-# The trained model will read this story. The tokenizer cuts it into 4096 possible pieces: whole
-# common words with their leading space, and smaller pieces for rarer ones.
+# The trained model will read this story. Its tokenizer cuts text into pieces from a vocabulary of
+# 4096: whole common words with their leading space, and smaller pieces for rarer ones.
 
 # %%
 STORY = (
@@ -84,7 +84,7 @@ print(T_story, "tokens; the first 16:", story_words[:16])
 
 # `tinyrwkv.trace` runs the model over the story and keeps every intermediate by name:
 # trace["L2.w"] is layer 2's decay for every token (T, C), trace["L2.state"] its WKV state after
-# every token (T, H, N, N). Section 3 and section 5 read them.
+# every token (T, H, N, N), trace["logits"] the model's logits (T, V). Sections 3, 5 and 9 read them.
 trace = tinyrwkv.trace(trained, story_ids)
 print("trace['L2.w']", trace["L2.w"].shape, " trace['L2.state']", trace["L2.state"].shape)
 
