@@ -304,8 +304,9 @@ assert np.all((extreme >= np.exp(-np.exp(-0.5))) & (extreme <= 1))
 # $w^{n} = \tfrac12 \iff n = \ln\tfrac12 / \ln w$. A channel with $w = 0.5452$ (the floor) halves
 # its memory in 1.14 tokens; one with $w = 0.999$ in 693 tokens.
 #
-# $w$ has two parts: the learned per-channel bias $w_0$ (`att.w0`), which is the same for every
-# token, and the low-rank term $\tanh(x^w w_1)\,w_2$, which depends on the token. We look at both in
+# $w$ is made from $\omega = w_0 + \tanh(x^w w_1)\,w_2$, which has two parts: the learned
+# per-channel bias $w_0$ (`att.w0`), the same for every token, and the low-rank term
+# $\tanh(x^w w_1)\,w_2$, which depends on the token. We look at both in
 # the trained model, and compare with where training started: the training code's initialisation
 # (docs/architecture.md §10) sets $w_0$ to a ramp across the channels with a zigzag inside each
 # head, and $w_1 = 0$, so that at the start every token decays the same way.
@@ -368,12 +369,13 @@ assert np.all(spread > 3)                                        # measured 5.4 
 # Three things to read off. **Each head has a job**: in every layer the last head (red) forgets
 # within a few tokens, it tracks the last word or two, while the first two heads have median
 # half-lives of tens to hundreds of tokens and can carry something through a whole story. **Every
-# layer mixes fast and slow channels**: a few percent of its channels halve their memory in under 2
-# tokens, a tenth or more keep it for over 100. And **the decay depends on the token**: the
-# left panel shows that this short training run hardly moved $w_0$ from its initial ramp and
-# zigzag (by about 0.12 on average), but the token-dependent term moves $w$ by about 1 on the same
-# scale, so the same channel's half-life varies by a factor of 5 to 15 between tokens (the
-# printout's last line). At initialisation $w_1 = 0$ and that term is zero: training taught the
+# layer mixes fast and slow channels**: counted over all its channels and tokens, 6% to 14% halve
+# their memory in under 2 tokens, and 9% to 27% keep it for over 100. And **the decay depends on
+# the token**: the left panel shows that this short training run hardly moved $w_0$ from its
+# initial ramp and zigzag (by about 0.12 on average), but the token-dependent term moves the
+# pre-activation by about 1 on the same scale, so the same channel's half-life varies by a factor
+# of 6 to 15 between its quicker and its slower tokens (10th and 90th percentile; the printout's
+# last line). At initialisation $w_1 = 0$ and that term is zero: training taught the
 # model *when* to forget, more than *how fast*.
 
 # %% [markdown]
