@@ -18,9 +18,10 @@ descheduled thread at every barrier, and 2 threads can measure slower than 1).
 """
 import argparse
 import os
-import platform
+import sys
 import subprocess
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -29,14 +30,9 @@ import tinyrwkv
 from tinyrwkv.backends.numba_cpu import RWKV7Numba
 from tinyrwkv.synthetic import make_weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_harness.machine import cpu_name                # noqa: E402
 
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def load_average():

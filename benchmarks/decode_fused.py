@@ -11,9 +11,9 @@ load average before and after (other processes on the machine slow every number 
 """
 import argparse
 import os
-import platform
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -21,6 +21,9 @@ import numpy as np
 import tinyrwkv
 from tinyrwkv.backends.numba_cpu import RWKV7Numba
 from tinyrwkv.synthetic import make_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_harness.machine import cpu_name                # noqa: E402
 
 
 def tokens_per_second(model, n_tokens, runs):
@@ -42,14 +45,6 @@ def tokens_per_second(model, n_tokens, runs):
         cpu.append(n_tokens / (time.thread_time() - start_cpu))
     return float(np.median(wall)), float(np.median(cpu))
 
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main():

@@ -21,7 +21,6 @@ weights from a float32 .pth written once to --cache (RWKV_V7_ON=1, no CUDA, Torc
 """
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,9 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+
 from tinyrwkv import model as ref
 from tinyrwkv.backends.numba_cpu import RWKV7Numba, set_threads, wkv_seq
 from tinyrwkv.synthetic import make_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_harness.machine import cpu_name                # noqa: E402
 
 SHAPE = dict(n_layer=12, n_embd=768, vocab_size=65536, ranks=(64, 64, 32, 128))   # 0.1B
 
@@ -116,14 +119,6 @@ def timed(forward, ids, threads):
     others = (machine_busy_seconds() - busy0 - (time.process_time() - own0)) / wall
     return wall, max(0.0, others)
 
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main():

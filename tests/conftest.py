@@ -87,3 +87,51 @@ def long_mode(request):
     """True under `pytest --long` (or TINYRWKV_LONG_TESTS=1): tests that sample (fuzzing, kills
     during writes) run many more cases; CI runs the short mode with a fixed seed."""
     return bool(request.config.getoption("--long") or os.environ.get("TINYRWKV_LONG_TESTS"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by the Numba backend's tests (test_numba_decode, test_batched, test_prefill,
+# test_quantised, test_fast)
+# ----------------------------------------------------------------------------------------------
+
+def numba_model(weights, **options):
+    """An RWKV7Numba model (imported here, so that a test module imports without numba)."""
+    from tinyrwkv.backends.numba_cpu import RWKV7Numba
+    return RWKV7Numba(weights, **options)
+
+
+def random_state(config, seed, dtype=np.float32):
+    """A non-zero state with a real state's ranges, so every state term takes part from token 1."""
+    import tinyrwkv
+    rng = np.random.default_rng(seed)
+    s = tinyrwkv.State.zeros(config, dtype)
+    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
+    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
+    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
+    return s
+
+
+def run_tokens(model, ids, state):
+    """Token by token through model.forward: the logits of each, (T, V), and the last state."""
+    logits = []
+    for t in ids:
+        l, state = model.forward([int(t)], state)
+        logits.append(l)
+    return np.stack(logits), state
+
+
+def on_threads(run, counts=(1, 2)):
+    """run() once with each Numba thread count in `counts`, the previous count restored after:
+    the list of results. Skips the test when Numba has fewer threads than the largest count."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < max(counts):
+        pytest.skip(f"needs {max(counts)} Numba threads")
+    saved = numba.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            numba.set_num_threads(n)
+            results.append(run())
+        return results
+    finally:
+        numba.set_num_threads(saved)

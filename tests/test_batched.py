@@ -14,7 +14,7 @@ from tinyrwkv.generate import Session, stream_batch
 from tinyrwkv.model import BatchState
 from tinyrwkv.synthetic import make_weights
 
-from conftest import ROOT, TOL_F32, have, rel_err
+from conftest import ROOT, TOL_F32, have, numba_model, on_threads, random_state, rel_err
 
 needs_numba = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
@@ -30,21 +30,6 @@ PROMPT_LENGTHS = (1, 5, 12)      # three sequences, each at another position whe
 @pytest.fixture(scope="module")
 def weights():
     return make_weights(L, C, V, ranks=RANKS, seed=11)
-
-
-def numba_model(weights, **options):
-    from tinyrwkv.backends.numba_cpu import RWKV7Numba
-    return RWKV7Numba(weights, **options)
-
-
-def random_state(config, seed):
-    """A non-zero state with a real state's ranges, so every state term matters from the start."""
-    rng = np.random.default_rng(seed)
-    s = tinyrwkv.State.zeros(config)
-    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
-    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
-    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
-    return s
 
 
 def starting_states(model, n_seq):
@@ -162,20 +147,10 @@ def test_numba_batch_is_bit_identical_to_one_by_one(weights, storage):
 def test_numba_batch_is_bit_identical_across_threads(weights, storage):
     """Threads share out whole row chunks and whole (sequence, head) pairs; each output is one
     thread's sequential loop, so 1 and 2 threads give the same bits."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs 2 Numba threads")
     model = numba_model(weights, storage=storage)
     states = starting_states(model, 3)
     tokens = np.random.default_rng(7).integers(0, V, (STEPS, 3))
-    saved = numba.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            results.append(decode_batched(model, tokens, states, "batch"))
-    finally:
-        numba.set_num_threads(saved)
+    results = on_threads(lambda: decode_batched(model, tokens, states, "batch"))
     assert_same_bits(*results[0], *results[1])
 
 

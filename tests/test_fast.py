@@ -6,7 +6,7 @@ import tinyrwkv
 from tinyrwkv import model as M
 from tinyrwkv.synthetic import make_weights
 
-from conftest import FIXTURES, TOL_F32, have, rel_err
+from conftest import FIXTURES, TOL_F32, have, random_state, rel_err
 from test_chunked import wkv_inputs
 
 pytestmark = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
@@ -46,15 +46,6 @@ def test_matvec_float32_and_bf16(shape):
     assert rel_err(f.matvec(bits, x), ref16) < 1e-5
     # round to nearest even, like torch: every widened value is within half a bf16 step
     assert np.all(np.abs(f.widen(bits) - W) <= np.abs(W) * 2.0 ** -8)
-
-
-def random_state(config, seed):
-    rng = np.random.default_rng(seed)
-    s = tinyrwkv.State.zeros(config)
-    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
-    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
-    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
-    return s
 
 
 @pytest.mark.parametrize("L, C, N, V, deep", [(1, 64, 64, 97, False), (2, 128, 32, 301, False),

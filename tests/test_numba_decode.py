@@ -5,36 +5,12 @@ import pytest
 import tinyrwkv
 from tinyrwkv.synthetic import make_weights
 
-from conftest import TOL_F32, have, rel_err
+from conftest import TOL_F32, have, numba_model, on_threads, random_state, rel_err, run_tokens
 
 pytestmark = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
 TOKENS = 20
 OFFICIAL_RANKS = (64, 64, 32, 128)     # (Dw, Da, Dv, Dg) of the 0.1B release: unequal on purpose
-
-
-def numba_model(weights, **options):
-    from tinyrwkv.backends.numba_cpu import RWKV7Numba
-    return RWKV7Numba(weights, **options)
-
-
-def random_state(config, seed):
-    """A non-zero state with a real state's ranges, so every state term takes part from token 1."""
-    rng = np.random.default_rng(seed)
-    s = tinyrwkv.State.zeros(config)
-    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
-    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
-    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
-    return s
-
-
-def run_tokens(model, ids, state):
-    """Token by token through model.forward: the logits of each, (T, V), and the last state."""
-    logits = []
-    for t in ids:
-        l, state = model.forward([int(t)], state)
-        logits.append(l)
-    return np.stack(logits), state
 
 
 def assert_close(model, ref, ids, init, tol):
@@ -92,23 +68,13 @@ def test_fused_decode_is_bit_identical_across_threads(storage):
     thread's sequential loop, whatever the thread count (threads only share out whole rows, heads
     and chunks; the LoRA chunks' sums are added in a fixed order), so 1 and 2 threads give the
     same bits, not merely close ones. C = 512: every one of them runs its parallel branch."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs 2 Numba threads")
     w = make_weights(2, 512, 500, ranks=OFFICIAL_RANKS, seed=3)
     model = numba_model(w, storage=storage)
     from tinyrwkv.backends import numba_decode
     assert 2 * 512 * sum(OFFICIAL_RANKS) >= numba_decode.LORA_PARALLEL_FROM
     ids = np.random.default_rng(2).integers(0, 500, 8)
     init = random_state(model.config, seed=4)
-    saved = numba.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            results.append(run_tokens(model, ids, init))
-    finally:
-        numba.set_num_threads(saved)
+    results = on_threads(lambda: run_tokens(model, ids, init))
     (l1, s1), (l2, s2) = results
     assert np.array_equal(l1, l2)
     assert all(np.array_equal(getattr(s1, n), getattr(s2, n)) for n in ("att_shift", "wkv", "ffn_shift"))

@@ -11,7 +11,7 @@ import tinyrwkv
 from tinyrwkv import model as M
 from tinyrwkv.synthetic import make_weights
 
-from conftest import TOL_F32, have, rel_err
+from conftest import TOL_F32, have, random_state, rel_err
 
 pytestmark = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
@@ -21,16 +21,6 @@ OFFICIAL_RANKS = (64, 64, 32, 128)     # (Dw, Da, Dv, Dg) of the 0.1B release: u
 def prefill():
     from tinyrwkv.backends import numba_prefill
     return numba_prefill
-
-
-def random_state(config, seed):
-    """A non-zero state with a real state's ranges, so every state term takes part from token 1."""
-    rng = np.random.default_rng(seed)
-    s = tinyrwkv.State.zeros(config)
-    s.att_shift[:] = rng.standard_normal(s.att_shift.shape)
-    s.ffn_shift[:] = rng.standard_normal(s.ffn_shift.shape)
-    s.wkv[:] = 0.3 * rng.standard_normal(s.wkv.shape)
-    return s
 
 
 def f32(*arrays):

@@ -24,19 +24,13 @@ import tinyrwkv
 from tinyrwkv.formats.q8_0 import BLOCK, BLOCK_BYTES, dequantize_q8_0, quantize_q8_0
 from tinyrwkv.synthetic import make_weights
 
-from conftest import TOL_F32, have, rel_err
-from test_numba_decode import random_state, run_tokens
+from conftest import TOL_F32, have, numba_model, on_threads, random_state, rel_err, run_tokens
 
 pytestmark = pytest.mark.skipif(not have("numba"), reason="numba is not installed")
 
 OFFICIAL_RANKS = (64, 64, 32, 128)     # (Dw, Da, Dv, Dg) of the 0.1B release: unequal on purpose
 STORAGES = ("float16", "int8")
 TOKENS = 12
-
-
-def numba_model(weights, **options):
-    from tinyrwkv.backends.numba_cpu import RWKV7Numba
-    return RWKV7Numba(weights, **options)
 
 
 def reference_of(model):
@@ -196,21 +190,11 @@ def test_world_sized_vocabulary_int8():
 def test_bit_identical_across_threads(storage):
     """As for float32 and bf16 (tests/test_numba_decode.py): each output row is one thread's
     fixed-order sum, so 1 and 2 threads give the same bits."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs 2 Numba threads")
     w = make_weights(2, 256, 500, ranks=OFFICIAL_RANKS, seed=3)
     model = numba_model(w, storage=storage)
     ids = np.random.default_rng(2).integers(0, 500, 6)
     init = random_state(model.config, seed=4)
-    saved = numba.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            results.append(run_tokens(model, ids, init))
-    finally:
-        numba.set_num_threads(saved)
+    results = on_threads(lambda: run_tokens(model, ids, init))
     (l1, s1), (l2, s2) = results
     assert np.array_equal(l1, l2) and np.array_equal(s1.wkv, s2.wkv)
 

@@ -46,13 +46,22 @@ def mem_available_bytes():
     return None
 
 
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if m:
+            return m[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_info():
     """CPU model, cores, memory, OS and library versions (read without importing them)."""
-    cpu, physical = platform.processor() or "unknown", None
+    cpu, physical = cpu_name(), None
     try:
         text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        cpu = m[1].strip() if m else cpu
         cores = set()
         for block in text.split("\n\n"):          # one block per logical CPU
             ids = dict(re.findall(r"^(physical id|core id)\s*:\s*(\d+)", block, re.M))
