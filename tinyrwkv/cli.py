@@ -589,8 +589,10 @@ def build_parser():
     tr = sub.add_parser("trace", help="record every intermediate of the forward pass (.npz)",
                         formatter_class=fmt,
                         description="Run the recurrent form token by token and save every "
-                                    "intermediate under a stable name (see tinyrwkv/oracle.py), "
-                                    "for `tinyrwkv compare`.")
+                                    "intermediate under a stable name, for `tinyrwkv compare`, "
+                                    "layer by layer to disk (bounded memory). Names, shapes, "
+                                    "the token axis and the selections: docs/formats.md §8.3, "
+                                    "§8.4.")
     tr.add_argument("--model", "-m", metavar="PATH", help="checkpoint; default: the shipped model")
     src = tr.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text, encoded with the model's tokenizer")
@@ -602,7 +604,7 @@ def build_parser():
     tr.add_argument("--names", action="append", metavar="GLOBS",
                     help="keep only these names: comma-separated glob patterns on the full name "
                          "(L3.y, L*.state, logits) or a layer's op (y, ffn_*); repeatable. "
-                         "final.* is always written (docs/formats.md §8.3)")
+                         "final.* is always written (docs/formats.md §8.4)")
     tr.add_argument("--layers", metavar="RANGES",
                     help="keep L{i}.* only for these layers: 0,2-4 or 2:5 (half-open)")
     tr.add_argument("--tokens", metavar="RANGES",

@@ -4,6 +4,13 @@ implementation first goes wrong.
     trace = tinyrwkv.oracle.trace(model, ids)              # {name: array}, float64 by default
     tinyrwkv.oracle.save_trace("ref.npz", trace)
     report = tinyrwkv.oracle.compare(load_trace("ref.npz"), load_trace("mine.npz"), "fp32")
+    # a part of it, straight to disk with bounded memory (docs/formats.md §8.4):
+    tinyrwkv.oracle.write_trace("part.npz", model, ids, state=None,
+                                select=Selection(names=["y", "logits"], layers=[0, 1],
+                                                 tokens=range(448, 512), state_every=64))
+
+The file format, each name's exact meaning and shape, the token-axis rule and which entries
+count are written down in docs/formats.md §8.1, §8.3 and §8.4; the table below is a summary.
 
 Trace names (per layer `L{i}.`; every array has the token axis first, T rows):
 
@@ -74,7 +81,7 @@ def reference_of(model, dtype=None):
 
 
 class Trace(dict):
-    """{name: array}, plus which tokens its rows are (docs/formats.md §8.3): `tokens` for every
+    """{name: array}, plus which tokens its rows are (docs/formats.md §8.4): `tokens` for every
     token-axis name but L{i}.state, `state_tokens` for L{i}.state; None: rows 0..T-1."""
     tokens = state_tokens = None
 
@@ -97,7 +104,7 @@ def trace(model, ids, state=None, steps=None, dtype=None, select=None, progress=
     `final.att_shift`, `final.wkv`, `final.ffn_shift`.
 
     `select` (a Selection, or None for everything): which names, layers, token rows and state
-    rows to keep (docs/formats.md §8.3). The arrays are then the full trace's rows at
+    rows to keep (docs/formats.md §8.4). The arrays are then the full trace's rows at
     `select.token_rows(T)` (and `L{i}.state` at `select.state_rows(T)`), exactly.
     """
     sink, select = _DictSink(), select or Selection()
@@ -108,7 +115,7 @@ def trace(model, ids, state=None, steps=None, dtype=None, select=None, progress=
 
 
 class Selection:
-    """What a trace keeps (docs/formats.md §8.3).
+    """What a trace keeps (docs/formats.md §8.4).
 
     names: glob patterns (fnmatch) matched against the full name (`L3.y`, `logits`) or, for a
     layer's names, against the op alone (`y` matches every `L{i}.y`); None: all names.
@@ -348,7 +355,7 @@ def write_trace(path, model, ids, state=None, steps=None, dtype=None, select=Non
     about one layer's arrays are in memory at once, never the whole trace. The file is the one
     save_trace(path, trace(...)) writes (the same members, in the same order, with the same
     bytes), plus `__tokens__` / `__state_tokens__` when `select` keeps a subset of the tokens
-    (docs/formats.md §8.3). Atomic; returns (the path written, the final State)."""
+    (docs/formats.md §8.4). Atomic; returns (the path written, the final State)."""
     import zipfile
     select = select or Selection()
     path = trace_file_path(path)
@@ -524,7 +531,7 @@ def compare(ref_trace, other, dtype="fp32", tol=None):
 
 def on_shared_tokens(ref_trace, other):
     """Both traces cut to the tokens both hold, name by name (a trace of a subset of the tokens,
-    or of the states every K tokens, docs/formats.md §8.3, against a fuller one), and a function
+    or of the states every K tokens, docs/formats.md §8.4, against a fuller one), and a function
     (name, row) -> the token index of that row. Traces without row lists pass unchanged."""
     def rows(tr, name):
         return tr.rows_of(name) if isinstance(tr, Trace) else None
