@@ -370,10 +370,36 @@ def cmd_trace(args):
         ids = model.tokenizer.encode(args.prompt)
     from .files import refuse_overwriting
     refuse_overwriting(oracle.trace_file_path(args.out), [model.path, args.ids])
-    tr = oracle.trace(model, ids)
-    written = oracle.save_trace(args.out, tr, meta={"model": str(model.path), "dtype": args.dtype,
-                                                    "ids": [int(i) for i in ids]})
-    print(f"tinyrwkv: {len(tr)} tensors over {len(ids)} tokens -> {written}", file=sys.stderr)
+    try:
+        select = oracle.Selection(
+            names=None if args.names is None else [p for n in args.names for p in n.split(",") if p],
+            layers=None if args.layers is None else oracle.parse_ranges(args.layers, "--layers"),
+            tokens=None if args.tokens is None else oracle.parse_ranges(args.tokens, "--tokens"),
+            state_every=args.state_every)
+        select.token_rows(len(ids))
+        if select.layers and select.layers[-1] >= model.config.n_layer:
+            raise ValueError(f"--layers: the model has layers 0..{model.config.n_layer - 1}")
+    except ValueError as e:
+        fail(str(e))
+    state = None
+    if args.initial_state:
+        from .formats.state_file import load_state
+        state = load_state(args.initial_state, model.config)
+    if args.final_state:
+        from .formats.state_file import state_file_path
+        refuse_overwriting(state_file_path(args.final_state), [model.path, args.ids, args.out])
+    from .formats.progress import ProgressBar, stderr_is_tty
+    show = args.progress if args.progress is not None else stderr_is_tty()
+    with ProgressBar(label="tracing", force=bool(args.progress)) as bar:
+        written, final = oracle.write_trace(
+            args.out, model, ids, state=state, select=select, progress=bar if show else None,
+            meta={"model": str(model.path), "dtype": args.dtype, "ids": [int(i) for i in ids],
+                  "initial_state": args.initial_state and str(args.initial_state)})
+    size = written.stat().st_size
+    print(f"tinyrwkv: {len(ids)} tokens, {size / 1e6:,.1f} MB -> {written}", file=sys.stderr)
+    if args.final_state:
+        from .formats.state_file import save_state
+        print(f"tinyrwkv: final state -> {save_state(final, args.final_state)}", file=sys.stderr)
 
 
 def cmd_compare(args):
@@ -563,8 +589,10 @@ def build_parser():
     tr = sub.add_parser("trace", help="record every intermediate of the forward pass (.npz)",
                         formatter_class=fmt,
                         description="Run the recurrent form token by token and save every "
-                                    "intermediate under a stable name (see tinyrwkv/oracle.py), "
-                                    "for `tinyrwkv compare`.")
+                                    "intermediate under a stable name, for `tinyrwkv compare`, "
+                                    "layer by layer to disk (bounded memory). Names, shapes, "
+                                    "the token axis and the selections: docs/formats.md §8.3, "
+                                    "§8.4.")
     tr.add_argument("--model", "-m", metavar="PATH", help="checkpoint; default: the shipped model")
     src = tr.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text, encoded with the model's tokenizer")
@@ -573,6 +601,24 @@ def build_parser():
     tr.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                     help="float64: the oracle; float32: what a float32 implementation should match")
     tr.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --prompt (default: the model's)")
+    tr.add_argument("--names", action="append", metavar="GLOBS",
+                    help="keep only these names: comma-separated glob patterns on the full name "
+                         "(L3.y, L*.state, logits) or a layer's op (y, ffn_*); repeatable. "
+                         "final.* is always written (docs/formats.md §8.4)")
+    tr.add_argument("--layers", metavar="RANGES",
+                    help="keep L{i}.* only for these layers: 0,2-4 or 2:5 (half-open)")
+    tr.add_argument("--tokens", metavar="RANGES",
+                    help="keep only these token rows (0 = the first token of --ids): 0:64,500-511; "
+                         "the file lists them in __tokens__")
+    tr.add_argument("--state-every", type=option(int, POSITIVE), default=1, metavar="K",
+                    help="keep L{i}.state only after every K-th token and the last (chunk ends); "
+                         "the file lists them in __state_tokens__")
+    tr.add_argument("--initial-state", metavar="FILE",
+                    help="start from this state file (tinyrwkv state .npz) instead of zeros")
+    tr.add_argument("--final-state", metavar="FILE",
+                    help="also save the state after the last token as a state file")
+    tr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
     blas_threads_arg(tr)
     no_check_finite(tr)
     tr.set_defaults(func=cmd_trace)
