@@ -4,6 +4,11 @@ implementation first goes wrong.
     trace = tinyrwkv.oracle.trace(model, ids)              # {name: array}, float64 by default
     tinyrwkv.oracle.save_trace("ref.npz", trace)
     report = tinyrwkv.oracle.compare(load_trace("ref.npz"), load_trace("mine.npz"), "fp32")
+    print(tinyrwkv.oracle.format_report(report))           # or save_report_json, save_heatmap
+
+compare first checks the other trace (check_trace): a name that is not a trace name, no
+`logits`, the token axis not first or another shape than the reference's raise TraceProblems
+naming each (problems="warn" lists them in the report and compares the rest).
 
 Trace names (per layer `L{i}.`; every array has the token axis first, T rows):
 
