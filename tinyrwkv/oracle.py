@@ -127,7 +127,8 @@ def order(names):
         m = re.fullmatch(r"L([0-9]+)\.(.+)", name)
         if m:
             op = m.group(2)
-            return (int(m.group(1)), LAYER_NAMES.index(op) if op in LAYER_NAMES else len(LAYER_NAMES))
+            return (int(m.group(1)),
+                    LAYER_NAMES.index(op) if op in LAYER_NAMES else len(LAYER_NAMES))
         return (10 ** 6, 0 if name == "logits" else 1)
     return sorted(names, key=key)
 
