@@ -405,10 +405,10 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
         rows.append(row)
         if row["bad"] and not name.startswith("final."):
             per_token = d.reshape(d.shape[0] if d.ndim else 1, -1).max(axis=1)
-            t = int(np.argmax(per_token > tol))
-            row["first_token"] = t
+            i = int(np.argmax(per_token > tol))         # the first row beyond
+            t = row["first_token"] = i                  # and its token
             if first is None or t < first["token"]:
-                error = float(per_token[t])
+                error = float(per_token[i])
                 first = dict(token=t, name=name, error=error, tol=tol, ratio=error / tol)
     if first:
         layer = first["name"].split(".")[0][1:] if first["name"].startswith("L") else None
