@@ -403,10 +403,34 @@ def cmd_trace(args):
 
 
 def cmd_compare(args):
+    """Check the other trace (check_trace), compare, print the report; write --json and
+    --heatmap when asked. A trace that cannot be compared as it is (names that are not trace
+    names, no logits, wrong shapes, the token axis elsewhere) is an error naming every problem,
+    exit 1, unless --warn: then each is a warning on stderr and the rest is compared."""
     from . import oracle
+    from .files import refuse_overwriting
+    if args.heatmap:
+        try:
+            import matplotlib  # noqa: F401  (checked before the traces are read)
+        except ImportError:
+            fail("--heatmap needs matplotlib, an optional dependency: pip install matplotlib "
+                 "(or leave out --heatmap)")
+    for out in (args.json, args.heatmap):
+        if out:
+            refuse_overwriting(out, [args.reference, args.other])
     report = oracle.compare(oracle.load_trace(args.reference), oracle.load_trace(args.other),
-                            args.dtype, args.tol)
-    print(oracle.format_report(report))
+                            args.dtype, args.tol, problems="warn")
+    if report["problems"] and not args.warn:
+        if args.json:
+            oracle.save_report_json(args.json, report, args.reference, args.other)
+        fail(oracle.describe_problems(report["problems"], rest="--warn"))
+    for problem in report["problems"]:
+        print(f"tinyrwkv: warning: {problem['message']}", file=sys.stderr)
+    print(oracle.format_report(report, warnings=False))
+    if args.json:
+        oracle.save_report_json(args.json, report, args.reference, args.other)
+    if args.heatmap and report["rows"]:
+        oracle.save_heatmap(args.heatmap, report)
     if not report["rows"]:
         fail("the traces have no tensor name in common")
     raise SystemExit(0 if report["ok"] else 1)
@@ -626,15 +650,29 @@ def build_parser():
     cp = sub.add_parser("compare", help="compare two traces; exit 1 where they disagree",
                         formatter_class=fmt,
                         description="One row per tensor in both traces (max|d|, max|d|/std, "
-                                    "relative RMS) and the first divergence (layer, op, token). "
-                                    "Exit status 1 when any tensor is beyond the tolerance of "
-                                    "--dtype, 0 when all agree.")
+                                    "relative RMS, and that error over the tolerance) and the "
+                                    "first divergence (layer, op, token, its error's ratio to "
+                                    "the tolerance). The other trace is checked first: a name "
+                                    "that is not a trace name, no logits, a shape that is not "
+                                    "the reference's or the token axis elsewhere than first is an "
+                                    "error naming each problem (exit 1; --warn compares the rest "
+                                    "instead). Exit status 0 when all tensors agree, 1 when any "
+                                    "is beyond the tolerance of --dtype or the trace has a "
+                                    "problem, 2 for a usage error.")
     cp.add_argument("reference", help="the reference trace (float64, from tinyrwkv trace)")
-    cp.add_argument("other", help="the trace to check (any subset of the names)")
+    cp.add_argument("other", help="the trace to check: any subset of the trace names, with logits")
     cp.add_argument("--dtype", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
                     help="the other implementation's precision: sets the tolerance")
     cp.add_argument("--tol", type=option(float, POSITIVE),
                     help="max|d|/std tolerance instead of the dtype's")
+    cp.add_argument("--warn", action="store_true",
+                    help="report unknown names, a missing logits and wrong shapes as warnings and "
+                         "compare the rest (a tensor of the wrong shape still fails)")
+    cp.add_argument("--json", metavar="FILE",
+                    help="also write the report as JSON: per tensor the error, tolerance and "
+                         "ratio, the first divergence, what was not compared, any problems")
+    cp.add_argument("--heatmap", metavar="FILE.png",
+                    help="also draw error/tolerance per layer and op as a PNG (needs matplotlib)")
     cp.set_defaults(func=cmd_compare)
 
     gd = sub.add_parser("golden", help="write golden test vectors for other implementations",

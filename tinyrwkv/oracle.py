@@ -4,6 +4,7 @@ implementation first goes wrong.
     trace = tinyrwkv.oracle.trace(model, ids)              # {name: array}, float64 by default
     tinyrwkv.oracle.save_trace("ref.npz", trace)
     report = tinyrwkv.oracle.compare(load_trace("ref.npz"), load_trace("mine.npz"), "fp32")
+    print(tinyrwkv.oracle.format_report(report))           # or save_report_json, save_heatmap
     # a part of it, straight to disk with bounded memory (docs/formats.md §8.4):
     tinyrwkv.oracle.write_trace("part.npz", model, ids, state=None,
                                 select=Selection(names=["y", "logits"], layers=[0, 1],
@@ -11,6 +12,10 @@ implementation first goes wrong.
 
 The file format, each name's exact meaning and shape, the token-axis rule and which entries
 count are written down in docs/formats.md §8.1, §8.3 and §8.4; the table below is a summary.
+
+compare first checks the other trace (check_trace): a name that is not a trace name, no
+`logits`, the token axis not first or another shape than the reference's raise TraceProblems
+naming each (problems="warn" lists them in the report and compares the rest).
 
 Trace names (per layer `L{i}.`; every array has the token axis first, T rows):
 
@@ -49,6 +54,7 @@ same pass with one step replaced: tests/test_oracle.py plants bugs that way.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -311,9 +317,11 @@ def order(names):
     def key(name):
         if name == "ln0":
             return (-1, 0)
-        if name.startswith("L") and "." in name:
-            layer, op = name[1:].split(".", 1)
-            return (int(layer), LAYER_NAMES.index(op) if op in LAYER_NAMES else len(LAYER_NAMES))
+        m = re.fullmatch(r"L([0-9]+)\.(.+)", name)
+        if m:
+            op = m.group(2)
+            return (int(m.group(1)),
+                    LAYER_NAMES.index(op) if op in LAYER_NAMES else len(LAYER_NAMES))
         return (10 ** 6, 0 if name == "logits" else 1)
     return sorted(names, key=key)
 
@@ -490,43 +498,196 @@ TOLERANCES = {
 }
 
 
-def compare(ref_trace, other, dtype="fp32", tol=None):
+FINAL_NAMES = ("final.att_shift", "final.wkv", "final.ffn_shift")
+LAYER_NAME = re.compile(r"L(0|[1-9][0-9]*)\.(.+)")
+
+
+class TraceProblems(ValueError):
+    """The other trace cannot be compared as it is: names that are not trace names, no `logits`,
+    shapes that are not the reference's. `problems`: every one, as check_trace returns them."""
+
+    def __init__(self, problems):
+        self.problems = problems
+        super().__init__(describe_problems(problems))
+
+
+def _n_layer(ref_trace):
+    """The reference model's layer count, from its final state (None when it has none)."""
+    for name in FINAL_NAMES:
+        if name in ref_trace and np.ndim(ref_trace[name]) >= 1:
+            return int(np.shape(ref_trace[name])[0])
+    return None
+
+
+def known_name(name, n_layer=None):
+    """Whether `name` is a trace name (module docstring): ln0, logits, final.*, L{i}.<op> with
+    op one of LAYER_NAMES (or a renamed old name) and, when n_layer is known, i < n_layer."""
+    if name in ("ln0", "logits") or name in FINAL_NAMES:
+        return True
+    m = LAYER_NAME.fullmatch(name)
+    return bool(m) and (m.group(2) in LAYER_NAMES or m.group(2) in RENAMED) and (
+        n_layer is None or int(m.group(1)) < n_layer)
+
+
+# Other names for some ops, for the suggestion when a trace uses them.
+SYNONYMS = {"key": "k", "value": "v", "receptance": "r", "decay": "w", "gate": "g", "wkv": "y",
+            "iclr": "a", "kappa": "kk", "kappa_hat": "kk", "out": "att", "hidden": "ffn_hidden",
+            "x": "block", "ln_1": "ln1", "ln0_out": "ln0", "ln_out": "logits", "head": "logits"}
+
+
+def _suggestion(name, ref_trace, n_layer):
+    """The closest trace name to a misspelled one, as ' (did you mean X?)', or ''."""
+    import difflib
+    layer, _, op = name.rpartition(".")
+    if op.lower() in SYNONYMS:
+        guess = SYNONYMS[op.lower()]
+        if guess in ("ln0", "logits"):
+            return f" (did you mean {guess}?)"
+        if LAYER_NAME.fullmatch(f"{layer}.{guess}"):
+            return f" (did you mean {layer}.{guess}?)"
+    layers = range(n_layer) if n_layer is not None else sorted(
+        {int(m.group(1)) for n in ref_trace if (m := LAYER_NAME.fullmatch(n))})
+    candidates = ["ln0", "logits", *FINAL_NAMES] + [f"L{i}.{op}" for i in layers
+                                                     for op in LAYER_NAMES]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _shape_problem(name, a, b):
+    """A problem dict when `b` (the other trace's array) cannot be compared with the reference's
+    `a` element by element, else None. Trace arrays have the token axis first (T rows); the final
+    state (final.*) has none."""
+    if a.shape == b.shape and a.size:
+        return None
+    if a.size == 0:
+        return dict(kind="shape", name=name, message=f"{name}: the reference's array is empty "
+                    f"{a.shape}; trace the reference again (tinyrwkv trace)")
+    if not name.startswith("final.") and a.ndim >= 1:
+        T = a.shape[0]
+        if b.ndim == a.ndim and sorted(b.shape) == sorted(a.shape) and b.shape[0] != T:
+            axis = b.shape.index(T)
+            return dict(kind="token_axis", name=name, message=(
+                f"{name} is {b.shape} with its {T} tokens on axis {axis}, the reference {a.shape}:"
+                f" the token axis comes first; move it there (np.moveaxis(x, {axis}, 0))"))
+        if b.ndim == a.ndim and b.shape[1:] == a.shape[1:]:
+            return dict(kind="tokens", name=name, message=(
+                f"{name} has {b.shape[0]} tokens, the reference {T}: trace the same token ids "
+                f"(the reference's __meta__ lists them)"))
+        if b.shape == a.shape[1:]:
+            return dict(kind="token_axis", name=name, message=(
+                f"{name} is {b.shape}, one token's worth, the reference {a.shape}: record it for "
+                f"every token, token axis first"))
+    same_size = " (the same number of values in another layout)" if b.size == a.size else ""
+    return dict(kind="shape", name=name, message=(
+        f"{name} is {b.shape}, the reference {a.shape}{same_size}: store it as the reference "
+        f"does (each name's shape is in tinyrwkv/oracle.py; the token axis first)"))
+
+
+def check_trace(ref_trace, other):
+    """Every reason the other trace cannot be compared as it is, as dicts (kind, name, message),
+    in forward order: `unknown` (not a trace name, or a layer the model does not have),
+    `missing_logits`, `token_axis` (the token axis not first, or absent), `tokens` (another
+    number of tokens) and `shape` (anything else). A name the reference lacks but that is a trace
+    name (a partial reference, a decay form it did not record) is no problem: it is listed in the
+    report's `extra`, not compared."""
+    n_layer = _n_layer(ref_trace)
+    problems = [dict(kind="unknown", name=name, message=f"{name}: not a trace name"
+                     + (f" (the model has {n_layer} layers, L0-L{n_layer - 1})"
+                        if known_name(name) else _suggestion(name, ref_trace, n_layer)))
+                for name in sorted(other) if not known_name(name, n_layer)]
+    if "logits" not in other:
+        problems.append(dict(kind="missing_logits", name="logits", message=(
+            "no logits: every trace must hold `logits` (T, V), the one output every "
+            "implementation has; add them under that name")))
+    for name in order(ref_trace):
+        if name in other:
+            problem = _shape_problem(name, np.asarray(ref_trace[name]), np.asarray(other[name]))
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+PROBLEM_TITLES = {
+    "unknown": "names that are not trace names (use the names in tinyrwkv/oracle.py)",
+    "missing_logits": "no logits",
+    "token_axis": "token axis not first",
+    "tokens": "another number of tokens",
+    "shape": "shapes that are not the reference's",
+}
+
+
+def describe_problems(problems, limit=10, rest='compare(..., problems="warn")'):
+    """The problems as one paragraph, grouped by kind, at most `limit` listed per kind; `rest`:
+    how to compare the rest anyway."""
+    parts = []
+    for kind, title in PROBLEM_TITLES.items():
+        these = [p["message"].replace(": not a trace name", "") for p in problems
+                 if p["kind"] == kind]
+        if kind == "missing_logits" and these:
+            parts.append(these[0])
+        elif these:
+            more = f"; and {len(these) - limit} more" if len(these) > limit else ""
+            parts.append(f"{title} ({len(these)}): " + "; ".join(these[:limit]) + more)
+    return ("the other trace cannot be compared as it is: " + " | ".join(parts)
+            + f". Fix the trace, or compare the rest with {rest}")
+
+
+def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
     """One row per tensor present in both, and the first divergence beyond tolerance.
 
-    For each tensor: max|d|, max|d| / std(ref), relative RMS (rms(d) / rms(ref)). The first
-    divergence is the earliest token at which any tensor is beyond tolerance (per-token error
-    max|d_t| / std(ref over all tokens)), and at that token the first tensor in forward order.
-    A NaN or Inf in either trace is never agreement (not even the same NaN in both: a reference
-    must be finite): its element counts as an infinite error, and its row says which trace
-    holds how many. `tol`: a finite max|d|/std > 0 instead of the dtype's (TOLERANCES).
-    Returns a dict: rows, first (None if all agree), missing (names only in ref), tol.
+    For each tensor: max|d|, max|d| / std(ref), relative RMS (rms(d) / rms(ref)), and `ratio`,
+    max|d|/std over the tolerance (> 1 is beyond). The first divergence is the earliest token at
+    which any tensor is beyond tolerance (per-token error max|d_t| / std(ref over all tokens)),
+    and at that token the first tensor in forward order; it carries that token's error and its
+    ratio to the tolerance. A NaN or Inf in either trace is never agreement (not even the same NaN
+    in both: a reference must be finite): its element counts as an infinite error, and its row
+    says which trace holds how many. `tol`: a finite max|d|/std > 0 instead of the dtype's
+    (TOLERANCES).
+
+    Before anything is compared the other trace is checked (check_trace): names that are not
+    trace names, no `logits`, wrong shapes or the token axis elsewhere than first. With
+    problems="error" (the default) any of these raises TraceProblems (a ValueError) naming every
+    one; with problems="warn" they are listed in the report's `problems`, the rest is compared,
+    and a tensor whose shape is wrong is a row with `shape_error` that is never a pass.
+    Returns a dict: rows, first (None if all agree), missing (names only in ref), extra (trace
+    names only in other), problems, tol, dtype, ok.
     """
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}, not {dtype!r}")
+    if problems not in ("error", "warn"):
+        raise ValueError(f"problems must be 'error' or 'warn', not {problems!r}")
     tol = TOLERANCES[dtype] if tol is None else check_float("tol", tol, POSITIVE)
     ref_trace, other, token_of = on_shared_tokens(ref_trace, other)
+    other = {_renamed(name): value for name, value in other.items()}
+    found = check_trace(ref_trace, other)
+    if found and problems == "error":
+        raise TraceProblems(found)
+    unfit = {p["name"]: p["message"] for p in found if p["kind"] in ("token_axis", "tokens", "shape")}
     names = [n for n in order(ref_trace) if n in other]
     rows, first = [], None
     for name in names:
-        a, b = np.asarray(ref_trace[name], np.float64), np.asarray(other[name], np.float64)
-        if a.shape != b.shape or a.size == 0:
-            rows.append(dict(name=name, shape_error=f"{b.shape} vs reference {a.shape}"
-                                                    + (" (empty)" if a.size == 0 else "")))
+        if name in unfit:
+            rows.append(dict(name=name, shape_error=unfit[name]))
             continue
+        a, b = np.asarray(ref_trace[name], np.float64), np.asarray(other[name], np.float64)
         row, d = _compare_one(name, a, b, tol)
         rows.append(row)
         if row["bad"] and not name.startswith("final."):
             per_token = d.reshape(d.shape[0] if d.ndim else 1, -1).max(axis=1)
-            t = token_of(name, int(np.argmax(per_token > tol)))
+            i = int(np.argmax(per_token > tol))         # the first row beyond
+            t = row["first_token"] = token_of(name, i)
             if first is None or t < first["token"]:
-                first = dict(token=t, name=name)
+                error = float(per_token[i])
+                first = dict(token=t, name=name, error=error, tol=tol, ratio=error / tol)
     if first:
         layer = first["name"].split(".")[0][1:] if first["name"].startswith("L") else None
         first.update(layer=int(layer) if layer is not None else None,
                      op=first["name"].split(".", 1)[-1])
     missing = [n for n in order(ref_trace) if n not in other]
-    return dict(rows=rows, first=first, missing=missing, tol=tol, dtype=dtype,
-                ok=all(not r.get("bad", True) for r in rows) and bool(rows))
+    unknown = {p["name"] for p in found if p["kind"] == "unknown"}
+    extra = [n for n in order(other) if n not in ref_trace and n not in unknown]
+    return dict(rows=rows, first=first, missing=missing, extra=extra, problems=found, tol=tol,
+                dtype=dtype, ok=all(not r.get("bad", True) for r in rows) and bool(rows))
 
 
 def on_shared_tokens(ref_trace, other):
@@ -566,7 +727,9 @@ def _compare_one(name, a, b, tol):
         rms = float(np.sqrt((ref_values ** 2).mean())) if ref_values.size else 0.0
         std, rms = std or 1.0, rms or 1.0
         row = dict(name=name, max_abs=float(diff.max()), max_rel=float(diff.max() / std),
-                   rel_rms=float(np.sqrt((diff ** 2).mean()) / rms), bad=bool(diff.max() / std > tol))
+                   rel_rms=float(np.sqrt((diff ** 2).mean()) / rms), tol=tol,
+                   ratio=float(diff.max() / std / tol), shape=list(a.shape),
+                   bad=bool(diff.max() / std > tol))
     nonfinite = {which: int(x.size - np.count_nonzero(np.isfinite(x)))
                  for which, x in (("reference", a), ("other", b))}
     if any(nonfinite.values()):
@@ -574,8 +737,11 @@ def _compare_one(name, a, b, tol):
     return row, diff / std
 
 
-def format_report(report):
-    lines = [f"{'tensor':16s} {'max|d|':>10s} {'max|d|/std':>11s} {'rel RMS':>10s}"]
+def format_report(report, warnings=True):
+    """The report as text: one row per tensor, the tolerance, what was not compared, any problems
+    (problems="warn"; one line each unless warnings=False, as when they went to stderr already)
+    and the first divergence with its ratio to the tolerance."""
+    lines = [f"{'tensor':16s} {'max|d|':>10s} {'max|d|/std':>11s} {'rel RMS':>10s} {'/tol':>8s}"]
     for r in report["rows"]:
         if "shape_error" in r:
             lines.append(f"{r['name']:16s} shape {r['shape_error']}  BEYOND")
@@ -583,16 +749,151 @@ def format_report(report):
         flag = "  BEYOND" if r["bad"] else ""
         if "nonfinite" in r:
             flag += f"  NaN/Inf: {r['nonfinite']}"
+        ratio = r["max_rel"] / report["tol"]
         lines.append(f"{r['name']:16s} {r['max_abs']:10.2e} {r['max_rel']:11.2e} "
-                     f"{r['rel_rms']:10.2e}{flag}")
+                     f"{r['rel_rms']:10.2e} {ratio:8.2g}{flag}")
     lines.append(f"tolerance ({report['dtype']}): max|d|/std <= {report['tol']:g}")
-    if report["missing"]:
-        lines.append(f"not in the other trace ({len(report['missing'])}): "
-                     + ", ".join(report["missing"][:8]) + (" ..." if len(report["missing"]) > 8 else ""))
+    for key, what in (("missing", "not in the other trace"), ("extra", "not in the reference")):
+        names = report.get(key) or []
+        if names:
+            lines.append(f"{what} ({len(names)}, not compared): " + ", ".join(names[:8])
+                         + (" ..." if len(names) > 8 else ""))
+    problems = report.get("problems") or []
+    for problem in problems if warnings else ():
+        lines.append(f"WARNING: {problem['message']}")
     f = report["first"]
     if f:
         where = f"layer {f['layer']}, " if f["layer"] is not None else ""
-        lines.append(f"FIRST DIVERGENCE: {where}op {f['op']}, token {f['token']} ({f['name']})")
+        ratio = (f": max|d|/std {f['error']:.2e} at that token, {f['ratio']:.3g}x the tolerance"
+                 if "ratio" in f else "")
+        lines.append(f"FIRST DIVERGENCE: {where}op {f['op']}, token {f['token']} ({f['name']})"
+                     + ratio)
+    elif report["ok"] and problems:
+        lines.append(f"all compared tensors within tolerance, but the trace has {len(problems)} "
+                     f"problem{'s' * (len(problems) > 1)} (warnings)")
     elif report["ok"]:
         lines.append("all tensors within tolerance")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report as JSON, and as a heatmap
+# ----------------------------------------------------------------------------------------------
+
+REPORT_FORMAT = "tinyrwkv-compare-v1"
+
+
+def _finite_or_none(x):
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def report_json(report, reference=None, other=None):
+    """The report as a JSON-ready dict (REPORT_FORMAT). Per tensor: `error` (max|d|/std), `tol`,
+    `ratio` (error / tol; > 1 is beyond), `max_abs`, `rel_rms`, `beyond`, `first_token` (the
+    first token beyond tolerance) and, where they are, `nonfinite` or `shape_error`. An infinite
+    error (a NaN or Inf in a trace) is null, with `nonfinite` saying where. `first`: the first
+    divergence (name, layer, op, token, error, tol, ratio) or null."""
+    tensors = []
+    for r in report["rows"]:
+        if "shape_error" in r:
+            tensors.append(dict(name=r["name"], beyond=True, shape_error=r["shape_error"]))
+            continue
+        row = dict(name=r["name"], shape=r.get("shape"), error=_finite_or_none(r["max_rel"]),
+                   tol=report["tol"], ratio=_finite_or_none(r["max_rel"] / report["tol"]),
+                   max_abs=_finite_or_none(r["max_abs"]), rel_rms=_finite_or_none(r["rel_rms"]),
+                   beyond=r["bad"], first_token=r.get("first_token"))
+        if "nonfinite" in r:
+            row["nonfinite"] = r["nonfinite"]
+        tensors.append(row)
+    first = report["first"]
+    if first:
+        first = {k: (_finite_or_none(v) if k in ("error", "ratio") else v) for k, v in first.items()}
+    return dict(format=REPORT_FORMAT, reference=None if reference is None else str(reference),
+                other=None if other is None else str(other), dtype=report["dtype"],
+                tol=report["tol"], ok=report["ok"], first=first, tensors=tensors,
+                missing=report["missing"], extra=report.get("extra", []),
+                problems=report.get("problems", []))
+
+
+def save_report_json(path, report, reference=None, other=None):
+    """Write report_json(...) to `path` atomically (strict JSON: no NaN or Infinity)."""
+    text = json.dumps(report_json(report, reference, other), indent=1, allow_nan=False)
+    with atomic_open(path, "w") as f:
+        f.write(text + "\n")
+    return Path(path)
+
+
+def heatmap_grid(report):
+    """The heatmap's layout and values: (layers, ops, ratios), ratios[i][j] the error/tolerance
+    of L{layers[i]}.{ops[j]} (inf for a NaN/Inf or a shape error, nan where not compared). Ops
+    are those of LAYER_NAMES compared in some layer, in forward order."""
+    cells = {}
+    for r in report["rows"]:
+        m = LAYER_NAME.fullmatch(r["name"])
+        if m:
+            ratio = np.inf if "shape_error" in r else r["max_rel"] / report["tol"]
+            cells[int(m.group(1)), m.group(2)] = ratio
+    layers = sorted({layer for layer, _ in cells})
+    ops = [op for op in LAYER_NAMES if any((layer, op) in cells for layer in layers)]
+    ratios = np.array([[cells.get((layer, op), np.nan) for op in ops] for layer in layers],
+                      dtype=np.float64).reshape(len(layers), len(ops))
+    return layers, ops, ratios
+
+
+def save_heatmap(path, report):
+    """A PNG of log10(error / tolerance) per layer (rows) and op (columns), centred on the
+    tolerance (white: at it; red: beyond; blue: within), with the first divergence boxed and the
+    tensors outside the layers (ln0, logits, final.*) in the title. Needs matplotlib (an
+    optional dependency: pip install matplotlib). The PNG's "Description" text says the layout
+    as JSON ({"layers": [...], "ops": [...]}). Returns that layout."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the compare heatmap needs matplotlib, an optional dependency: pip "
+                          "install matplotlib (or leave out --heatmap)", name="matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    layers, ops, ratios = heatmap_grid(report)
+    if not layers:
+        raise ValueError("no per-layer tensor was compared, so there is no heatmap to draw; "
+                         "leave out --heatmap, or record the L{i}.* tensors")
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.where(ratios > 0, ratios, 1e-12))
+    finite = logs[np.isfinite(logs)]
+    top = max(1.0, float(finite.max()) if finite.size else 1.0)
+    bottom = min(-1.0, float(finite.min()) if finite.size else -1.0)
+    shown = np.where(np.isinf(logs), top, logs)        # NaN/Inf and shape errors: the reddest
+    fig, ax = plt.subplots(figsize=(2.5 + 0.42 * len(ops), 2.4 + 0.36 * len(layers)))
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap="RdBu_r", aspect="auto",
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=bottom, vmax=top))
+    ax.set_facecolor("0.85")                           # not compared: grey
+    ax.set_xticks(range(len(ops)), ops, rotation=90)
+    ax.set_yticks(range(len(layers)), [f"L{i}" for i in layers])
+    for i, j in zip(*np.nonzero(np.isinf(ratios))):
+        ax.text(j, i, "x", ha="center", va="center", fontsize=8)
+    first = report.get("first")
+    m = LAYER_NAME.fullmatch(first["name"]) if first else None
+    if m and int(m.group(1)) in layers and m.group(2) in ops:
+        i, j = layers.index(int(m.group(1))), ops.index(m.group(2))
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
+    fig.colorbar(image, ax=ax, label="log10(error / tolerance)", fraction=0.04, pad=0.02)
+    others = [r for r in report["rows"] if not LAYER_NAME.fullmatch(r["name"])]
+    title = (f"max|d|/std over the tolerance ({report['dtype']}: {report['tol']:g}); red: "
+             "beyond; box: first divergence; x: NaN/Inf or wrong shape; grey: not compared")
+    if others:
+        title += "\n" + ", ".join(f"{r['name']} " + ("shape!" if "shape_error" in r else
+                                                      f"{r['max_rel'] / report['tol']:.2g}x")
+                                  for r in others)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    layout = dict(layers=layers, ops=ops)
+    path = Path(path)
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+                        metadata={"Description": json.dumps(layout)})
+    finally:
+        plt.close(fig)
+    return layout
