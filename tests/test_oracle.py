@@ -123,22 +123,7 @@ def test_trace_and_compare_commands(tmp_path):
     assert p.returncode == 1 and "whitespace-separated integers" in p.stderr
 
 
-def test_golden_vectors(tmp_path):
-    import hashlib
-    from tinyrwkv.golden import write_golden
-    manifest = write_golden(tmp_path)
-    assert len(manifest["cases"]) >= 4 and json.loads((tmp_path / "manifest.json").read_text())
-    for case in manifest["cases"]:
-        for f in case["files"].values():
-            assert hashlib.sha256((tmp_path / f["path"]).read_bytes()).hexdigest() == f["sha256"]
-        model = tinyrwkv.load(tmp_path / case["files"]["safetensors"]["path"], dtype="float64")
-        exp = np.load(tmp_path / case["files"]["expected"]["path"])
-        logits, state = model.forward(exp["ids"], full_output=True)
-        assert np.abs(logits - exp["logits"]).max() < 1e-9 * exp["logits"].std()
-        raw = np.fromfile(tmp_path / case["files"]["logits.bin"]["path"], "<f8")
-        assert np.array_equal(raw.reshape(case["shapes"]["logits"]), exp["logits"])
-    ranks = next(c for c in manifest["cases"] if c["name"] == "official_ranks_L2_C256")["config"]
-    assert (ranks["d_decay"], ranks["d_aaa"], ranks["d_mv"], ranks["d_gate"]) == (64, 64, 32, 128)
+# test_golden_vectors and the other golden tests: tests/test_golden.py
 
 
 @needs_official

@@ -679,7 +679,10 @@ def build_parser():
                         formatter_class=fmt,
                         description="Deterministic synthetic checkpoints (.safetensors, and .pth "
                                     "when torch is installed) with token ids, float64 expected "
-                                    "logits and states, traces and a JSON manifest.")
+                                    "logits and states (continued calls, initial states, 256 "
+                                    "tokens, bf16, the 65536 vocabulary), traces, tokenizer and "
+                                    "sampling cases, manifest.json and manifest.txt (key=value "
+                                    "lines for C: docs/formats.md §8.2).")
     gd.add_argument("--out", required=True, metavar="DIR")
     blas_threads_arg(gd)
     gd.set_defaults(func=cmd_golden)
