@@ -52,7 +52,7 @@ fetched once and, while it is in cache, multiplied with the B inputs (`matvec_ba
 sequences cost little more than one until the arithmetic catches up with memory
 (benchmarks/batch_decode.py measures where). It is `decode_token` with a batch axis and nothing
 else: the same steps in the same order, each sequence through the same functions (`layer_norm`,
-`lora`, `wkv_head`) and every product a `dot_row` of the same row and input, so each sequence's
+`loras`, `wkv_head`) and every product a `dot_row` of the same row and input, so each sequence's
 logits and state are bit-identical to decoding it alone (tests/test_batched.py), and sequences
 cannot influence each other: nothing is summed across the batch axis.
   The states are one `model.BatchState`, (B, L, ...) sequence-major, moved on in place. The
