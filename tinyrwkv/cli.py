@@ -418,8 +418,10 @@ def cmd_compare(args):
     for out in (args.json, args.heatmap):
         if out:
             refuse_overwriting(out, [args.reference, args.other])
-    report = oracle.compare(oracle.load_trace(args.reference), oracle.load_trace(args.other),
-                            args.dtype, args.tol, problems="warn")
+    reference, other = oracle.load_trace(args.reference), oracle.load_trace(args.other)
+    calibration = _calibration(args, reference)
+    report = oracle.compare(reference, other, args.dtype, args.tol, problems="warn",
+                            local=not args.no_local, **calibration)
     if report["problems"] and not args.warn:
         if args.json:
             oracle.save_report_json(args.json, report, args.reference, args.other)
@@ -434,6 +436,40 @@ def cmd_compare(args):
     if not report["rows"]:
         fail("the traces have no tensor name in common")
     raise SystemExit(0 if report["ok"] else 1)
+
+
+def _calibration(args, reference):
+    """compare's model, ids and initial state for tolerances that follow the numbers: --model, or
+    the model the reference trace names in its meta when that file is there; {} for one fixed
+    tolerance (--fixed, --tol, or no model to be had), said on stderr."""
+    meta = reference.meta or {}
+    if args.fixed or args.tol is not None:
+        return {}
+    path = args.model or meta.get("model")
+    if path is None or not Path(path).exists():
+        why = (f"the model the reference names ({path}) is not here" if path else
+               "the reference trace does not name its model")
+        print(f"tinyrwkv: note: {why}, so one tolerance per dtype serves every tensor (this can "
+              "flag ill-conditioned tensors such as gn on correct code); give --model for "
+              "tolerances that follow the numbers and the local op check", file=sys.stderr)
+        return {}
+    if meta.get("ids") is None:
+        fail(f"{args.reference} does not list its token ids (__meta__ 'ids'), which calibrated "
+             "tolerances need: write it with `tinyrwkv trace`, or give --fixed")
+    if meta.get("dtype") not in (None, "float64"):
+        fail(f"{args.reference} is a {meta['dtype']} trace: calibrated tolerances are measured "
+             "against the float64 oracle; trace the reference with --dtype float64")
+    import tinyrwkv
+    model = tinyrwkv.load(path, dtype="float64", backend="numpy", progress=False)
+    state = None
+    state_path = args.initial_state or meta.get("initial_state")
+    if state_path:
+        from .formats.state_file import load_state
+        state = load_state(state_path, model.config)
+    print(f"tinyrwkv: tolerances calibrated on {path}"
+          + (f" from the state {state_path}" if state_path else "") + " (what rounding to "
+          f"{args.dtype} does to each tensor; --fixed for one tolerance)", file=sys.stderr)
+    return dict(model=model, ids=meta["ids"], state=state)
 
 
 def limit_threads(args):
@@ -650,9 +686,14 @@ def build_parser():
     cp = sub.add_parser("compare", help="compare two traces; exit 1 where they disagree",
                         formatter_class=fmt,
                         description="One row per tensor in both traces (max|d|, max|d|/std, "
-                                    "relative RMS, and that error over the tolerance) and the "
+                                    "relative RMS, its tolerance and the error over it) and the "
                                     "first divergence (layer, op, token, its error's ratio to "
-                                    "the tolerance). The other trace is checked first: a name "
+                                    "the tolerance). With the model (--model, or the one the "
+                                    "reference trace names) each tensor's tolerance is a "
+                                    "multiple of what rounding to --dtype does to it, and each "
+                                    "op is also recomputed from the other trace's own inputs "
+                                    "(the local op check), which names the op a bug is in "
+                                    "(docs/formats.md §8.5). The other trace is checked first: a name "
                                     "that is not a trace name, no logits, a shape that is not "
                                     "the reference's or the token axis elsewhere than first is an "
                                     "error naming each problem (exit 1; --warn compares the rest "
@@ -662,9 +703,21 @@ def build_parser():
     cp.add_argument("reference", help="the reference trace (float64, from tinyrwkv trace)")
     cp.add_argument("other", help="the trace to check: any subset of the trace names, with logits")
     cp.add_argument("--dtype", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
-                    help="the other implementation's precision: sets the tolerance")
+                    help="the other implementation's precision (its activations; bf16 and fp16 "
+                         "with a float32 state): the rounding the tolerances allow for")
     cp.add_argument("--tol", type=option(float, POSITIVE),
-                    help="max|d|/std tolerance instead of the dtype's")
+                    help="one max|d|/std tolerance for every tensor (implies --fixed)")
+    cp.add_argument("--model", "-m", metavar="PATH",
+                    help="the model the reference trace is of, for tolerances that follow the "
+                         "numbers and the local op check (docs/formats.md §8.5); default: the "
+                         "model named in the reference trace, when that file is here")
+    cp.add_argument("--initial-state", metavar="FILE",
+                    help="the state the reference trace started from (default: the one it names)")
+    cp.add_argument("--fixed", action="store_true",
+                    help="one tolerance per dtype for every tensor, as before calibration")
+    cp.add_argument("--no-local", action="store_true",
+                    help="skip the local op check (each op recomputed from the other trace's own "
+                         "inputs); the global check still runs")
     cp.add_argument("--warn", action="store_true",
                     help="report unknown names, a missing logits and wrong shapes as warnings and "
                          "compare the rest (a tensor of the wrong shape still fails)")

@@ -230,6 +230,7 @@ class Steps:
     bonus: Callable = bonus
     output_gate: Callable = output_gate
     squared_relu: Callable = squared_relu
+    matmul: Callable = np.matmul   # every weight product: the oracle emulates a precision here
 
 
 STEPS = Steps()
@@ -249,24 +250,25 @@ def time_mix_inputs(x, x_prev, v_first, p, layer_id, n_head, steps=STEPS, acts=N
     Returns: r, w, k_tilde, v (after the value residual), kk, a, g, v_first: each (..., C)
     """
     xr, xw, xk, xv, xa, xg = (steps.lerp(x, x_prev, p[f"att.x_{c}"]) for c in "rwkvag")
-    r = xr @ p["att.receptance.weight"].T                              # (..., C)
-    k = xk @ p["att.key.weight"].T
-    v = xv @ p["att.value.weight"].T
-    w_lora = np.tanh(xw @ p["att.w1"])                                 # (..., Dw)
-    w_pre = p["att.w0"] + w_lora @ p["att.w2"]                         # (..., C)
+    mm = steps.matmul
+    r = mm(xr, p["att.receptance.weight"].T)                           # (..., C)
+    k = mm(xk, p["att.key.weight"].T)
+    v = mm(xv, p["att.value.weight"].T)
+    w_lora = np.tanh(mm(xw, p["att.w1"]))                              # (..., Dw)
+    w_pre = p["att.w0"] + mm(w_lora, p["att.w2"])                      # (..., C)
     w = steps.decay(w_pre)
-    a_lora = xa @ p["att.a1"]                                          # (..., Da)
-    a = steps.learning_rate(p["att.a0"] + a_lora @ p["att.a2"])
-    g_lora = sigmoid(xg @ p["att.g1"])                                 # (..., Dg)
-    g = g_lora @ p["att.g2"]                                           # sigmoid between g1 and g2
+    a_lora = mm(xa, p["att.a1"])                                       # (..., Da)
+    a = steps.learning_rate(p["att.a0"] + mm(a_lora, p["att.a2"]))
+    g_lora = sigmoid(mm(xg, p["att.g1"]))                              # (..., Dg)
+    g = mm(g_lora, p["att.g2"])                                        # sigmoid between g1 and g2
     kk = steps.removal_key(k, p["att.k_k"], n_head)                    # uses k before k_tilde
     k_tilde = steps.replacement_key(k, a, p["att.k_a"])
     v_lora = v_gate = None
     if layer_id == 0:
         v_first, v_res = v, v
     else:
-        v_lora = xv @ p["att.v1"]                                      # (..., Dv)
-        v_gate = sigmoid(p["att.v0"] + v_lora @ p["att.v2"])
+        v_lora = mm(xv, p["att.v1"])                                   # (..., Dv)
+        v_gate = sigmoid(p["att.v0"] + mm(v_lora, p["att.v2"]))
         v_res = steps.value_residual(v, v_first, v_gate)
     if acts is not None:
         acts.update(xr=xr, xw=xw, xk=xk, xv=xv, xa=xa, xg=xg, r=r, k=k, v=v, w_lora=w_lora,
@@ -280,7 +282,7 @@ def time_mix_output(y, r, k, v, g, p, n_head, steps=STEPS, acts=None):
     the value residual), g: (..., C). Returns (..., C)."""
     gn = steps.group_norm(y, p["att.ln_x.weight"], p["att.ln_x.bias"], n_head)
     b = steps.bonus(r, k, v, p["att.r_k"], n_head)
-    out = steps.output_gate(gn + b, g) @ p["att.output.weight"].T
+    out = steps.matmul(steps.output_gate(gn + b, g), p["att.output.weight"].T)
     if acts is not None:
         acts.update(y=y, gn=gn, bonus=b, att=out)
     return out
@@ -305,7 +307,7 @@ def channel_mix(x, x_prev, p, s_emb=None, steps=STEPS, acts=None):
     x, x_prev: (..., C) LN2 output of the token(s) and of the ones before; s_emb: (..., D*D)
     DeepEmbed rows of the token(s) (§4.2), None for plain x070. Returns (..., C)."""
     xk = steps.lerp(x, x_prev, p["ffn.x_k"])                           # (..., C)
-    u = xk @ p["ffn.key.weight"].T                                     # (..., F)
+    u = steps.matmul(xk, p["ffn.key.weight"].T)                        # (..., F)
     h = steps.squared_relu(u)
     if s_emb is not None:
         # DeepEmbed: each token brings its own D x D matrix M; the gate is (x s1) M s2 + s0.
@@ -313,7 +315,7 @@ def channel_mix(x, x_prev, p, s_emb=None, steps=STEPS, acts=None):
         m = (x @ p["ffn.s1"])[..., None, :]                            # (..., 1, D): from x, not xk
         M = s_emb.reshape(*s_emb.shape[:-1], D, D)                     # (..., D, D)
         h = h * ((m @ M)[..., 0, :] @ p["ffn.s2"] + p["ffn.s0"])       # (..., F)
-    out = h @ p["ffn.value.weight"].T                                  # (..., C)
+    out = steps.matmul(h, p["ffn.value.weight"].T)                     # (..., C)
     if acts is not None:
         acts.update(ffn_x_prev=x_prev, ffn_xk=xk, ffn_key=u, ffn_hidden=h, ffn=out)
     return out

@@ -88,8 +88,9 @@ def reference_of(model, dtype=None):
 
 class Trace(dict):
     """{name: array}, plus which tokens its rows are (docs/formats.md §8.4): `tokens` for every
-    token-axis name but L{i}.state, `state_tokens` for L{i}.state; None: rows 0..T-1."""
-    tokens = state_tokens = None
+    token-axis name but L{i}.state, `state_tokens` for L{i}.state; None: rows 0..T-1. `meta`:
+    the file's __meta__ (a dict: the model, dtype, ids, initial state, selection), or None."""
+    tokens = state_tokens = meta = None
 
     def rows_of(self, name):
         """The token index of each row of `name` (None: row t is token t; final.*: no axis)."""
@@ -306,7 +307,7 @@ def _run(model, ids, state, steps, dtype, select, sink, progress):
                                                    layer_norm=recorded_layer_norm), acts)
     acts.pop("ln0", None)
     flush(config.n_layer - 1)
-    emit("logits", reference.logits(ref.layer_norm(x, *reference.ln_out)))
+    emit("logits", steps.matmul(steps.layer_norm(x, *reference.ln_out), reference.head.T))
     for name in ("att_shift", "wkv", "ffn_shift"):
         emit(f"final.{name}", getattr(st, name))
     return st
@@ -453,6 +454,14 @@ def load_trace(path):
         if layout not in ("VK", "KV"):
             raise npz.error("its __state_layout__ must be the string 'VK' or 'KV'")
         out = Trace()
+        if "__meta__" in npz.names:
+            tag = npz.read("__meta__")
+            try:
+                out.meta = json.loads(str(tag)) if tag.shape == () and tag.dtype.kind == "U" else None
+            except ValueError:
+                out.meta = None
+            if not isinstance(out.meta, dict):
+                raise npz.error("its __meta__ must be a JSON object in a string")
         for key in ("tokens", "state_tokens"):
             if f"__{key}__" in npz.names:
                 rows = npz.read(f"__{key}__")
@@ -632,8 +641,20 @@ def describe_problems(problems, limit=10, rest='compare(..., problems="warn")'):
             + f". Fix the trace, or compare the rest with {rest}")
 
 
-def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
+def compare(ref_trace, other, dtype="fp32", tol=None, problems="error", model=None, ids=None,
+            state=None, local=True, seed=0, noise=None):
     """One row per tensor present in both, and the first divergence beyond tolerance.
+
+    With `model` (the model `ref_trace` is a float64 trace of, over `ids` from `state`; `ids`
+    default to the trace's meta) the tolerances follow the numbers (the section "Tolerances that
+    follow the numbers" below): each tensor's is NOISE_MARGIN x the error that rounding to
+    `dtype` causes in it on this model and these tokens (noise_scales), and every op is also
+    checked locally, recomputed from the other trace's own inputs (local_check; `local=False`
+    skips it). The first divergence is then the first op that fails locally (by token, then in
+    forward order), or, where none does, the first beyond its global tolerance. `noise`: the
+    noise_scales of this reference and dtype, when already measured (they depend on the model,
+    tokens and dtype only, not on the other trace). Without `model`
+    (or with `tol`) one tolerance per dtype (TOLERANCES) serves every tensor.
 
     For each tensor: max|d|, max|d| / std(ref), relative RMS (rms(d) / rms(ref)), and `ratio`,
     max|d|/std over the tolerance (> 1 is beyond). The first divergence is the earliest token at
@@ -656,7 +677,9 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
         raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}, not {dtype!r}")
     if problems not in ("error", "warn"):
         raise ValueError(f"problems must be 'error' or 'warn', not {problems!r}")
+    fixed = tol is not None or model is None
     tol = TOLERANCES[dtype] if tol is None else check_float("tol", tol, POSITIVE)
+    full_other = _renamed_trace(other)
     ref_trace, other, token_of = on_shared_tokens(ref_trace, other)
     other = {_renamed(name): value for name, value in other.items()}
     found = check_trace(ref_trace, other)
@@ -664,21 +687,54 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
         raise TraceProblems(found)
     unfit = {p["name"]: p["message"] for p in found if p["kind"] in ("token_axis", "tokens", "shape")}
     names = [n for n in order(ref_trace) if n in other]
+    locals_, local_note = {}, None
+    if fixed:
+        noise = {}
+    else:
+        ids = _ids_of(ref_trace, ids)
+        if noise is None:
+            noise = noise_scales(model, ref_trace, dtype, ids, state, seed)
+        local_note = _local_unfit(full_other, len(ids)) if local else "not asked for"
+        if local_note is None:
+            for name in unfit:
+                full_other.pop(name, None)
+            locals_ = local_check(model, full_other, dtype, ids, state, seed)
+    floor = 2.0 ** -(SIGNIFICAND_BITS[dtype] + 1)
     rows, first = [], None
     for name in names:
         if name in unfit:
             rows.append(dict(name=name, shape_error=unfit[name]))
             continue
         a, b = np.asarray(ref_trace[name], np.float64), np.asarray(other[name], np.float64)
-        row, d = _compare_one(name, a, b, tol)
+        name_tol = tol if fixed or name not in noise else NOISE_MARGIN * max(noise[name], floor)
+        row, d = _compare_one(name, a, b, name_tol)
+        if not fixed:
+            row["noise"] = noise.get(name)
+        if name in locals_:
+            loc = locals_[name]
+            beyond = loc["per_token"] > loc["tol"]
+            row["local"] = dict(error=loc["error"], noise=loc["noise"], tol=loc["tol"],
+                                ratio=loc["ratio"], bad=loc["bad"],
+                                first_token=(_token_of_row(full_other, name, int(np.argmax(beyond)))
+                                             if loc["bad"] else None))
         rows.append(row)
         if row["bad"] and not name.startswith("final."):
             per_token = d.reshape(d.shape[0] if d.ndim else 1, -1).max(axis=1)
-            i = int(np.argmax(per_token > tol))         # the first row beyond
+            i = int(np.argmax(per_token > name_tol))    # the first row beyond
             t = row["first_token"] = token_of(name, i)
             if first is None or t < first["token"]:
                 error = float(per_token[i])
-                first = dict(token=t, name=name, error=error, tol=tol, ratio=error / tol)
+                first = dict(token=t, name=name, error=error, tol=name_tol,
+                             ratio=error / name_tol, check="global")
+    local_first = None
+    for row in rows:                                    # forward order: the earliest token wins
+        loc = row.get("local")
+        if loc and loc["bad"] and (local_first is None or loc["first_token"] < local_first["token"]):
+            t = loc["first_token"]
+            error = float(locals_[row["name"]]["per_token"][_row_of_token(full_other, row["name"], t)])
+            local_first = dict(token=t, name=row["name"], error=error, tol=loc["tol"],
+                               ratio=error / loc["tol"], check="local")
+    first = local_first or first
     if first:
         layer = first["name"].split(".")[0][1:] if first["name"].startswith("L") else None
         first.update(layer=int(layer) if layer is not None else None,
@@ -686,8 +742,52 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error"):
     missing = [n for n in order(ref_trace) if n not in other]
     unknown = {p["name"] for p in found if p["kind"] == "unknown"}
     extra = [n for n in order(other) if n not in ref_trace and n not in unknown]
+    ok = all(not r.get("bad", True) and not r.get("local", {}).get("bad") for r in rows)
     return dict(rows=rows, first=first, missing=missing, extra=extra, problems=found, tol=tol,
-                dtype=dtype, ok=all(not r.get("bad", True) for r in rows) and bool(rows))
+                dtype=dtype, ok=ok and bool(rows), calibrated=not fixed,
+                local=None if fixed else (local_note or "done"))
+
+
+def _renamed_trace(tr):
+    """A shallow copy of a trace with old names renamed, keeping its row lists."""
+    out = Trace({_renamed(name): value for name, value in tr.items()})
+    for key in ("tokens", "state_tokens", "meta"):
+        setattr(out, key, getattr(tr, key, None))
+    return out
+
+
+def _ids_of(ref_trace, ids):
+    """The token ids a reference trace is of: `ids`, else its meta's."""
+    if ids is None:
+        ids = (getattr(ref_trace, "meta", None) or {}).get("ids")
+    if ids is None:
+        raise ValueError("calibrated tolerances need the token ids the reference trace is of: "
+                         "pass ids=, or use a trace written by `tinyrwkv trace` (its meta has them)")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _local_unfit(other, T):
+    """Why the local op check cannot run on `other` (None when it can): it needs every token."""
+    rows = getattr(other, "tokens", None)
+    if rows is not None and not np.array_equal(np.asarray(rows), np.arange(T)):
+        return ("skipped: the other trace holds a subset of the tokens, and an op's inputs "
+                "include the token before")
+    if "logits" in other and len(other["logits"]) != T:
+        return f"skipped: the other trace has {len(other['logits'])} token rows, not {T}"
+    return None
+
+
+def _token_of_row(tr, name, i):
+    if name.endswith(".state"):
+        rows = getattr(tr, "state_tokens", None)
+        return int(rows[i]) if rows is not None else i
+    return i
+
+
+def _row_of_token(tr, name, t):
+    if name.endswith(".state") and getattr(tr, "state_tokens", None) is not None:
+        return int(np.searchsorted(tr.state_tokens, t))
+    return t
 
 
 def on_shared_tokens(ref_trace, other):
@@ -741,18 +841,35 @@ def format_report(report, warnings=True):
     """The report as text: one row per tensor, the tolerance, what was not compared, any problems
     (problems="warn"; one line each unless warnings=False, as when they went to stderr already)
     and the first divergence with its ratio to the tolerance."""
-    lines = [f"{'tensor':16s} {'max|d|':>10s} {'max|d|/std':>11s} {'rel RMS':>10s} {'/tol':>8s}"]
+    calibrated = report.get("calibrated")
+    has_local = any("local" in r for r in report["rows"])
+    lines = [f"{'tensor':16s} {'max|d|':>10s} {'max|d|/std':>11s} {'rel RMS':>10s} "
+             f"{'tol':>8s} {'/tol':>8s}" + (f" {'local/tol':>9s}" if has_local else "")]
     for r in report["rows"]:
         if "shape_error" in r:
             lines.append(f"{r['name']:16s} shape {r['shape_error']}  BEYOND")
             continue
         flag = "  BEYOND" if r["bad"] else ""
+        loc = r.get("local")
+        if loc and loc["bad"]:
+            flag += "  LOCAL"
         if "nonfinite" in r:
             flag += f"  NaN/Inf: {r['nonfinite']}"
-        ratio = r["max_rel"] / report["tol"]
+        ratio = r["max_rel"] / r["tol"]
+        local = (f" {loc['ratio']:9.2g}" if loc else f" {'':9s}") if has_local else ""
         lines.append(f"{r['name']:16s} {r['max_abs']:10.2e} {r['max_rel']:11.2e} "
-                     f"{r['rel_rms']:10.2e} {ratio:8.2g}{flag}")
-    lines.append(f"tolerance ({report['dtype']}): max|d|/std <= {report['tol']:g}")
+                     f"{r['rel_rms']:10.2e} {r['tol']:8.1e} {ratio:8.2g}{local}{flag}")
+    if calibrated:
+        lines.append(f"tolerance ({report['dtype']}): max|d|/std <= {NOISE_MARGIN:g} x what "
+                     f"rounding to {report['dtype']} does to each tensor on this model and these "
+                     "tokens (tol column)")
+        lines.append(f"local op check: {report['local']}" if report["local"] != "done" else
+                     f"local op check: each op recomputed from the other trace's own inputs, "
+                     f"within {LOCAL_MARGIN:g} x its own rounding noise (local/tol column)")
+    else:
+        lines.append(f"tolerance ({report['dtype']}): max|d|/std <= {report['tol']:g} for every "
+                     "tensor (give the model for tolerances that follow the numbers and the local "
+                     "op check)")
     for key, what in (("missing", "not in the other trace"), ("extra", "not in the reference")):
         names = report.get(key) or []
         if names:
@@ -766,8 +883,10 @@ def format_report(report, warnings=True):
         where = f"layer {f['layer']}, " if f["layer"] is not None else ""
         ratio = (f": max|d|/std {f['error']:.2e} at that token, {f['ratio']:.3g}x the tolerance"
                  if "ratio" in f else "")
+        how = {"local": " [local: the op's own inputs do not explain its output]",
+               "global": ""}.get(f.get("check"), "")
         lines.append(f"FIRST DIVERGENCE: {where}op {f['op']}, token {f['token']} ({f['name']})"
-                     + ratio)
+                     + ratio + how)
     elif report["ok"] and problems:
         lines.append(f"all compared tensors within tolerance, but the trace has {len(problems)} "
                      f"problem{'s' * (len(problems) > 1)} (warnings)")
@@ -799,18 +918,24 @@ def report_json(report, reference=None, other=None):
             tensors.append(dict(name=r["name"], beyond=True, shape_error=r["shape_error"]))
             continue
         row = dict(name=r["name"], shape=r.get("shape"), error=_finite_or_none(r["max_rel"]),
-                   tol=report["tol"], ratio=_finite_or_none(r["max_rel"] / report["tol"]),
+                   tol=r["tol"], ratio=_finite_or_none(r["max_rel"] / r["tol"]),
                    max_abs=_finite_or_none(r["max_abs"]), rel_rms=_finite_or_none(r["rel_rms"]),
                    beyond=r["bad"], first_token=r.get("first_token"))
         if "nonfinite" in r:
             row["nonfinite"] = r["nonfinite"]
+        if r.get("noise") is not None:
+            row["noise"] = r["noise"]
+        if "local" in r:
+            row["local"] = {k: (_finite_or_none(v) if k in ("error", "noise", "tol", "ratio")
+                                else v) for k, v in r["local"].items()}
         tensors.append(row)
     first = report["first"]
     if first:
         first = {k: (_finite_or_none(v) if k in ("error", "ratio") else v) for k, v in first.items()}
     return dict(format=REPORT_FORMAT, reference=None if reference is None else str(reference),
                 other=None if other is None else str(other), dtype=report["dtype"],
-                tol=report["tol"], ok=report["ok"], first=first, tensors=tensors,
+                tol=report["tol"], calibrated=bool(report.get("calibrated")),
+                local=report.get("local"), ok=report["ok"], first=first, tensors=tensors,
                 missing=report["missing"], extra=report.get("extra", []),
                 problems=report.get("problems", []))
 
@@ -831,7 +956,7 @@ def heatmap_grid(report):
     for r in report["rows"]:
         m = LAYER_NAME.fullmatch(r["name"])
         if m:
-            ratio = np.inf if "shape_error" in r else r["max_rel"] / report["tol"]
+            ratio = np.inf if "shape_error" in r else r["max_rel"] / r["tol"]
             cells[int(m.group(1)), m.group(2)] = ratio
     layers = sorted({layer for layer, _ in cells})
     ops = [op for op in LAYER_NAMES if any((layer, op) in cells for layer in layers)]
@@ -880,11 +1005,13 @@ def save_heatmap(path, report):
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
     fig.colorbar(image, ax=ax, label="log10(error / tolerance)", fraction=0.04, pad=0.02)
     others = [r for r in report["rows"] if not LAYER_NAME.fullmatch(r["name"])]
-    title = (f"max|d|/std over the tolerance ({report['dtype']}: {report['tol']:g}); red: "
+    tol_text = ("each tensor's, calibrated" if report.get("calibrated")
+                else f"{report['tol']:g}")
+    title = (f"max|d|/std over the tolerance ({report['dtype']}: {tol_text}); red: "
              "beyond; box: first divergence; x: NaN/Inf or wrong shape; grey: not compared")
     if others:
         title += "\n" + ", ".join(f"{r['name']} " + ("shape!" if "shape_error" in r else
-                                                      f"{r['max_rel'] / report['tol']:.2g}x")
+                                                      f"{r['max_rel'] / r['tol']:.2g}x")
                                   for r in others)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
@@ -897,3 +1024,271 @@ def save_heatmap(path, report):
     finally:
         plt.close(fig)
     return layout
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerances that follow the numbers (docs/formats.md §8.5)
+# ----------------------------------------------------------------------------------------------
+#
+# One max|d|/std tolerance per precision cannot fit every tensor: y = S r loses digits to
+# cancellation and the group norm then divides by a small per-head variance; squared ReLU has a
+# heavy tail. So with the model at hand, compare measures what rounding alone does to each tensor
+# on these weights and tokens, and tests the other trace against a multiple of that:
+#
+# - the noise of a precision: the reference run again, emulating that precision (every step's
+#   output rounded to it; model.Steps is where), twice: float32 arithmetic with round-to-nearest,
+#   and float64 arithmetic with stochastic rounding (an unbiased random rounding per value). A
+#   tensor's noise is the larger max|d|/std of the two against the float64 reference.
+# - the global check: the other trace's max|d|/std over NOISE_MARGIN x that noise.
+# - the local op check: each op recomputed in float64 from the other implementation's own
+#   recorded inputs (the segment of the layer between two recorded names), so rounding upstream
+#   does not count against an op; its noise is the same recomputation in the emulated precision.
+#   A real bug is an op whose output its own inputs do not explain: it fails here, alone, where
+#   it is, and everything after it passes (correct ops on wrong inputs).
+
+# The significand bits each precision keeps (fp16 also has its narrow exponent range: numpy's).
+SIGNIFICAND_BITS = {"fp32": 23, "tf32": 10, "fp16": 10, "bf16": 7}
+
+# A correct implementation's error, divided by the emulated noise, was at most 2.6 (float32, 14
+# correct variants: benchmarks/oracle_alarms.py) and the planted bugs' at least 40 (local) ...
+NOISE_MARGIN = 10.0
+LOCAL_MARGIN = 10.0
+
+
+def round_to(x, dtype, rng=None):
+    """`x` rounded to the precision `dtype` (SIGNIFICAND_BITS), returned as float32 (fp32) or
+    float64: round-to-nearest-even, or with `rng` stochastic rounding (up or down at random, with
+    the probability that makes it unbiased). NaN and Inf pass through."""
+    x = np.asarray(x)
+    if rng is None:
+        if dtype == "fp16":
+            with np.errstate(over="ignore"):
+                return x.astype(np.float16).astype(np.float32)
+        x = x.astype(np.float32)
+        if dtype == "fp32":
+            return x
+        drop = 23 - SIGNIFICAND_BITS[dtype]
+        bits = x.view(np.uint32)
+        half = np.uint32((1 << (drop - 1)) - 1) + ((bits >> np.uint32(drop)) & np.uint32(1))
+        finite = np.isfinite(x)
+        out = np.where(finite, (bits + half) >> np.uint32(drop) << np.uint32(drop), bits)
+        return out.astype(np.uint32).view(np.float32)
+    x = x.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ulp = np.exp2(np.floor(np.log2(np.abs(x))) - SIGNIFICAND_BITS[dtype])
+        down = np.floor(x / ulp) * ulp
+        up_p = (x - down) / ulp
+        out = np.where(rng.random(x.shape) < up_p, down + ulp, down)
+    out = np.where(np.isfinite(x) & (x != 0), out, x)
+    if dtype == "fp16":
+        with np.errstate(over="ignore"):
+            out = out.astype(np.float16).astype(np.float64)    # its range (the value is exact)
+    return out
+
+
+def emulated_steps(dtype, rng=None, base=None):
+    """model.Steps computing as an implementation in `dtype` does: each step's output rounded to
+    it (round_to; stochastic with `rng`), weight products from rounded inputs, and the WKV state
+    kept as it is (implementations keep it in float32), its output y rounded. Run it on a float32
+    reference for round-to-nearest, on a float64 one with `rng`."""
+    base = base or ref.STEPS
+    if dtype == "tf32":             # TF32 is a mode of the matrix units: float32 elsewhere
+        def matmul(x, W):
+            return base.matmul(round_to(x, dtype, rng), round_to(W, dtype, rng))
+        return replace(base, matmul=matmul)
+    rounded = lambda f: (lambda *args: round_to(f(*args), dtype, rng))
+    fields = {f: rounded(getattr(base, f)) for f in base.__dataclass_fields__
+              if f not in ("wkv", "wkv_step", "matmul")}
+
+    def matmul(x, W):
+        return round_to(base.matmul(round_to(x, dtype, rng), W), dtype, rng)
+
+    def wkv(S, r, w, k, v, alpha, beta, step=None):
+        S, y = base.wkv(S, r, w, k, v, alpha, beta, **({} if step is None else {"step": step}))
+        return S, round_to(y, dtype, rng)
+    return replace(base, matmul=matmul, wkv=wkv, **fields)
+
+
+class _StatSink:
+    """A trace sink that keeps no array: for each name the reference holds, max|d| / std of the
+    run's value against the reference's (the compare statistic), rows matched by token."""
+
+    def __init__(self, ref_trace, rows, state_rows):
+        self.ref, self.stats, self.rows, self.state_rows = ref_trace, {}, rows, state_rows
+        self._std = {}
+
+    def std(self, name):
+        if name not in self._std:
+            a = np.asarray(self.ref[name], np.float64)
+            a = a[np.isfinite(a)]
+            self._std[name] = float(a.std()) if a.size and a.std() > 0 else 1.0
+        return self._std[name]
+
+    def note(self, name, d):
+        self.stats[name] = max(self.stats.get(name, 0.0), float(d) / self.std(name))
+
+    def array(self, name, value):
+        if name in self.ref and np.shape(self.ref[name]) == np.shape(value):
+            with np.errstate(invalid="ignore"):
+                d = np.abs(np.asarray(value, np.float64) - np.asarray(self.ref[name], np.float64))
+            self.note(name, np.nanmax(d) if d.size else 0.0)
+
+    def state(self, name):
+        return _StatRows(self, name)
+
+
+class _StatRows:
+    def __init__(self, sink, name):
+        self.sink, self.name, self.i = sink, name, 0
+
+    def add(self, S):
+        ref_rows = self.sink.ref.get(self.name)
+        if ref_rows is not None and self.i < len(ref_rows):
+            d = np.abs(np.asarray(S, np.float64) - np.asarray(ref_rows[self.i], np.float64))
+            self.sink.note(self.name, np.nanmax(d))
+        self.i += 1
+
+    def close(self, shape, dtype):
+        pass
+
+
+def selection_of(tr):
+    """The Selection a trace was written with (its meta), or everything."""
+    chosen = (getattr(tr, "meta", None) or {}).get("selection")
+    return Selection(**chosen) if isinstance(chosen, dict) else Selection()
+
+
+def noise_scales(model, ref_trace, dtype, ids, state=None, seed=0):
+    """{name: max|d|/std} that rounding alone causes in `dtype` (the section's comment): the
+    larger of the two emulated runs (round-to-nearest in float32 arithmetic, stochastic rounding
+    in float64) against `ref_trace`, a float64 trace of `model` over `ids` from `state`."""
+    select = selection_of(ref_trace)
+    T = len(np.atleast_1d(np.asarray(ids)))
+    out = {}
+    for arithmetic, rng in (("float32", None), ("float64", np.random.default_rng(seed))):
+        sink = _StatSink(ref_trace, select.token_rows(T), select.state_rows(T))
+        _run(model, ids, state, emulated_steps(dtype, rng), arithmetic, select, sink, None)
+        for name, value in sink.stats.items():
+            out[name] = max(out.get(name, 0.0), value)
+    return out
+
+
+def _replay(reference, other, ids, state, steps, rnd):
+    """The local op check's recomputation: the reference's own functions, each segment of a
+    layer fed the other trace's values for its inputs where the other trace has them (else this
+    replay's). Yields (name, value) in forward order, one layer at a time. `rnd` rounds the
+    other trace's arrays and the WKV output y as the emulated precision does (or passes them)."""
+    T, H = len(ids), reference.config.n_head
+    cast = lambda a: rnd(np.asarray(a, reference.dtype))
+    st = reference.check_state(state)
+    theirs = lambda name, mine: cast(other[name]) if name in other else mine
+    x0 = steps.layer_norm(reference.emb[ids], *reference.ln0)
+    yield "ln0", x0
+    x_in, v_first = theirs("ln0", x0), None
+    x_emb = x_in
+    for i, p in enumerate(reference.blocks):
+        L = f"L{i}."
+        ln1 = steps.layer_norm(x_in, p["ln1.weight"], p["ln1.bias"])
+        yield L + "ln1", ln1
+        x = theirs(L + "ln1", ln1)
+        acts = {}
+        ref.time_mix_inputs(x, ref.token_shift(x, st.att_shift[i]), v_first, p, i, H, steps, acts)
+        for name in ("xr", "xw", "xk", "xv", "xa", "xg", "r", "w_pre", "w", "k", "v", "a", "g",
+                     "kk", "k_tilde", "v_res"):
+            yield L + name, acts[name]
+        if i == 0:
+            v_first = theirs("L0.v_res", theirs("L0.v", acts["v"]))
+        mine = {name: theirs(L + name, acts[name]) for name in ("r", "k_tilde", "v_res", "kk", "a",
+                                                                  "g")}
+        w = acts["w"]
+        if L + "w" in other:
+            w = cast(other[L + "w"])
+        elif L + "w_log" in other:
+            w = np.exp(cast(other[L + "w_log"]))
+        # The WKV: every token from the other's state before it where recorded (a chunk replay
+        # from the last recorded state otherwise), with the vectors time_mix passes (model.py).
+        rows = _state_rows(other, L + "state", T)
+        recorded = {} if rows is None else dict(zip(rows.tolist(), range(len(rows))))
+        split = lambda u: ref.heads(u, H)
+        vectors = [split(u) for u in (mine["r"], w, mine["k_tilde"], mine["v_res"], -mine["kk"],
+                                      mine["kk"] * mine["a"])]
+        if rows is not None and np.array_equal(rows, np.arange(T)):
+            # every token's state before it is recorded: all T steps at once
+            before = np.concatenate([st.wkv[i][None], cast(other[L + "state"][:-1])])
+            states, y = steps.wkv_step(before, *vectors)
+        else:
+            S, states, ys = st.wkv[i], [], []
+            for t in range(T):
+                if t - 1 in recorded:
+                    S = cast(other[L + "state"][recorded[t - 1]])
+                S, y_t = steps.wkv_step(S, *(u[t] for u in vectors))
+                if rows is None or t in recorded:
+                    states.append(S)
+                ys.append(y_t)
+            y = np.stack(ys)
+            states = np.stack(states) if states else np.empty((0,) + S.shape, S.dtype)
+        y = rnd(y.reshape(T, -1))
+        yield L + "state", states
+        yield L + "y", y
+        acts = {}
+        att = ref.time_mix_output(theirs(L + "y", y), mine["r"], mine["k_tilde"], mine["v_res"],
+                                  mine["g"], p, H, steps, acts)
+        for name in ("gn", "bonus", "att"):
+            yield L + name, acts[name]
+        x_mid = x_in + theirs(L + "att", att)                 # block(): x + time mix
+        xf = steps.layer_norm(x_mid, p["ln2.weight"], p["ln2.bias"])
+        s_emb = ref.deep_embed_rows(p, ids, x_emb) if "ffn.s1" in p else None
+        acts = {}
+        ffn = ref.channel_mix(xf, ref.token_shift(xf, st.ffn_shift[i]), p, s_emb, steps, acts)
+        yield L + "ffn_hidden", acts["ffn_hidden"]
+        yield L + "ffn", ffn
+        block = x_mid + theirs(L + "ffn", ffn)                # block(): x + channel mix
+        yield L + "block", block
+        x_in = theirs(L + "block", block)
+    yield "logits", steps.matmul(steps.layer_norm(x_in, *reference.ln_out), reference.head.T)
+
+
+def _state_rows(other, name, T):
+    """The token after which each row of the other trace's `name` (an L{i}.state) was taken, or
+    None when it has no such name."""
+    if name not in other:
+        return None
+    rows = getattr(other, "state_tokens", None)
+    return np.arange(len(other[name])) if rows is None else np.asarray(rows)
+
+
+def local_check(model, other, dtype, ids, state=None, seed=0):
+    """The local op check (the section's comment): {name: row} for every name of `other` the
+    replay recomputes, each row {error, noise, tol, ratio, bad, per_token}: `error` max|d|/std of
+    the other's value against the float64 recomputation from its own inputs, `noise` what
+    rounding to `dtype` does to the same recomputation, `tol` LOCAL_MARGIN x noise (at least the
+    precision's unit roundoff), `per_token` the error token by token. `other` must hold every
+    token's row (a trace of a subset of the tokens has no previous token to shift from)."""
+    exact_ref, f32_ref = reference_of(model, "float64"), reference_of(model, "float32")
+    ids = exact_ref.check_ids(ids)
+    rng = np.random.default_rng(seed)
+    replays = zip(
+        _replay(exact_ref, other, ids, state, exact_ref.steps, lambda a: a),
+        _replay(f32_ref, other, ids, state, emulated_steps(dtype, base=f32_ref.steps),
+                lambda a: round_to(a, dtype)),
+        _replay(exact_ref, other, ids, state, emulated_steps(dtype, rng, base=exact_ref.steps),
+                lambda a: round_to(a, dtype, rng)))
+    floor = 2.0 ** -(SIGNIFICAND_BITS[dtype] + 1)
+    out = {}
+    for (name, exact), (_, rn), (_, sr) in replays:
+        if name not in other or np.shape(other[name]) != np.shape(exact):
+            continue
+        exact = np.asarray(exact, np.float64)
+        finite = exact[np.isfinite(exact)]
+        std = float(finite.std()) if finite.size and finite.std() > 0 else 1.0
+        with np.errstate(invalid="ignore", over="ignore"):
+            b = np.asarray(other[name], np.float64)
+            d = np.where(np.isfinite(b) & np.isfinite(exact), np.abs(b - exact), np.inf) / std
+            noise = max(float(np.nanmax(np.abs(np.asarray(e, np.float64) - exact))) / std
+                        for e in (rn, sr)) if exact.size else 0.0
+        tol = LOCAL_MARGIN * max(noise if np.isfinite(noise) else 0.0, floor)
+        per_token = d.reshape(len(d), -1).max(axis=1) if d.size else np.zeros(len(d))
+        error = float(per_token.max()) if per_token.size else 0.0
+        out[name] = dict(error=error, noise=noise, tol=tol, ratio=error / tol,
+                         bad=bool(error > tol), per_token=per_token)
+    return out
