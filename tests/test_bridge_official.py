@@ -35,28 +35,35 @@ def official():
     return bridge("official")
 
 
+FINE = ("xr", "xw", "xk", "xv", "xa", "xg", "r", "w", "k", "v", "a", "g", "kk", "k_tilde",
+        "v_res", "y", "gn", "ffn_hidden")
+
+
+@pytest.mark.parametrize("detail", ["coarse", "fine"])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_agrees_with_the_oracle(case, mode):
+def test_agrees_with_the_oracle(case, mode, detail):
     w, path, state, ids, ref = case
-    tr, final = official().record(path, ids, state=state, mode=mode)
-    names = OBSERVED | {f"L{i}.{op}" for i in range(2) for op in PER_LAYER}
+    tr, final = official().record(path, ids, state=state, mode=mode, detail=detail)
+    ops = PER_LAYER + (FINE if detail == "fine" else ())
+    names = OBSERVED | {f"L{i}.{op}" for i in range(2) for op in ops}
     assert set(tr) == names
     report = oracle.compare(ref, tr, "fp32")
     assert report["ok"], oracle.format_report(report)
     T = len(ids)
-    assert tr["L1.state"].shape == ((T, 4, 32, 32) if mode == "decode" else (1, 4, 32, 32))
-    if mode == "prefill":
-        assert tr.state_tokens.tolist() == [T - 1]
-        np.testing.assert_array_equal(tr["L1.state"][0], final.wkv[1])
+    every_token = mode == "decode" or detail == "fine"
+    assert tr["L1.state"].shape == ((T if every_token else 1), 4, 32, 32)
+    assert (tr.state_tokens is None) if every_token else tr.state_tokens.tolist() == [T - 1]
+    np.testing.assert_array_equal(tr["L1.state"][-1], final.wkv[1])
     np.testing.assert_array_equal(final.wkv, tr["final.wkv"])
 
 
-def test_same_numbers_as_the_compiled_package(case):
-    """The bridge runs the package's forward source with its functions wrapped: the logits are
-    bit-identical to its compiled forward's, and the observed block is prev + att + ffn in fp32."""
+@pytest.mark.parametrize("detail", ["coarse", "fine"])
+def test_same_numbers_as_the_compiled_package(case, detail):
+    """The bridge runs the package's forward source with its functions wrapped (detail="fine":
+    their Python source): the logits are bit-identical to its compiled forward's, and the
+    observed block is prev + att + ffn in float32."""
     import torch
     w, path, state, ids, ref = case
-    tr, _ = official().record(path, ids, state=state, mode="prefill")
     import rwkv.model as rm
     model = rm.RWKV_x070(str(path)[:-4], "cpu fp32")
     st = []
@@ -64,7 +71,11 @@ def test_same_numbers_as_the_compiled_package(case):
         st += [torch.tensor(state.att_shift[i]), torch.tensor(state.wkv[i]),
                torch.tensor(state.ffn_shift[i])]
     logits, _ = model.forward([int(t) for t in ids], st, full_output=True)
+    one, _ = model.forward(int(ids[0]), None)
+    tr, _ = official().record(path, ids, state=state, mode="prefill", detail=detail)
     np.testing.assert_array_equal(tr["logits"], logits.numpy())
+    tr1, _ = official().record(path, ids[:1], mode="decode", detail=detail)
+    np.testing.assert_array_equal(tr1["logits"][0], one.numpy())
     t = {k: torch.tensor(v) for k, v in tr.items()}
     np.testing.assert_array_equal(tr["L0.block"], ((t["ln0"] + t["L0.att"]) + t["L0.ffn"]).numpy())
     np.testing.assert_array_equal(tr["L1.block"],
@@ -104,6 +115,10 @@ def test_selection_keeps_the_full_traces_rows(case):
     pre, _ = official().record(path, ids, state=state, select=select, mode="prefill")
     assert "L1.state" not in pre and pre.tokens.tolist() == list(range(5, 17))
     np.testing.assert_allclose(pre["L1.att"], full["L1.att"][5:17], rtol=0, atol=1e-5)
+    fine, _ = official().record(path, ids, state=state, select=select, mode="prefill",
+                                detail="fine")
+    assert fine.state_tokens.tolist() == [7, 11, 15] and len(fine["L1.state"]) == 3
+    np.testing.assert_allclose(fine["L1.state"], full["L1.state"][[7, 11, 15]], rtol=0, atol=1e-5)
 
 
 def test_other_formats_are_converted_and_functions_restored(case, tmp_path):

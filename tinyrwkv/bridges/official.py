@@ -1,4 +1,4 @@
-"""The official `rwkv` package (pip install rwkv; RWKV-7 needs 0.8.28 or later, and torch), run with
+"""The official `rwkv` package (pip install rwkv torch; tested with rwkv 0.8.32), run with
 its v7 functions wrapped so that what they compute is recorded under tinyrwkv's trace names.
 
     trace, final = record("model.pth", ids, state=None, select=None, mode="decode")
@@ -9,8 +9,9 @@ plain-Python source is still there (torch keeps it as the method stub's `origina
 bridge runs that, unchanged: the same loop over layers, the same calls. The loop looks up four
 module-level functions of `rwkv.model` and `F` (torch.nn.functional) when it runs, and those are
 what `_wrapped` replaces, for the duration of the call only (a context manager that puts the
-originals back in a `finally`). THIS IS THE ONLY PLACE tinyrwkv touches another package's
-functions, and it has to: the package has no hooks. Each wrapper calls the package's own compiled
+originals back in a `finally`). THIS (with `_watching`, detail="fine"'s line tracer below) IS
+THE ONLY PLACE tinyrwkv touches another package's functions, and it has to: the package has no
+hooks. Each wrapper calls the package's own compiled
 function with the same arguments and records what goes in and comes out; nothing is recomputed:
 
     RWKV_x070_TMix_one / _seq   in: x = L{i}.ln1 (the time-mix input)
@@ -30,13 +31,26 @@ The package's forward run this way gives bit-identical logits to its compiled fo
 
 mode="decode" (default) feeds the ids one at a time (forward_one, the package's generation path):
 every name has every token, L{i}.state after each token. mode="prefill" feeds them in one call
-(forward_seq, full_output=True: the package's prompt path): the state is only seen after the last
-token, so L{i}.state has one row and `trace.state_tokens` says which.
+(forward_seq, full_output=True: the package's prompt path): there the state is only returned after
+the last token, so L{i}.state has one row and `trace.state_tokens` says which (but see "fine").
 
-Not observable without rewriting the package's layer (so left out, never filled in): the lerps
-xr..xg, r, w*, k, v (layers > 0), a, g, kk, k_tilde, v_res (layers > 0), y, gn, bonus,
-ffn_hidden. (The time-mix functions are TorchScript; torch keeps their Python source too, but
-running that instead would be running other code than the package runs.)
+detail="coarse" (default) records the names above, around the package's compiled functions.
+Inside them (the lerps xr..xg, r, w, k, v, a, g, kk, k_tilde, v_res, y, gn, ffn_hidden) nothing
+can be seen from outside: TorchScript runs them. But torch keeps the Python function each was
+compiled from (`_torchdynamo_inline`), and detail="fine" runs that instead, unchanged, with a line
+tracer (sys.settrace, put back after) that copies the function's local variables at the start of
+the lines listed in FINE_LINES, found by their text: the package's own numbers, in the middle of
+its own code, nothing re-derived. On CPU that eager run gives bit-identical logits to the compiled
+one (tested). In prefill, the recurrence's loop then shows the state after every token.
+
+Never recorded, because the package never holds them: w_pre (it computes `(w0 + w).float()`
+inside one expression), w_log and w_cuda (its CPU path goes straight to the decay w; the CUDA
+kernel's input is not on this path), bonus (added to gn in one expression).
+
+A real difference from tinyrwkv: on this CPU path the package's decay is
+exp(-0.606531 * sigmoid(w_pre)), a rounded e^-0.5 (= 0.60653066); tinyrwkv uses the exact
+constant, as does the package's CUDA path (-softplus(-w_pre) - 0.5). The relative change in log w
+is 5.6e-7, below float32 rounding of the trace's names.
 
 Model files: a .pth is given to the package as it is; anything else tinyrwkv reads (.safetensors,
 GGUF, an HF folder) is first written to a temporary float32 .pth by tinyrwkv's writer (the stored
@@ -58,7 +72,7 @@ import numpy as np
 
 from .. import oracle
 
-PACKAGE_HINT = "pip install rwkv torch (RWKV-7 needs rwkv 0.8.28 or later)"
+PACKAGE_HINT = "pip install rwkv torch (a version with RWKV-7, RWKV_x070; 0.8.32 is tested)"
 WRAPPED = ("RWKV_x070_TMix_one", "RWKV_x070_TMix_seq", "RWKV_x070_CMix_one", "RWKV_x070_CMix_seq",
            "F")
 
@@ -148,8 +162,9 @@ class _Functional:
 class _Recorder:
     """Rows of each wanted name, as the wrappers see them; one forward call at a time."""
 
-    def __init__(self, select, keep_row, keep_state):
+    def __init__(self, select, keep_row, keep_state, v_first=True, returned_state=True):
         self.select, self.keep_row, self.keep_state = select, keep_row, keep_state
+        self.v_first, self.returned_state = v_first, returned_state
         self.rows = {}                    # name -> list of (rows, ...) float32 arrays
         self.layer, self.n_ln, self.token = 0, 0, 0
 
@@ -158,6 +173,17 @@ class _Recorder:
         if self.select.wants(name) and (name.endswith(".state") or self.keep_row(self.token)):
             a = value.detach().float().cpu().numpy().copy()
             self.rows.setdefault(name, []).append(a[None] if one_row else a)
+
+    def put_flat(self, name, value):
+        """A local of the package's function: (C,)-sized in a one-token call ((H, N, 1) for y),
+        (T, C) in a sequence call."""
+        one = self.token is not None
+        self.put(name, value.reshape(-1) if one else value.reshape(value.shape[0], -1), one)
+
+    def put_state(self, name, value, t):
+        """The state after token t, seen inside a sequence call's loop."""
+        if self.select.wants(name) and self.keep_state(t):
+            self.rows.setdefault(name, []).append(value.detach().float().cpu().numpy()[None])
 
     def start_call(self, token):
         """A forward call begins; `token`: its token index (decode), or None (prefill)."""
@@ -175,10 +201,10 @@ class _Recorder:
         self.layer, one = i, self.token is not None
         self.put(f"L{i}.ln1", x, one)
         self.put(f"L{i}.att", out, one)
-        if i == 0:
+        if i == 0 and self.v_first:
             self.put("L0.v", v_first, one)
             self.put("L0.v_res", v_first, one)
-        if self.keep_state(self.token):
+        if self.returned_state and self.keep_state(self.token):
             self.put(f"L{i}.state", state, True)      # the state after the call's last token
 
     def cmix(self, out):
@@ -186,6 +212,80 @@ class _Recorder:
 
     def arrays(self):
         return {name: np.concatenate(parts) for name, parts in self.rows.items()}
+
+
+# detail="fine": the package's time-mix and channel-mix functions are TorchScript, but torch keeps
+# each one's Python source function (`_torchdynamo_inline`); run that (the same source, unchanged)
+# and read its local variables as it goes, with a line tracer: at the start of each line below
+# (found by its text, so a changed package fails loudly rather than recording the wrong thing),
+# the named locals hold these trace names. Nothing is recomputed.
+FINE_LINES = {
+    "tmix": [   # (the line about to run, {trace op: the local variable that holds it then})
+        ("kk = ", {"xr": "xr", "xw": "xw", "xk": "xk", "xv": "xv", "xa": "xa", "xg": "xg",
+                   "r": "r", "k": "k", "v": "v", "a": "a", "g": "g"}),
+        ("k = k * (1 + (a-1) * k_a)", {"kk": "kk"}),
+        ("if layer_id == 0", {"k_tilde": "k"}),
+        ("w = torch.exp(", {"v_res": "v"}),
+        ("vk = v.view(H,N,1) @ k.view(H,1,N)", {"w": "w"}),       # forward_one's form
+        ("for t in range(T):", {"w": "w"}),                        # forward_seq's (CPU) form
+        ("xx[t] = ", {"state": "state"}),                          # the state after token t
+        ("xx = torch.nn.functional.group_norm", {"y": "xx"}),
+        ("xx = xx + ((r * k * r_k)", {"gn": "xx"}),
+    ],
+    "cmix": [("return k @ V_", {"ffn_hidden": "k"})],
+}
+
+
+def _source_function(fn):
+    """The Python function a TorchScript function was compiled from."""
+    py = getattr(fn, "_torchdynamo_inline", None)
+    if py is None or not hasattr(py, "__code__"):
+        raise OfficialError("detail='fine' needs the Python source of the package's TorchScript "
+                            "functions, which this torch does not keep (_torchdynamo_inline): "
+                            "use detail='coarse'")
+    return py
+
+
+def _line_map(py, kind):
+    """{line number: {op: local}} for `py` (FINE_LINES[kind]), by the lines' text."""
+    import inspect
+    lines, first = inspect.getsourcelines(py)
+    found = {}
+    for text, ops in FINE_LINES[kind]:
+        hits = [first + j for j, line in enumerate(lines) if line.strip().startswith(text)]
+        if len(hits) > 1:
+            raise OfficialError(f"detail='fine': {py.__name__} has {len(hits)} lines starting "
+                                f"{text!r} (another rwkv version?): use detail='coarse'")
+        if hits:
+            found[hits[0]] = ops
+    needed = {"xr", "r", "k", "v", "kk", "k_tilde", "v_res", "w", "y", "gn"} if kind == "tmix" \
+        else {"ffn_hidden"}
+    seen = {op for ops in found.values() for op in ops}
+    if not needed <= seen:
+        raise OfficialError(f"detail='fine': {py.__name__} does not have the lines the bridge "
+                            f"reads ({', '.join(sorted(needed - seen))} not found; another rwkv "
+                            "version?): use detail='coarse'")
+    return found
+
+
+@contextlib.contextmanager
+def _watching(code, lines, on_line):
+    """Calls on_line(ops, frame) at the start of each line in `lines` of frames running `code`;
+    the previous trace function is put back after."""
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno in lines:
+            on_line(lines[frame.f_lineno], frame)
+        return local
+
+    def global_(frame, event, arg):
+        return local if frame.f_code is code else None
+
+    previous = sys.gettrace()
+    sys.settrace(global_)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _list_state(torch, model, state, dtype):
@@ -225,11 +325,15 @@ def _is_deep_embed(pth):
 
 
 def record(model_path, ids, state=None, select=None, progress=None, mode="decode",
-           strategy="cpu fp32"):
+           strategy="cpu fp32", detail="coarse"):
     """Run the official package on `ids` (from `state`, a tinyrwkv State) and return
     (trace, final): what it computed under trace names (module docstring), and its final state as
     a tinyrwkv State. mode: "decode" (one token per call) or "prefill" (one call). strategy: the
-    package's, "cpu fp32" (default), "cpu bf16" or "cpu fp16" (arrays come back as float32)."""
+    package's, "cpu fp32" (default), "cpu bf16" or "cpu fp16" (arrays come back as float32).
+    detail: "coarse" (the package's compiled functions, wrapped) or "fine" (their Python source,
+    run with its locals read: most per-layer names, and in prefill the state after every token)."""
+    if detail not in ("coarse", "fine"):
+        raise ValueError(f"detail must be 'coarse' or 'fine', not {detail!r}")
     if mode not in ("decode", "prefill"):
         raise ValueError(f"mode must be 'decode' or 'prefill', not {mode!r}")
     select = select or oracle.Selection()
@@ -239,10 +343,10 @@ def record(model_path, ids, state=None, select=None, progress=None, mode="decode
     ids = [int(t) for t in ids]
     select.token_rows(len(ids))                 # a selected token past the end: say so now
     with _pth_file(model_path) as pth:        # (the package maps the file: keep it till done)
-        return _record(pth, model_path, ids, state, select, progress, mode, strategy)
+        return _record(pth, model_path, ids, state, select, progress, mode, strategy, detail)
 
 
-def _record(pth, model_path, ids, state, select, progress, mode, strategy):
+def _record(pth, model_path, ids, state, select, progress, mode, strategy, detail):
     T = len(ids)
     rows, state_rows = select.token_rows(T), select.state_rows(T)
     torch, rm = _import_package(_is_deep_embed(pth))
@@ -267,23 +371,59 @@ def _record(pth, model_path, ids, state, select, progress, mode, strategy):
         keep_row = lambda t: kept_rows is None or t in kept_rows
         keep_state = lambda t: kept_states is None or t in kept_states
         state_tokens = state_rows
+    elif detail == "fine" and T > 1:    # one call, but its loop shows the state after each token
+        keep_row = lambda t: True
+        keep_state = lambda t: kept_states is None or t in kept_states
+        state_tokens = state_rows
     else:                           # one call (token None): all rows; the state after T-1 only
         keep_row = lambda t: True
         last = kept_states is None or (T - 1) in kept_states
         keep_state = lambda t: last
         state_tokens = np.array([T - 1] if last else [], np.int64)
-    rec = _Recorder(select, keep_row, keep_state)
+    seq_states = detail == "fine" and mode == "prefill" and T > 1
+    rec = _Recorder(select, keep_row, keep_state, v_first=detail == "coarse",
+                    returned_state=not seq_states)
+
+    def watched(fn, kind):
+        """fn's Python source function, its locals read at FINE_LINES[kind] (detail="fine")."""
+        py = _source_function(fn)
+        lines = _line_map(py, kind)
+
+        seen = set()
+
+        def on_line(ops, frame):
+            if "state" not in ops:        # a loop's head line runs again each turn: once is it
+                if frame.f_lineno in seen:
+                    return
+                seen.add(frame.f_lineno)
+            f = frame.f_locals
+            layer = f["layer_id"] if kind == "tmix" else rec.layer
+            for op, local in ops.items():
+                if op == "state":
+                    rec.put_state(f"L{layer}.state", f[local], int(f["t"]))
+                else:
+                    rec.put_flat(f"L{layer}.{op}", f[local])
+
+        def run(*args):
+            seen.clear()
+            with _watching(py.__code__, lines, on_line):
+                return py(*args)
+        return run
 
     def tmix(fn):
+        body = watched(fn, "tmix") if detail == "fine" else fn
+
         def wrapper(layer_id, H, N, x, x_prev, v_first, S, *weights):
-            out, shift, S, v_first = fn(layer_id, H, N, x, x_prev, v_first, S, *weights)
+            out, shift, S, v_first = body(layer_id, H, N, x, x_prev, v_first, S, *weights)
             rec.tmix(layer_id, x, out, S, v_first)
             return out, shift, S, v_first
         return wrapper
 
     def cmix(fn):
+        body = watched(fn, "cmix") if detail == "fine" else fn
+
         def wrapper(*args):
-            out, shift = fn(*args)
+            out, shift = body(*args)
             rec.cmix(out)
             return out, shift
         return wrapper
