@@ -144,3 +144,16 @@ def test_other_formats_are_converted_and_functions_restored(case, tmp_path):
     not_a_model.write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="x.pth"):
         official().record(not_a_model, [0])
+
+
+def test_a_process_with_the_other_setting_is_refused(case, tmp_path):
+    """rwkv.model reads RWKV_DE_VERSION once, at import: a DeepEmbed model in a process that
+    imported it for plain models is refused with the reason (not run wrongly)."""
+    import torch
+    w, path, state, ids, ref = case
+    official().record(path, ids[:2])                        # rwkv.model imported, plain
+    de = make_weights(1, 64, 100, head_size=32, deep_embed=True, seed=1)
+    de_path = tmp_path / "de.pth"
+    torch.save({k: torch.tensor(v) for k, v in de.items()}, de_path)
+    with pytest.raises(official().OfficialError, match="DeepEmbed.*fresh process"):
+        official().record(de_path, [1, 2])
