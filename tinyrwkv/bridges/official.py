@@ -197,7 +197,7 @@ class _Recorder:
     def put_state(self, name, value, t):
         """The state after token t, seen inside a sequence call's loop."""
         if self.select.wants(name) and self.keep_state(t):
-            self.rows.setdefault(name, []).append(value.detach().float().cpu().numpy()[None])
+            self.rows.setdefault(name, []).append(value.detach().float().cpu().numpy()[None].copy())
 
     def start_call(self, token):
         """A forward call begins; `token`: its token index (decode), or None (prefill)."""
