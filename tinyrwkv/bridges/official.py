@@ -197,7 +197,8 @@ class _Recorder:
     def put_state(self, name, value, t):
         """The state after token t, seen inside a sequence call's loop."""
         if self.select.wants(name) and self.keep_state(t):
-            self.rows.setdefault(name, []).append(value.detach().float().cpu().numpy()[None].copy())
+            a = value.detach().float().cpu().numpy().copy()
+            self.rows.setdefault(name, []).append(a[None])
 
     def start_call(self, token):
         """A forward call begins; `token`: its token index (decode), or None (prefill)."""
