@@ -9,7 +9,8 @@ ask=true for every node of the graph; we answer true for the nodes we want, and 
 again with ask=false as soon as that node is computed, when we copy the node's data out
 (ggml_backend_tensor_get). Only llama-cpp-python's low-level bindings are used (a model and a
 context of our own, llama_decode on our own batches); nothing of llama-cpp-python is wrapped or
-patched. The ggml_tensor struct is defined here from ggml.h of the ggml that llama-cpp-python
+patched; the one global thing touched is llama-cpp-python's log level (its `verbose`), set for
+the call and restored in a finally. The ggml_tensor struct is defined here from ggml.h of the ggml that llama-cpp-python
 0.3.36 vendors, and checked at run time against ggml's own accessors (ggml_get_name's address,
 ggml_nelements, ggml_nbytes) before anything is read: another layout fails with a clear error.
 
@@ -53,6 +54,21 @@ never forms log(-w_log)); L{i}.state for tokens other than the last of each llam
 operator keeps the per-token states in registers): `chunk=1` evaluates one token per call and
 so records every token's state.
 
+k_tilde and v_res are read from the RWKV_WKV7 node's sources in its own callback: the
+operator has just read them, and ggml's allocator frees a source only after all its users are
+allocated, so nothing has reused their memory yet.
+
+Costs: the callback splits each graph computation at every node we want, and classifying ~80
+nodes per layer runs in Python: a 128-token prefill of the 0.1B shape took 6-8 s against 3.4 s
+without the bridge (2 busy cores); chunk=1 about 1 s a token (plain decode 0.1 s). Selecting
+fewer names asks for fewer nodes.
+
+Things found (docs/_bridge_llamacpp.md): llama.cpp's log decay uses the constant 0.606531 for
+e^-0.5, so its w_log is systematically 6.0e-7 (relative) larger in magnitude: ~10 float32
+roundoffs, harmless and inside fp32. With F16 and Q8_0 files its CPU matrix products also round
+the activations (to f16; to 8-bit blocks), which is what a trace of such a file shows from the
+first matrix product on (L{i}.r), not a bug.
+
 A starting state: llama.cpp's sequence state API takes one. Its byte layout for a recurrent
 model (llama-memory-recurrent.cpp state_write) is: cell count, per cell (pos, n_seq_id), then per
 layer the token-shift row (att_shift then ffn_shift) and per layer the WKV row ([h][i][j]). We
@@ -71,6 +87,7 @@ from pathlib import Path
 import numpy as np
 
 PIP = "pip install llama-cpp-python"
+LERPS = ("xr", "xw", "xk", "xv", "xa", "xg")       # the order of time_mix_lerp_fused's slices
 TESTED = "0.3.36"
 
 # ggml.h (the ggml vendored in llama-cpp-python 0.3.36): GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
@@ -340,15 +357,18 @@ def _parse_blob(blob, n_layer, C, N):
                             f"this bridge expects ({want} bytes: one cell, {n_layer} layers)")
     pos = int(np.frombuffer(blob[4:8], "<i4")[0])
     att, ffn, wkv, o = [], [], [], 20
+    def header(o):
+        return int(np.frombuffer(blob[o:o + 4], "<i4")[0]), int(np.frombuffer(blob[o + 4:o + 12],
+                                                                               "<u8")[0])
     for i in range(n_layer):
-        typ, size = np.frombuffer(blob[o:o + 4], "<i4")[0], np.frombuffer(blob[o + 4:o + 12], "<u8")[0]
+        typ, size = header(o)
         if typ != _GGML_F32 or size != 8 * C:
             raise LlamaCppError("llama.cpp's token-shift state is not F32 rows of 2C")
         row = np.frombuffer(blob[o + 12:o + 12 + 8 * C], "<f4")
         att.append(row[:C]), ffn.append(row[C:])
         o += 12 + 8 * C
     for i in range(n_layer):
-        typ, size = np.frombuffer(blob[o:o + 4], "<i4")[0], np.frombuffer(blob[o + 4:o + 12], "<u8")[0]
+        typ, size = header(o)
         if typ != _GGML_F32 or size != 4 * N * C:
             raise LlamaCppError("llama.cpp's WKV state is not F32 rows of N*C")
         wkv.append(np.frombuffer(blob[o + 12:o + 12 + 4 * N * C], "<f4").reshape(H, N, N))
@@ -384,6 +404,7 @@ def record(model_path, ids, state=None, select=None, progress=None, n_threads=No
     chunk = T if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, not {chunk}")
+    chunk = min(chunk, T)
     n_threads = n_threads or os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="tinyrwkv-llamacpp-") as tmp:
         path = Path(model_path)
@@ -395,18 +416,19 @@ def record(model_path, ids, state=None, select=None, progress=None, n_threads=No
         old_level = _logger.logger.level
         _logger.set_verbose(bool(verbose))
         try:
-            return _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads,
+            return _record(lib, g, path, ids, state, select, progress, n_threads,
                            chunk, use_extra_bufts, ref, oracle)
         finally:
             _logger.logger.setLevel(old_level)
 
 
-def _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads, chunk,
+def _record(lib, g, path, ids, state, select, progress, n_threads, chunk,
             use_extra_bufts, ref, oracle):
     T = len(ids)
     lib.llama_backend_init()
     mp = lib.llama_model_default_params()
-    mp.use_extra_bufts = _default_extra_bufts() if use_extra_bufts is None else bool(use_extra_bufts)
+    mp.use_extra_bufts = (_default_extra_bufts() if use_extra_bufts is None
+                          else bool(use_extra_bufts))
     model = lib.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise LlamaCppError(f"llama.cpp could not load {path} (run with verbose=True for its log)")
@@ -424,15 +446,12 @@ def _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads, ch
         state_ends = []
         recording = [False]
         errors = []
-        names_seen = []
 
         def wanted(layer, role):
-            if role in ("wkv7",):
+            if role in ("wkv7", "logits"):             # the state, and logits always
                 return True
             if role == "lerps":
-                return any(select.wants(f"L{layer}.{op}") for op in ("xr", "xw", "xk", "xv", "xa", "xg"))
-            if role == "logits":
-                return True
+                return any(select.wants(f"L{layer}.{op}") for op in LERPS)
             if role == "ln0":
                 return select.wants(role)
             return select.wants(f"L{layer}.{role}")
@@ -449,7 +468,7 @@ def _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads, ch
                 n = cur_tokens[0]
                 if role == "lerps":
                     x = graph.read(p, (6, n, C))
-                    for j, op in enumerate(("xr", "xw", "xk", "xv", "xa", "xg")):
+                    for j, op in enumerate(LERPS):
                         rows.setdefault((layer, op), []).append(x[j].copy())
                 elif role == "wkv7":
                     out = graph.read(p, (-1,))
@@ -519,6 +538,9 @@ def _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads, ch
                 progress(start + n, T)
         recording[0] = False
         seconds = time.perf_counter() - t0
+        if not state_rows or ("logits" not in [r for _, r in rows]):
+            raise LlamaCppError(f"{path}: llama.cpp's graph has no RWKV_WKV7 or no result_output "
+                                "node: not an RWKV-7 (x070) model this bridge can read")
         # the recurrent memory after the last call
         size = lib.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
@@ -535,9 +557,6 @@ def _record(lib, g, llama_cpp, path, ids, state, select, progress, n_threads, ch
         lib.llama_model_free(model)
 
     out = oracle.Trace()
-    if ("logits" not in [r for _, r in rows]) :
-        raise LlamaCppError("llama.cpp's graph had no result_output node: not an RWKV-7 graph "
-                            "this bridge knows")
     for (layer, role), parts in rows.items():
         name = role if layer is None else f"L{layer}.{role}"
         if role not in ("ln0", "logits") and role not in oracle.LAYER_NAMES:
