@@ -45,7 +45,7 @@ def record(path, ids, **kw):
     return bridge("llama.cpp").record(path, ids, n_threads=2, **kw)
 
 
-def test_agrees_with_the_oracle_from_a_state(files):
+def test_agrees_with_the_oracle_from_a_state(files, tmp_path):
     good, _, ref, state, ids = files
     tr, final = record(good, ids, state=state)
     want = oracle.trace(ref, ids, state=state)
@@ -59,6 +59,8 @@ def test_agrees_with_the_oracle_from_a_state(files):
     assert tr["logits"].shape == (len(ids), V) and tr["L1.state"].shape == (1, 4, 32, 32)
     _assert_passes(report)
     np.testing.assert_array_equal(final.wkv, tr["final.wkv"])
+    saved = oracle.load_trace(oracle.save_trace(tmp_path / "llama.npz", tr))   # as the CLI does
+    _assert_passes(oracle.compare(want, saved, "fp32"))
 
 
 def test_one_token_per_call_gives_every_state(files):
@@ -88,6 +90,22 @@ def test_converts_other_checkpoints(files, tmp_path):
               str(path))
     tr, _ = record(path, ids[:5], select=oracle.Selection(names=["logits"]))
     _assert_passes(oracle.compare(oracle.trace(ref, ids[:5]), tr, "fp32"))
+
+
+def test_a_token_subset(files):
+    good, _, ref, state, ids = files
+    sel = oracle.Selection(tokens=[2, 5, 6])                  # not the last: no state row
+    tr, _ = record(good, ids, state=state, select=sel)
+    assert list(tr.tokens) == [2, 5, 6] and "L0.state" not in tr
+    _assert_passes(oracle.compare(oracle.trace(ref, ids, state=state, select=sel), tr, "fp32"))
+
+
+def test_missing_package_is_named(monkeypatch):
+    import sys
+    from tinyrwkv.bridges import bridge
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ImportError, match="pip install llama-cpp-python"):
+        bridge("llama.cpp").record("x.gguf", [1])
 
 
 def test_missing_file_is_named(tmp_path):

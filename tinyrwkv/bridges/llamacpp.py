@@ -576,7 +576,7 @@ def _record(lib, g, path, ids, state, select, progress, n_threads, chunk,
     keep = [j for j, t in enumerate(state_ends) if want is None or t in set(want.tolist())]
     for layer, parts in state_rows.items():
         name = f"L{layer}.state"
-        if select.wants(name):
+        if select.wants(name) and keep:          # no call ended on a selected token: absent
             out[name] = np.stack([parts[j] for j in keep])
     if keep != list(range(T)):
         out.state_tokens = np.array([state_ends[j] for j in keep], np.int64)
