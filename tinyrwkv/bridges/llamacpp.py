@@ -240,6 +240,7 @@ class _Graph:
     def classify(self, p):
         """(layer, role) for a node we record, else None. Roles are trace ops, plus 'wkv7'."""
         if self.t(p).view_src:                   # views and reshapes compute nothing
+            self.role.pop(p, None)
             return None
         op, name = self.op(p), self.name(p)
         s0, s1 = self.src(p, 0), self.src(p, 1)
@@ -301,6 +302,8 @@ class _Graph:
             self.layer = role[0]
         if role is not None:
             self.role[p] = role
+        else:
+            self.role.pop(p, None)     # an address of an earlier call's graph, now another node
         return role
 
     layer = 0
