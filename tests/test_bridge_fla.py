@@ -77,7 +77,8 @@ def test_state_of_another_model_is_refused():
 def test_calls_per_mode():
     assert fb.pieces(200, "chunk") == [(0, 200)]
     assert fb.pieces(3, "decode") == [(0, 1), (1, 2), (2, 3)]
-    calls = fb.pieces(130, "fused_recurrent")
+    assert fb.pieces(70, "fused_recurrent") == [(0, 32), (32, 64), (64, 70)]
+    calls = fb.pieces(130, "fused_recurrent", piece=63)
     assert calls == [(0, 63), (63, 126), (126, 130)]
     assert all(b - a < 64 for a, b in calls)      # fla runs its chunked kernel from 64 tokens
     with pytest.raises(ValueError, match="piece must be"):

@@ -49,7 +49,7 @@ fused_mul_recurrent_rwkv7. So:
     "chunk"            one call, in torch.enable_grad() with every parameter frozen
                        (requires_grad False, so nothing is recorded for backward): the chunked
                        kernel at any length; L{i}.state only after the last token.
-    "fused_recurrent"  torch.no_grad(), the ids in calls of `piece` tokens (default 63, at most
+    "fused_recurrent"  torch.no_grad(), the ids in calls of `piece` tokens (default 32, at most
                        63), the cache carried between calls: fla's recurrent kernel throughout;
                        L{i}.state after each call.
     "decode"           one token per call (fla's generation path): L{i}.state after every token.
@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -80,6 +81,7 @@ LOG_DECAY_SCALE = -0.6065306597126334    # fla's literal, -exp(-0.5)
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("chunk", "fused_recurrent", "decode")
 MAX_PIECE = 63                   # fla runs its chunked kernel for calls of 64 tokens or more
+PIECE = 32                       # fused_recurrent's default: its states fall on state_every=64's
 
 # name -> (submodule of model.model.layers[i], "in" or "out"); "" is the block itself
 HOOKED = {
@@ -171,7 +173,7 @@ def state_from_fla_arrays(layers):
     return State(att, wkv, ffn)
 
 
-def pieces(T, mode, piece=MAX_PIECE):
+def pieces(T, mode, piece=PIECE):
     """The calls fla is given: a list of (start, stop) token ranges."""
     if mode == "chunk":
         return [(0, T)]
@@ -268,7 +270,7 @@ def _load_model(torch, RWKV7Config, RWKV7ForCausalLM, folder, model_path, device
     config = RWKV7Config.from_pretrained(str(folder))
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embeddings.weight"]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device(device):    # fla's initialisation, on device
         warnings.filterwarnings("ignore", message=".*potentially buggy FLA implementation.*")
         model = RWKV7ForCausalLM(config)
     try:
@@ -375,13 +377,14 @@ class _Recorder:
 
 
 def record(model_path, ids, state=None, select=None, progress=None, device="cuda",
-           dtype="float32", mode="chunk", piece=MAX_PIECE):
+           dtype="float32", mode="chunk", piece=PIECE):
     """Run fla's RWKV7ForCausalLM on `ids` (from `state`, a tinyrwkv State) and return
     (trace, final): what it computed under trace names (module docstring), and its final state as
     a tinyrwkv State (float64). dtype: the model's torch dtype, "float32", "float16" or
     "bfloat16". mode: "chunk" (one call, fla's chunked kernel), "fused_recurrent" (calls of
-    `piece` <= 63 tokens, fla's recurrent kernel) or "decode" (one token per call). progress:
-    called as progress(tokens_done, T) after each call."""
+    `piece` <= 63 tokens, default 32, fla's recurrent kernel) or "decode" (one token per call). progress:
+    called as progress(tokens_done, T) after each call. The trace's `info` attribute says what
+    ran: fla's version, device, dtype, mode, calls, load_s and run_s (seconds)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if mode not in MODES:
@@ -402,6 +405,7 @@ def _record(fla, model_path, ids, state, select, progress, device, dtype, mode, 
     T = len(ids)
     rows = select.token_rows(T)
     calls = pieces(T, mode, piece)
+    t0 = time.perf_counter()
     with _fla_folder(model_path) as folder:
         model, config = _load_model(torch, RWKV7Config, RWKV7ForCausalLM, folder, model_path,
                                     device, dtype)
@@ -428,6 +432,7 @@ def _record(fla, model_path, ids, state, select, progress, device, dtype, mode, 
             names[extra] = True
     state_after = set(kept_state_rows(T, calls, select).tolist())
     rec = _Recorder(torch, names, state_after)
+    t1 = time.perf_counter()
     handles = []
     grad = torch.enable_grad if mode == "chunk" else torch.no_grad
     try:
@@ -451,7 +456,14 @@ def _record(fla, model_path, ids, state, select, progress, device, dtype, mode, 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
+    t2 = time.perf_counter()
     tr = oracle.Trace(rec.arrays(rows))
+    import fla as package
+    tr.info = dict(impl="fla", fla_version=getattr(package, "__version__", "?"),
+                   device=(torch.cuda.get_device_name(torch.device(device))
+                           if str(device).startswith("cuda") else str(device)),
+                   dtype=dtype, mode=mode, calls=len(calls), load_s=round(t1 - t0, 3),
+                   run_s=round(t2 - t1, 3))
     final_layers = [{k: cache[i][k].detach().to("cpu", torch.float64).numpy()
                      for k in ("recurrent_state", "conv_state", "ffn_state")} for i in range(L)]
     final = state_from_fla_arrays(final_layers)
