@@ -382,9 +382,9 @@ def record(model_path, ids, state=None, select=None, progress=None, device="cuda
     (trace, final): what it computed under trace names (module docstring), and its final state as
     a tinyrwkv State (float64). dtype: the model's torch dtype, "float32", "float16" or
     "bfloat16". mode: "chunk" (one call, fla's chunked kernel), "fused_recurrent" (calls of
-    `piece` <= 63 tokens, default 32, fla's recurrent kernel) or "decode" (one token per call). progress:
-    called as progress(tokens_done, T) after each call. The trace's `info` attribute says what
-    ran: fla's version, device, dtype, mode, calls, load_s and run_s (seconds)."""
+    `piece` <= 63 tokens, default 32, fla's recurrent kernel) or "decode" (one token per
+    call). progress: called as progress(tokens_done, T) after each call. The trace's `info`
+    attribute says what ran: fla's version, device, dtype, mode, calls, load_s and run_s."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if mode not in MODES:
