@@ -142,9 +142,9 @@ def test_calibration_needs_the_ids(case):
 
 def test_compare_command_calibrates_from_the_trace(tmp_path):
     """`tinyrwkv compare` finds the model in the reference trace's meta, and says so."""
-    from tinyrwkv.formats import write_checkpoint
+    from tinyrwkv.formats import save_safetensors
     path = tmp_path / "m.safetensors"
-    write_checkpoint(make_weights(2, 128, 300, head_size=32, seed=2), path)
+    save_safetensors(path, make_weights(2, 128, 300, head_size=32, seed=2))
     (tmp_path / "ids.txt").write_text(" ".join(map(str, range(5, 40))))
     run = lambda *a: subprocess.run([sys.executable, "-m", "tinyrwkv", *a], cwd=tmp_path,
                                     capture_output=True, text=True)

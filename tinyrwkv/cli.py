@@ -354,7 +354,8 @@ def cmd_trace(args):
     import tinyrwkv
     from . import oracle
     try:
-        model = tinyrwkv.load(args.model, dtype=args.dtype, backend="numpy",
+        model = tinyrwkv.load(args.model, backend="numpy",
+                              dtype=args.dtype if args.impl == "tinyrwkv" else "float32",
                               tokenizer=args.tokenizer, progress=False,
                               check_finite=args.check_finite, threads=args.threads)
     except ValueError as e:                     # threads without threadpoolctl
@@ -390,16 +391,71 @@ def cmd_trace(args):
         refuse_overwriting(state_file_path(args.final_state), [model.path, args.ids, args.out])
     from .formats.progress import ProgressBar, stderr_is_tty
     show = args.progress if args.progress is not None else stderr_is_tty()
+    meta = {"model": str(model.path), "dtype": args.dtype, "ids": [int(i) for i in ids],
+            "initial_state": args.initial_state and str(args.initial_state)}
     with ProgressBar(label="tracing", force=bool(args.progress)) as bar:
-        written, final = oracle.write_trace(
-            args.out, model, ids, state=state, select=select, progress=bar if show else None,
-            meta={"model": str(model.path), "dtype": args.dtype, "ids": [int(i) for i in ids],
-                  "initial_state": args.initial_state and str(args.initial_state)})
+        if args.impl == "tinyrwkv":
+            written, final = oracle.write_trace(args.out, model, ids, state=state, select=select,
+                                                progress=bar if show else None, meta=meta)
+        else:
+            written, final = _trace_other(args, model, ids, state, select,
+                                          bar if show else None, meta)
     size = written.stat().st_size
     print(f"tinyrwkv: {len(ids)} tokens, {size / 1e6:,.1f} MB -> {written}", file=sys.stderr)
     if args.final_state:
         from .formats.state_file import save_state
         print(f"tinyrwkv: final state -> {save_state(final, args.final_state)}", file=sys.stderr)
+
+
+# --impl: what each bridge (tinyrwkv/bridges) takes from the trace command's options
+IMPL_DEFAULTS = {"official": dict(mode="decode", precision="fp32", device="cpu"),
+                 "llama.cpp": dict(precision="f32"),
+                 "fla": dict(mode="chunk", precision="fp32", device="cuda")}
+IMPL_CHOICES = {"official": dict(mode=("decode", "prefill"), precision=("fp32", "fp16", "bf16"),
+                                 device=("cpu", "cuda")),
+                "llama.cpp": dict(precision=("f32", "f16", "q8_0")),
+                "fla": dict(mode=("chunk", "fused_recurrent", "decode"),
+                            precision=("fp32", "fp16", "bf16"), device=("cuda",))}
+
+
+def _trace_other(args, model, ids, state, select, progress, meta):
+    """`tinyrwkv trace --impl NAME`: another implementation run by its bridge, saved as a trace."""
+    from . import oracle
+    from .bridges import bridge
+    chosen = dict(IMPL_DEFAULTS[args.impl])
+    for key in ("mode", "precision", "device"):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in IMPL_CHOICES[args.impl] or value not in IMPL_CHOICES[args.impl][key]:
+            allowed = IMPL_CHOICES[args.impl].get(key)
+            fail(f"--{key} {value}: " + (f"--impl {args.impl} takes {', '.join(allowed)}"
+                                         if allowed else f"--impl {args.impl} has no --{key}"))
+        chosen[key] = value
+    if args.detail and args.impl != "official":
+        fail("--detail is for --impl official only")
+    if args.impl == "official":
+        options = dict(mode=chosen["mode"], strategy=f"{chosen['device']} {chosen['precision']}",
+                       detail=args.detail or "coarse")
+    elif args.impl == "llama.cpp":
+        if args.mode:
+            fail("--impl llama.cpp has no --mode: give --chunk K for K tokens per call")
+        options = dict(out_type=chosen["precision"], chunk=args.chunk, n_threads=args.threads)
+    else:
+        torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+        options = dict(device=chosen["device"], dtype=torch_dtype[chosen["precision"]],
+                       mode=chosen["mode"], **({"piece": args.chunk} if args.chunk else {}))
+    if args.chunk and args.impl == "official":
+        fail("--chunk is for --impl llama.cpp (tokens per call) and fla (tokens per call in "
+             "fused_recurrent mode)")
+    try:
+        tr, final = bridge(args.impl).record(model.path, ids, state=state, select=select,
+                                             progress=progress, **options)
+    except ImportError as e:
+        fail(str(e))
+    meta.update(dtype=f"{args.impl} {chosen['precision']}", impl=args.impl,
+                options={k: v for k, v in options.items() if v is not None})
+    return oracle.save_trace(args.out, tr, meta=meta), final
 
 
 def cmd_compare(args):
@@ -679,6 +735,27 @@ def build_parser():
                     help="also save the state after the last token as a state file")
     tr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
+    impl = tr.add_argument_group(
+        "another implementation (docs/formats.md §8.6)",
+        "--impl runs another implementation with its intermediates recorded under these "
+        "names, so `tinyrwkv compare` can point inside it. official: the rwkv package (torch); "
+        "llama.cpp: llama-cpp-python on a GGUF (other files are converted); fla: "
+        "flash-linear-attention on a CUDA GPU.")
+    impl.add_argument("--impl", choices=["tinyrwkv", "official", "llama.cpp", "fla"],
+                      default="tinyrwkv", help="whose forward pass to trace")
+    impl.add_argument("--mode", help="official: decode (one token per call, a state every "
+                                     "token; default) or prefill; fla: chunk (default), "
+                                     "fused_recurrent or decode")
+    impl.add_argument("--precision", help="official, fla: fp32 (default), fp16, bf16; "
+                                          "llama.cpp: the GGUF type a non-GGUF model is "
+                                          "converted to, f32 (default), f16, q8_0")
+    impl.add_argument("--device", help="official: cpu (default) or cuda; fla: cuda")
+    impl.add_argument("--detail", choices=["coarse", "fine"],
+                      help="official: coarse (its compiled functions' inputs and outputs; "
+                           "default) or fine (their Python source, with most per-layer names)")
+    impl.add_argument("--chunk", type=option(int, POSITIVE), metavar="K",
+                      help="llama.cpp: K tokens per call (a state after each call; default all "
+                           "at once); fla fused_recurrent: tokens per call (<= 63)")
     blas_threads_arg(tr)
     no_check_finite(tr)
     tr.set_defaults(func=cmd_trace)
