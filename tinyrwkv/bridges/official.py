@@ -316,11 +316,11 @@ def _list_state(torch, model, state, dtype):
         got = np.shape(getattr(host, name))
         if tuple(got) != shape:
             raise ValueError(f"state.{name} has shape {got}, the model needs {shape}")
-    out = []
+    out, device = [], model.z["emb.weight"].device        # "cuda ..." strategies: on the GPU
     for i in range(L):
-        out += [torch.tensor(np.asarray(host.att_shift[i], np.float32)).to(dtype),
-                torch.tensor(np.asarray(host.wkv[i], np.float32)),
-                torch.tensor(np.asarray(host.ffn_shift[i], np.float32)).to(dtype)]
+        out += [torch.tensor(np.asarray(host.att_shift[i], np.float32)).to(device, dtype),
+                torch.tensor(np.asarray(host.wkv[i], np.float32)).to(device),
+                torch.tensor(np.asarray(host.ffn_shift[i], np.float32)).to(device, dtype)]
     return out
 
 
