@@ -99,7 +99,7 @@ def main():
             t0 = time.time()
             noise = oracle.noise_scales(ref_model, ref, dtype, ids, state)
             emit(dict(base, what="noise", dtype=dtype, seconds=round(time.time() - t0, 1)))
-            for ways in args.variants.split(","):
+            for ways in [] if args.variants == "none" else args.variants.split(","):
                 m = tinyrwkv.RWKV7(w, dtype="float32", steps=variant_steps(ways, dtype))
                 other = oracle.trace(m, ids, state=state, select=SELECT[0])
                 t0 = time.time()

@@ -685,7 +685,9 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error", model=No
         raise ValueError(f"problems must be 'error' or 'warn', not {problems!r}")
     fixed = tol is not None or model is None
     tol = TOLERANCES[dtype] if tol is None else check_float("tol", tol, POSITIVE)
-    full_other = _renamed_trace(other)
+    full_other, full_ref = _renamed_trace(other), ref_trace
+    if not fixed:
+        ids = _ids_of(ref_trace, ids)
     ref_trace, other, token_of = on_shared_tokens(ref_trace, other)
     other = {_renamed(name): value for name, value in other.items()}
     found = check_trace(ref_trace, other)
@@ -697,9 +699,8 @@ def compare(ref_trace, other, dtype="fp32", tol=None, problems="error", model=No
     if fixed:
         noise = {}
     else:
-        ids = _ids_of(ref_trace, ids)
         if noise is None:
-            noise = noise_scales(model, ref_trace, dtype, ids, state, seed)
+            noise = noise_scales(model, full_ref, dtype, ids, state, seed)
         local_note = _local_unfit(full_other, len(ids)) if local else "not asked for"
         if local_note is None:
             for name in unfit:
@@ -1105,7 +1106,16 @@ def emulated_steps(dtype, rng=None, base=None, state_read=False):
     if dtype == "tf32":             # TF32 is a mode of the matrix units: float32 elsewhere
         def matmul(x, W):
             return base.matmul(round_to(x, dtype, rng), round_to(W, dtype, rng))
-        return replace(base, matmul=matmul)
+        if not state_read:
+            return replace(base, matmul=matmul)
+
+        def tf32_step(S, *vectors):  # a chunked kernel's products in TF32 (fla's tl.dot)
+            return base.wkv_step(round_to(S, dtype, rng),
+                                 *(round_to(u, dtype, rng) for u in vectors))
+
+        def tf32_wkv(S, r, w, k, v, alpha, beta, step=tf32_step):
+            return ref.wkv_seq(S, r, w, k, v, alpha, beta, step=step)
+        return replace(base, matmul=matmul, wkv_step=tf32_step, wkv=tf32_wkv)
     rounded = lambda f: (lambda *args: round_to(f(*args), dtype, rng))
     fields = {f: rounded(getattr(base, f)) for f in base.__dataclass_fields__
               if f not in ("wkv", "wkv_step", "matmul")}
@@ -1126,11 +1136,15 @@ def emulated_steps(dtype, rng=None, base=None, state_read=False):
 
 class _StatSink:
     """A trace sink that keeps no array: for each name the reference holds, max|d| / std of the
-    run's value against the reference's (the compare statistic), rows matched by token."""
+    run's value against the reference's (the compare statistic), rows matched by token (the
+    reference's `tokens` / `state_tokens`: a trace of a selection)."""
 
-    def __init__(self, ref_trace, rows, state_rows):
-        self.ref, self.stats, self.rows, self.state_rows = ref_trace, {}, rows, state_rows
-        self._std = {}
+    def __init__(self, ref_trace):
+        self.ref, self.stats, self._std = ref_trace, {}, {}
+        self.rows = getattr(ref_trace, "tokens", None)
+        state_rows = getattr(ref_trace, "state_tokens", None)
+        self.state_row = (None if state_rows is None else
+                          {int(t): i for i, t in enumerate(state_rows)})
 
     def std(self, name):
         if name not in self._std:
@@ -1143,7 +1157,11 @@ class _StatSink:
         self.stats[name] = max(self.stats.get(name, 0.0), float(d) / self.std(name))
 
     def array(self, name, value):
-        if name in self.ref and np.shape(self.ref[name]) == np.shape(value):
+        if name not in self.ref:
+            return
+        if self.rows is not None and not name.startswith("final."):
+            value = value[self.rows]
+        if np.shape(self.ref[name]) == np.shape(value):
             with np.errstate(invalid="ignore"):
                 d = np.abs(np.asarray(value, np.float64) - np.asarray(self.ref[name], np.float64))
             self.note(name, np.nanmax(d) if d.size else 0.0)
@@ -1154,34 +1172,29 @@ class _StatSink:
 
 class _StatRows:
     def __init__(self, sink, name):
-        self.sink, self.name, self.i = sink, name, 0
+        self.sink, self.name, self.t = sink, name, 0
 
     def add(self, S):
         ref_rows = self.sink.ref.get(self.name)
-        if ref_rows is not None and self.i < len(ref_rows):
-            d = np.abs(np.asarray(S, np.float64) - np.asarray(ref_rows[self.i], np.float64))
+        i = self.t if self.sink.state_row is None else self.sink.state_row.get(self.t)
+        if ref_rows is not None and i is not None and i < len(ref_rows):
+            d = np.abs(np.asarray(S, np.float64) - np.asarray(ref_rows[i], np.float64))
             self.sink.note(self.name, np.nanmax(d))
-        self.i += 1
+        self.t += 1
 
     def close(self, shape, dtype):
         pass
 
 
-def selection_of(tr):
-    """The Selection a trace was written with (its meta), or everything."""
-    chosen = (getattr(tr, "meta", None) or {}).get("selection")
-    return Selection(**chosen) if isinstance(chosen, dict) else Selection()
-
-
 def noise_scales(model, ref_trace, dtype, ids, state=None, seed=0):
     """{name: max|d|/std} that rounding alone causes in `dtype` (the section's comment): the
     larger of the two emulated runs (round-to-nearest in float32 arithmetic, stochastic rounding
-    in float64) against `ref_trace`, a float64 trace of `model` over `ids` from `state`."""
-    select = selection_of(ref_trace)
-    T = len(np.atleast_1d(np.asarray(ids)))
+    in float64) against `ref_trace`, a float64 trace of `model` over `ids` from `state` (of all
+    tokens, or of those its `tokens` / `state_tokens` list)."""
+    select = Selection(names=[name for name in ref_trace if "[" not in name])
     out = {}
     for arithmetic, rng in (("float32", None), ("float64", np.random.default_rng(seed))):
-        sink = _StatSink(ref_trace, select.token_rows(T), select.state_rows(T))
+        sink = _StatSink(ref_trace)
         steps = emulated_steps(dtype, rng, state_read=rng is not None)
         _run(model, ids, state, steps, arithmetic, select, sink, None)
         for name, value in sink.stats.items():

@@ -455,13 +455,13 @@ def _record(pth, model_path, ids, state, select, progress, mode, strategy, detai
                 rec.start_call(t)
                 out, st = forward_one(model, token, st)
                 if keep_row(t):
-                    logits.append(out.float().numpy()[None])
+                    logits.append(out.detach().float().cpu().numpy()[None])
                 if progress:
                     progress(t + 1, T)
         else:
             rec.start_call(None if T > 1 else 0)
             out, st = forward_seq(model, ids, st, True) if T > 1 else forward_one(model, ids[0], st)
-            logits.append(out.float().numpy().reshape(T, -1))     # rows picked below
+            logits.append(out.detach().float().cpu().numpy().reshape(T, -1))     # rows picked below
             if progress:
                 progress(1, 1)
 
