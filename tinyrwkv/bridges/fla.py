@@ -59,7 +59,7 @@ writes) is given to fla as it is. Anything else tinyrwkv reads is first written 
 float32 folder with tinyrwkv's writer (formats/hf.py; the stored numbers widened exactly). The
 weights are loaded with torch's load_state_dict(strict=True) into RWKV7ForCausalLM(config), so a
 missing or unexpected tensor is an error, never a random initialisation, then cast to `dtype`.
-Known differences of fla's model (docs/_bridge_fla.md): its GroupNorm eps is head_dim * 1e-5
+Known differences of fla's model (docs/formats.md §8.6.3): its GroupNorm eps is head_dim * 1e-5
 (the official 64e-5 only for 64-wide heads); no DeepEmbed.
 """
 

@@ -63,7 +63,7 @@ nodes per layer runs in Python: a 128-token prefill of the 0.1B shape took 6-8 s
 without the bridge (2 busy cores); chunk=1 about 1 s a token (plain decode 0.1 s). Selecting
 fewer names asks for fewer nodes.
 
-Things found (docs/_bridge_llamacpp.md): llama.cpp's log decay uses the constant 0.606531 for
+Things found (docs/formats.md §8.6.2): llama.cpp's log decay uses the constant 0.606531 for
 e^-0.5, so its w_log is systematically 6.0e-7 (relative) larger in magnitude: ~10 float32
 roundoffs, harmless and inside fp32. With F16 and Q8_0 files its CPU matrix products also round
 the activations (to f16; to 8-bit blocks), which is what a trace of such a file shows from the
