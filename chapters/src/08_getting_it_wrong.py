@@ -546,8 +546,9 @@ assert 1 <= len(falls_apart) < len(MISTAKES) / 2   # "a few fall apart"
 # `w_log` and `w_cuda`, the decay in the forms other kernels take (docs/architecture.md §11.6),
 # which it never computes; `compare` lists those as "not in the other trace" and ignores them.
 #
-# **Which precision to trace in.** `compare`'s tolerance is set by the other program's precision:
-# `--dtype fp32` (the default) accepts max|Δ|/std ≤ 1e-4 per tensor. Our forward pass computes in
+# **Which precision to trace in.** `compare`'s tolerance is set by the other program's precision,
+# `--dtype fp32` by default: with one fixed tolerance that is max|Δ|/std ≤ 1e-4 per tensor (given
+# the model, each tensor gets its own, measured: further down). Our forward pass computes in
 # the dtype of the weights it is given, so we trace it in **float64** (`m=model64`): then the
 # correct pass agrees with the reference to float64 rounding, and anything beyond 1e-4 is a bug,
 # never noise. (A float32 trace works too, with one catch on this model, measured further down.)
@@ -619,9 +620,26 @@ assert tail > 20
 # tensor's *standard deviation*: right at the fp32 tolerance, while the RMS error stays below
 # 1e-6. Whether a correct float32 port lands just under or just over it depends on the order its
 # matrix products add up (on this machine it changes with the number of BLAS threads). So a lone
-# `ffn_hidden` row near 1e-4 with a tiny relative RMS, in a float32 trace, is rounding. Either
-# trace your port in float64, as we do, or raise `--tol` a little, knowing that the smallest
-# mistakes (the GroupNorm epsilon below enters at about 3e-4) then come close to slipping through.
+# `ffn_hidden` row near 1e-4 with a tiny relative RMS, in a float32 trace, is rounding.
+#
+# That verdict came from one tolerance for every tensor (`oracle.compare` without the model, or
+# `tinyrwkv compare --fixed`). Given the model, `compare` does better (docs/formats.md §8.5): it
+# re-runs the reference emulating float32 to measure what rounding alone does to *each* tensor on
+# these weights and tokens, and allows 20 times that; and it recomputes every op from the other
+# trace's own inputs (the local op check), so an op is judged on its own rounding, not on what
+# arrived from upstream. `tinyrwkv compare` does this by itself when the reference trace names its
+# model, as the one we wrote does. The heavy-tailed hidden layer gets a wider tolerance than 1e-4,
+# well-conditioned tensors a narrower one, and the float32 pass is within all of them:
+
+# %%
+calibrated = oracle.compare(reference, correct32, "fp32", model=model64)   # ids: the trace's meta
+tol_of = {r["name"]: r["tol"] for r in calibrated["rows"]}
+print(f"calibrated tolerance of L2.ffn_hidden {tol_of['L2.ffn_hidden']:.1e}, of L2.ln1 "
+      f"{tol_of['L2.ln1']:.1e}, of logits {tol_of['logits']:.1e} (fixed: {FP32_TOL:g} for all)")
+worst_local = max(r["local"]["ratio"] for r in calibrated["rows"] if "local" in r)
+print(f"float32 pass: all within? {calibrated['ok']}; worst local error/tolerance {worst_local:.2f}")
+assert calibrated["ok"] and worst_local < 1
+assert tol_of["L2.ffn_hidden"] > rows32[0]["max_rel"] and tol_of["L2.ln1"] < FP32_TOL / 2
 
 # %% [markdown]
 # Now two mistakes that are hard to see in text: the bonus computed with the value from *before*
