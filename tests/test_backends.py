@@ -72,7 +72,8 @@ LAYERS = [
      "tinyrwkv.schema", "tinyrwkv.synthetic", "tinyrwkv.formats"},
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
-    {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer"},
+    {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer",
+     "tinyrwkv.bridges", "tinyrwkv.chat_format"},
     {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv"},
 ]
 

@@ -168,15 +168,11 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv", inputs=()):
     elif suffix in (".safetensors", ".pth"):
         if suffix == ".pth":
             try:
-                import torch
+                import torch  # noqa: F401  (checked before anything is written)
             except ImportError:
                 fail("writing .pth needs torch (pip install torch); .safetensors does not")
-            # torch.save takes the whole dict: .pth output is not streamed
-            dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[out_type]
-            tensors = {k: torch.tensor(np.asarray(source.read(k, "float32"))).to(dt)
-                       for k in source.keys()}
-            with atomic_path(out) as tmp:
-                torch.save(tensors, tmp)
+            from .formats.pth import write_pth
+            write_pth(out, source, out_type)          # the whole dict at once: not streamed
         else:
             code = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[out_type]
             entries = {k: (code, info.shape) for k, info in source.tensors().items()}

@@ -159,9 +159,9 @@ def write_gguf_for_llama(path_in, path_out, out_type="f32"):
     """Convert any checkpoint tinyrwkv reads into a GGUF llama.cpp runs (`out_type` "f32", "f16",
     "q8_0", ...: tinyrwkv.formats.write_gguf), with the model's vocabulary when it has one that
     fits, else a placeholder one."""
-    import tinyrwkv
     from ..formats import write_gguf
-    model = tinyrwkv.load(path_in, dtype="float32", backend="numpy", progress=False)
+    from ..loader import load
+    model = load(path_in, dtype="float32", backend="numpy", progress=False)
     weights = model.stored_tensors()
     V = model.config.vocab_size
     tok = getattr(model, "tokenizer", None)

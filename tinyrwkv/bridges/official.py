@@ -136,12 +136,12 @@ def _pth_file(model_path):
     if path.is_file() and path.suffix.lower() == ".pth":
         yield path
         return
-    from ..cli import write_weights
     from ..formats import open_model
+    from ..formats.pth import write_pth
     source = open_model(path)
     with tempfile.TemporaryDirectory(prefix="tinyrwkv-official-") as tmp:
         out = Path(tmp) / "model.pth"
-        write_weights(out, source, "f32", inputs=(path,))
+        write_pth(out, source, "f32")
         yield out
 
 
