@@ -100,6 +100,10 @@ class Chat:
             from .generate import CHAT_SAMPLING
             from .sampling import SamplingParams
             sampling = SamplingParams(**CHAT_SAMPLING)
+        if self.style == "world" and 0 not in tuple(sampling.ban_tokens):
+            # ChatRWKV's World chat bans end-of-text: a reply ends at its blank line ("\n\n")
+            from dataclasses import replace
+            sampling = replace(sampling, ban_tokens=tuple(sampling.ban_tokens) + (0,))
         session = self.session
         text = self.turn_text(message)
         self.tail = ""                          # mid-turn, until the reply has ended cleanly
@@ -313,8 +317,9 @@ def not_chat_warning(model):
 
 
 def sampling_of(args):
-    """The chat's sampling (ChatRWKV API_DEMO_CHAT.py's defaults are the options' defaults).
-    Unlike the old chat, end-of-text is not banned: it ends a reply, as a stop string does."""
+    """The chat's sampling (ChatRWKV API_DEMO_CHAT.py's defaults are the options' defaults). In
+    the World style end-of-text is banned, as ChatRWKV does (Chat.reply); a G1 reply may end
+    with it."""
     from .sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           presence_penalty=args.presence_penalty,

@@ -69,9 +69,7 @@ def sampling_from(args):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty,
-                          penalty_decay=args.penalty_decay,
-                          **({"penalty_exempt": ""} if args.command == "chat" else {}),
-                          **({"ban_tokens": (0,)} if args.command == "chat" else {}))
+                          penalty_decay=args.penalty_decay)
 
 
 def rate(n, seconds):
@@ -258,48 +256,6 @@ def generate_several(args, prompts):
     print(f"tinyrwkv: {len(prompts)} prompts {rate(prompt_tokens, prompt_seconds)}; generated "
           f"{rate(sum(s.stats['tokens'] for s in sessions), seconds)} as a batch of "
           f"{len(prompts)}", file=sys.stderr)
-
-
-def cmd_chat(args):
-    from .generate import Session, chat_message
-    model = load_model(args)
-    session = Session(model, model.tokenizer, seed=None if args.seed < 0 else args.seed)
-    if args.system:
-        session.feed(f"System: {args.system.strip()}\n\n")
-    start = session.state.copy() if session.state is not None else None
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Chat with the model. /reset forgets the conversation, /exit (or Ctrl-D) quits.",
-              file=sys.stderr)
-    while True:
-        try:
-            message = input("User: ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        except UnicodeDecodeError as e:
-            fail(f"stdin: the message is not UTF-8 text ({e.reason}); type or pipe UTF-8")
-        if not interactive and message == "":
-            break                                  # end of piped input
-        message = message.strip()
-        if not message:
-            continue
-        if message in ("/exit", "/quit"):
-            break
-        if message == "/reset":
-            session.state = start.copy() if start is not None else None
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if not interactive:
-            emit(f"User: {message}\n")
-        session.feed(chat_message(message))
-        emit("Assistant:")
-        for piece in session.stream(args.max_tokens, sampling_from(args), stop=["\n\n"],
-                                    stop_at_eot=False):
-            emit(piece)
-        emit("\n\n")
-    s = session.stats
-    if s["tokens"]:
-        print(f"tinyrwkv: generated {rate(s['tokens'], s['seconds'])}", file=sys.stderr)
 
 
 def cmd_info(args):
@@ -682,13 +638,8 @@ def build_parser():
                    help="save the final state to FILE (.npz is appended to a name without it)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="chat in the RWKV 'User:/Assistant:' format", formatter_class=fmt,
-                       description="Chat with an RWKV-7 model. The model's state carries the "
-                                   "conversation: nothing is re-read between turns.")
-    model_args(c)
-    sampling_args(c, temperature=1.0, top_p=0.3, presence=0.5, frequency=0.5, max_tokens=500)
-    c.add_argument("--system", metavar="TEXT", help="a 'System:' message before the first turn")
-    c.set_defaults(func=cmd_chat)
+    from .chat import add_parser as add_chat_parser
+    add_chat_parser(sub, fmt)
 
     # Every word after `bench` is the benchmark's own, --help included: no prefix character of
     # this parser can start one of them, so they all land in bench_args.
