@@ -287,3 +287,31 @@ def test_threads_store_and_look_up_concurrently(tmp_path):
                                   np.random.default_rng(w).integers(0, 100, 39)]
             m, state, _ = again.lookup("m", conversation)
             assert m == 0 or tag_of(state) == 1000 * w + m
+
+
+def test_clear_drops_writes_still_queued(tmp_path):
+    cache = StateCache(10**7, tmp_path)
+    for t in range(1, 6):
+        cache.store("m", [t, t], state_for(t))
+    cache.clear()                                   # some writes may still be waiting
+    cache.flush()
+    assert not list(tmp_path.glob("*.npz")) and cache.stats()["disk_entries"] == 0
+
+
+def test_logits_stored_later_reach_the_file(tmp_path):
+    with StateCache(10**7, tmp_path) as cache:
+        cache.store("m", np.array([3, 4], dtype=np.int64), state_for(4))      # no logits yet
+        cache.flush()
+        cache.store("m", [3, 4], state_for(4), logits_for(4))
+    n, state, logits = StateCache(10**7, tmp_path).lookup("m", np.array([3, 4, 5]))
+    assert n == 2 and np.array_equal(logits, logits_for(4))
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+
+def test_an_entry_from_disk_larger_than_a_new_budget_is_served_not_kept(tmp_path):
+    with StateCache(10**7, tmp_path) as cache:
+        cache.store("m", [1, 2], state_for(1), logits_for(1))
+    small = StateCache(100, tmp_path, disk_budget=10**7)
+    n, state, _ = small.lookup("m", [1, 2])
+    assert (n, tag_of(state)) == (2, 1.0)
+    assert small.stats()["entries"] == 0 and small.stats()["bytes"] == 0

@@ -115,7 +115,7 @@ class StateCache:
     folder: where entries are also written (created when missing); None: memory only.
     disk_budget: bytes of entry files the folder may hold (default DISK_FACTOR x budget_bytes).
     background_writes: with a folder, write entry files on a background thread (default), so
-        store() returns without waiting for the disk (a 0.1B entry takes ~25 ms with its fsync);
+        store() returns without waiting for the disk (a 0.1B entry takes 20-40 ms with its fsync);
         at most WRITE_QUEUE entries wait, beyond that store() waits. flush() waits for them all;
         close() also stops the thread. False: store() writes the file itself.
     hash_fn: prefix_hashes by default; any function of an int32 array ids returning len(ids)+1
