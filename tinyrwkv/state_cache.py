@@ -99,13 +99,15 @@ class _Entry:
     """One cached prefix. `state`/`logits` are None while it is on disk only; `path` is None
     while it is in memory only. Its arrays are never changed in place (a new store replaces
     them), so lookup can copy them outside the lock."""
-    __slots__ = ("key", "ids", "state", "logits", "nbytes", "path", "file_bytes", "file_logits")
+    __slots__ = ("key", "ids", "state", "logits", "nbytes", "path", "file_bytes", "file_logits",
+                 "writing")
 
     def __init__(self, key, ids, state, logits, nbytes, path=None, file_bytes=0,
                  file_logits=False):
         self.key, self.ids, self.state, self.logits = key, ids, state, logits
         self.nbytes, self.path, self.file_bytes = nbytes, path, file_bytes
         self.file_logits = file_logits          # whether its file holds logits
+        self.writing = False                    # a write of its file is queued or under way
 
 
 class StateCache:
@@ -236,6 +238,9 @@ class StateCache:
                 if entry.state is not None:
                     self._bytes -= entry.nbytes
                     del self._mem[key]
+                if logits is None and entry.logits is not None:
+                    logits = entry.logits                   # the same ids: the same logits
+                    nbytes = entry_bytes(len(ids), state, logits)
                 entry.state, entry.logits, entry.nbytes = state, logits, nbytes
                 if entry.path is not None and logits is not None and not entry.file_logits:
                     self._forget_file(entry, remove=False)      # rewritten below, with logits
@@ -244,7 +249,8 @@ class StateCache:
             self._touch(entry)
             self._evict_memory()
             write = self.folder is not None and entry.path is None and \
-                self.disk_budget >= nbytes
+                not entry.writing and self.disk_budget >= nbytes
+            entry.writing = entry.writing or write
         if write:
             job = (entry, model_key, ids, state, logits, generation)
             if self._background:
@@ -434,6 +440,12 @@ class StateCache:
 
     def _write(self, entry, model_key, ids, state, logits, generation):
         """Write `entry`'s file (outside the lock), then index it."""
+        try:
+            self._write_file(entry, model_key, ids, state, logits, generation)
+        finally:
+            entry.writing = False
+
+    def _write_file(self, entry, model_key, ids, state, logits, generation):
         path = self._file_name(model_key, ids)
         arrays = dict(format=np.array(CACHE_FORMAT), model_key=np.array(model_key),
                       ids=ids.astype("<i4"),
