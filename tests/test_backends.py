@@ -73,7 +73,8 @@ LAYERS = [
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
     {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer",
-     "tinyrwkv.bridges", "tinyrwkv.chat_format"},
+     "tinyrwkv.bridges", "tinyrwkv.chat_format", "tinyrwkv.state_cache"},
+    {"tinyrwkv.cli_support", "tinyrwkv.chat"},
     {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv"},
 ]
 

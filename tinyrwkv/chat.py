@@ -239,7 +239,7 @@ def read_conversation(path, model, style, warn):
     as generate --state reads). The sidecar, when there is one, gives the tail; differences in
     model or style are passed to `warn`, and a sidecar that cannot be used is ignored with a
     warning (the state itself is still checked)."""
-    from .cli import load_state
+    from .cli_support import load_state
     from .formats.state_file import state_file_path
     path = Path(path)
     if not path.exists() and state_file_path(path).is_file():    # /save talk wrote talk.npz
@@ -330,7 +330,7 @@ def sampling_of(args):
 def run(args):
     """The chat command: stdin lines in (a terminal or a pipe), replies out on stdout; notes,
     warnings and speed on stderr."""
-    from .cli import load_model
+    from .cli_support import load_model
     from .files import refuse_overwriting
     from .formats.state_file import state_file_path
     if args.save_state:
@@ -366,7 +366,7 @@ def run(args):
             err(f"conversation saved to {written} (and {sidecar_path(written).name})")
     s = chat.session.stats
     if s["tokens"]:
-        from .cli import rate
+        from .cli_support import rate
         err(f"generated {rate(s['tokens'], s['seconds'])}")
 
 
@@ -375,7 +375,7 @@ def converse(chat, args, interactive, err, lines=None, out=None):
     through cli.emit). Piped input is echoed as "User: ..." lines. A failed /save or /load is
     reported and the chat goes on in a terminal; in piped input it ends the run (exit status 1),
     as a script should stop at a failed step."""
-    from .cli import emit, fail
+    from .cli_support import emit, fail
     write = emit if out is None else out.write
     sampling = sampling_of(args)
     show = args.show_thinking if args.show_thinking is not None else True
@@ -441,7 +441,7 @@ def command(chat, line, err, interactive, fail):
                     err(f"(conversation loaded from {arg})")
                 return None
             except (OSError, ValueError) as e:
-                from .cli import describe_os_error
+                from .cli_support import describe_os_error
                 problem = describe_os_error(e) if isinstance(e, OSError) else str(e)
         if not interactive:
             fail(problem)
@@ -550,7 +550,7 @@ def _with_raw_epilog(formatter_class):
 
 def main(argv=None):
     """`python -m tinyrwkv.chat ARGS` = `tinyrwkv chat ARGS` (until cli.py wires it in)."""
-    from .cli import HelpFormatter, Parser, one_line_errors
+    from .cli_support import HelpFormatter, Parser, one_line_errors
     parser = Parser(prog="tinyrwkv")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub, HelpFormatter)
