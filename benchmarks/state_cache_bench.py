@@ -1,4 +1,4 @@
-"""Time StateCache.lookup for a long conversation, report bytes per entry (docs/_i17_cache.md §4).
+"""Time StateCache.lookup for a long conversation, report bytes per entry (docs/serving.md §2.4).
 
     python benchmarks/state_cache_bench.py [--tokens 4000] [--entries 500]
 

@@ -16,7 +16,7 @@ prefix of `ids` in one vectorised pass (a polynomial hash mod 2**64, prefix_hash
 the lengths the cache holds for that model from the longest down; the first key found whose ids
 equal ids[:n] exactly (a hash collision is never a hit) is the answer. Cost: O(T) for the hashes
 of a T-token sequence, one dict probe per distinct cached length <= T, O(n) for the exact check of
-the hit (and of any colliding key), then a copy of the state. Measured (docs/_i17_cache.md §4):
+the hit (and of any colliding key), then a copy of the state. Measured (docs/serving.md §2.4):
 0.06-0.16 ms for 4000 tokens and 500 entries, the copy of a shipped-model state included.
 
 Memory. Bounded by `budget_bytes`: an entry costs state.nbytes + logits.nbytes + the ids (4 bytes
@@ -26,7 +26,7 @@ recent) are evicted first; an entry larger than the whole budget is not stored a
 Persistence (`folder`). Each stored entry is written by a background thread (store() returns at
 once; flush() waits), atomically (tinyrwkv/files.py), as `<32 hex digits>.npz`: an uncompressed
 npz with the tag "tinyrwkv-state-cache-v1" (the layout is in ENTRY_MEMBERS below and
-docs/_i17_cache.md §3). A new StateCache on the folder scans it at start: it reads each file's
+docs/serving.md §2.3). A new StateCache on the folder scans it at start: it reads each file's
 tag, model key and ids and checks the headers of its arrays (never the state data, never
 pickle), and loads a state only when a lookup needs it. Files of entries evicted from
 memory stay on disk, up to `disk_budget` bytes (default 4x budget_bytes); beyond it the least
