@@ -1,4 +1,4 @@
-"""The server's state cache (tinyrwkv/state_cache.py, docs/_i17_cache.md): longest exact prefix,
+"""The server's state cache (tinyrwkv/state_cache.py, docs/serving.md §2): longest exact prefix,
 copies not aliases, LRU by bytes, model separation, persistence, hostile folders, hash
 collisions, threads."""
 

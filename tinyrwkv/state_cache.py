@@ -1,4 +1,4 @@
-"""A cache of RNN states by token prefix, for the server (docs/_i17_cache.md).
+"""A cache of RNN states by token prefix, for the server (docs/serving.md §2).
 
     cache = StateCache(512 * 2**20, folder="state-cache")   # 512 MiB in memory (folder optional)
     n, state, logits = cache.lookup("story-float32", ids)    # the longest cached prefix ids[:n]
