@@ -2,9 +2,11 @@
 streamed and not, several clients at once (decoded as one batch), the state cache's hit path,
 embeddings, and bad requests (OpenAI-style errors, and the server goes on serving)."""
 
+import argparse
 import http.client
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -223,7 +225,7 @@ def test_synthetic_world_model_shapes(tmp_path):
     path = tmp_path / "tiny-world.safetensors"
     save_safetensors(path, make_weights(n_layer=2, n_embd=64, vocab_size=65536, seed=3))
     model = tinyrwkv.load(path)
-    server, client = start(model, cache=None, max_batch=2)
+    server, client = start(model, cache=None, max_batch=2, max_tokens_limit=10 ** 6)
     try:
         assert server.style == "world" and server.warning is None
         r = client.chat.completions.create(model="tiny-world", max_tokens=4, seed=1,
@@ -235,5 +237,47 @@ def test_synthetic_world_model_shapes(tmp_path):
         e = client.embeddings.create(model="tiny-world", input=[[10, 20, 30]])
         assert len(e.data[0].embedding) == 64
         assert server.engine.stats()["cache"] is None
+        # A client that leaves mid-stream: its sequence leaves the batch (greedy on these
+        # weights never samples end-of-text, so only the client's going can end it early).
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps(dict(model="tiny-world", prompt=[1, 2], max_tokens=10 ** 6,
+                                          stream=True, **GREEDY)))
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        response.close()                                 # the client goes away
+        conn.close()
+        for _ in range(200):                             # noticed at its next writes
+            if server.engine.stats()["dropped"]:
+                break
+            time.sleep(0.05)
+        stats = server.engine.stats()
+        assert stats["dropped"] == 1 and stats["running"] == 0
+        assert client.completions.create(model="tiny-world", prompt=[3], max_tokens=2).choices
     finally:
         server.close()
+
+
+def parse(*argv):
+    from tinyrwkv.cli import HelpFormatter
+    from tinyrwkv.server import add_parser
+    parser = argparse.ArgumentParser(prog="tinyrwkv")
+    add_parser(parser.add_subparsers(dest="command"), HelpFormatter)
+    return parser, parser.parse_args(["serve", *argv])
+
+
+def test_cli_options(capsys):
+    _, args = parse()
+    assert (args.host, args.port, args.max_batch, args.cache_mb, args.model) == \
+        ("127.0.0.1", 8000, 16, 256, None)
+    _, args = parse("--port", "0", "--cache-mb", "0", "--cache-dir", "somewhere")
+    with pytest.raises(SystemExit) as exit:
+        args.func(args)
+    assert exit.value.code == 1 and "--cache-mb 0 turns the cache off" in capsys.readouterr().err
+    parser, _ = parse()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "OpenAI" in out and "--max-prompt-tokens" in out and "default: 8192" in out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--max-batch", "0"])

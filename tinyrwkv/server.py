@@ -39,7 +39,8 @@ from .generate import CHAT_SAMPLING, Continuation
 from .sampling import SamplingParams
 
 MAX_BODY = 16 * 1024 * 1024           # bytes of a request body at most
-TEXT_INDEX_SIZE = 4096                # texts whose exact token ids are remembered (cache hits)
+TEXT_INDEX_SIZE = 4096                # texts whose exact token ids are remembered (cache hits),
+TEXT_INDEX_BYTES = 32 * 1024 * 1024   # and their size at most (4 bytes a character or an id)
 PREFILL_CHUNK = 256                   # prompt tokens per forward call (bounds memory)
 
 
@@ -125,10 +126,11 @@ class Engine:
         self.model_key = model_key or model_key_of(model)
         self.queue = queue.Queue()
         self.text_index = OrderedDict()           # text -> the exact ids whose state is cached
+        self.text_index_bytes = 0
         self.lock = threading.Lock()
         self.counters = dict(requests=0, sequences=0, steps=0, batched_steps=0, max_batch_seen=0,
                              prompt_tokens=0, prompt_tokens_read=0, prompt_tokens_cached=0,
-                             completion_tokens=0, errors=0)
+                             completion_tokens=0, errors=0, dropped=0, running=0)
         self.running = True
         self.thread = threading.Thread(target=self.loop, name="tinyrwkv-engine", daemon=True)
 
@@ -178,12 +180,18 @@ class Engine:
         if self.cache is None:
             return
         self.cache.store(self.model_key, list(ids), state, logits)
-        if text is not None:
+        size = 4 * (len(text) + len(ids)) if text is not None else 0
+        if text is not None and size <= TEXT_INDEX_BYTES:
             with self.lock:
+                old = self.text_index.pop(text, None)
+                if old is not None:
+                    self.text_index_bytes -= 4 * (len(text) + len(old))
                 self.text_index[text] = tuple(ids)
-                self.text_index.move_to_end(text)
-                while len(self.text_index) > TEXT_INDEX_SIZE:
-                    self.text_index.popitem(last=False)
+                self.text_index_bytes += size
+                while len(self.text_index) > TEXT_INDEX_SIZE or \
+                        self.text_index_bytes > TEXT_INDEX_BYTES:
+                    known, known_ids = self.text_index.popitem(last=False)
+                    self.text_index_bytes -= 4 * (len(known) + len(known_ids))
 
     def prefill(self, job):
         """Read the job's prompt into a state, from the longest cached prefix on."""
@@ -249,7 +257,12 @@ class Engine:
         if text:
             job.out.put(("text", job.index, text))
         if state is not None and job.generated and self.cache is not None:
-            whole = None if job.text is None else job.text + self.tokenizer.decode(job.generated)
+            whole = None
+            if job.text is not None:
+                try:   # a reply that is not valid UTF-8 cannot come back as the same bytes
+                    whole = job.text + self.tokenizer.decode_bytes(job.generated).decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
             self.remember(whole, list(job.ids) + job.generated, state.copy(), job.logits)
         usage = dict(prompt_tokens=len(job.ids), completion_tokens=len(job.generated),
                      cached_tokens=job.cached)
@@ -275,15 +288,19 @@ class Engine:
             for row, reason in leave.items():
                 if reason is not None:
                     self.finish(active[row], reason, batch[row])
+                else:
+                    self.count(dropped=1)          # its client has gone
             keep = [row for row in range(len(active)) if row not in leave]
             active = [active[row] for row in keep]
             batch = batch.take(keep) if keep else None
         if not active:
+            self.counters["running"] = 0
             return [], None
         logits, batch = self.model.forward_batch(tokens, batch)
         self.count(steps=1, batched_steps=int(len(active) > 1))
         with self.lock:
             self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(active))
+            self.counters["running"] = len(active)
         stopped = []
         for row, (job, token) in enumerate(zip(active, tokens)):
             job.logits = logits[row]
@@ -299,6 +316,8 @@ class Engine:
             keep = [row for row in range(len(active)) if row not in stopped]
             active = [active[row] for row in keep]
             batch = batch.take(keep) if keep else None
+        if not active:
+            self.counters["running"] = 0
         return active, batch
 
     def submit(self, jobs):
@@ -605,7 +624,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:      # not UTF-8, not JSON, nested too deep
             raise RequestError(f"the body is not valid JSON ({e}): send a JSON object",
                                code="invalid_json") from None
         if not isinstance(body, dict):
@@ -799,9 +818,9 @@ def add_parser(sub, formatter_class):
                     "not), /v1/embeddings; GET /v1/stats for counters. Requests that arrive "
                     "together are decoded as one batch; the state after each prompt and reply is "
                     "cached, so a chat that continues only reads its new tokens.",
-        epilog="Example: tinyrwkv serve --port 8000, then\n  curl http://127.0.0.1:8000/v1/"
-               "completions -H 'Content-Type: application/json' -d '{\"model\": \"model\", "
-               "\"prompt\": \"Once upon a time\", \"max_tokens\": 30}'")
+        epilog="Then point any OpenAI client at http://HOST:PORT/v1 (curl "
+               "http://127.0.0.1:8000/v1/models lists the model's id). No authentication: "
+               "serve on localhost or a network you trust.")
     p.add_argument("--model", "-m", metavar="PATH",
                    help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face folder; "
                         "default: the model in weights/")
@@ -855,6 +874,9 @@ def make_cache(cache_mb, cache_dir=None):
 
 def run(args):
     from .cli import fail, load_model
+    if args.cache_dir and not args.cache_mb:
+        fail("--cache-dir keeps the state cache on disk, but --cache-mb 0 turns the cache off: "
+             "give --cache-mb a budget (e.g. 256)")
     model = load_model(args)
     try:
         cache = make_cache(args.cache_mb, args.cache_dir)
