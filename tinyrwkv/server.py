@@ -50,7 +50,8 @@ class RequestError(Exception):
     def __init__(self, message, param=None, code=None, status=400,
                  kind="invalid_request_error"):
         super().__init__(message)
-        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+        self.message, self.param, self.code = message, param, code
+        self.status, self.kind = status, kind
 
     def body(self):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -345,7 +346,8 @@ def model_key_of(model):
     """What tells this model's cached states from another's: the file's name, size and time,
     the compute dtype and the weight storage."""
     path = getattr(model, "path", None)
-    parts = [str(getattr(model, "name", "") or ""), str(model.dtype), str(getattr(model, "storage", ""))]
+    parts = [str(getattr(model, "name", "") or ""), str(model.dtype),
+             str(getattr(model, "storage", ""))]
     if path is not None:
         try:
             st = path.stat()
@@ -365,7 +367,8 @@ class Server:
                  max_tokens_limit=4096, cache=None, model_id=None, quiet=False):
         from .chat_format import style_of
         self.model = model
-        self.model_id = model_id or (model.path.stem if getattr(model, "path", None) else "tinyrwkv")
+        path = getattr(model, "path", None)
+        self.model_id = model_id or (path.stem if path is not None else "tinyrwkv")
         self.style = style_of(model)
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.quiet = quiet
@@ -577,7 +580,8 @@ def _usage(usages):
     cached = sum(u["cached_tokens"] for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}, "prompt_tokens_read": prompt - cached}
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_tokens_read": prompt - cached}
 
 
 class ClientGone(Exception):
@@ -890,8 +894,10 @@ def run(args):
              "on that port? choose another with --port)")
     if server.warning:
         print(f"tinyrwkv serve: warning: {server.warning}", file=sys.stderr)
-    cache_line = (f"state cache {args.cache_mb:g} MiB" + (f" in {args.cache_dir}" if args.cache_dir
-                                                         else "")) if cache else "no state cache"
+    cache_line = "no state cache"
+    if cache is not None:
+        cache_line = f"state cache {args.cache_mb:g} MiB" + (f" in {args.cache_dir}"
+                                                             if args.cache_dir else "")
     print(f"tinyrwkv serve: '{server.model_id}' on http://{args.host}:{server.port}/v1 "
           f"(batch up to {args.max_batch}, {cache_line}); Ctrl-C stops", file=sys.stderr,
           flush=True)
