@@ -128,14 +128,23 @@ def test_concurrent_requests_are_batched(shipped):
                                                    max_tokens=30, **GREEDY).choices[0].text
         except Exception as e:     # noqa: BLE001: reported below
             errors.append(e)
+    # Hold the engine (a function in its queue) until all 4 requests wait in its queue, so that
+    # it admits them together however the threads are scheduled.
+    release = threading.Event()
+    server.engine.queue.put(lambda: release.wait(30))
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+    for _ in range(600):
+        if server.engine.queue.qsize() >= 4:
+            break
+        time.sleep(0.01)
+    release.set()
     for t in threads:
         t.join()
     assert not errors
     stats = server.engine.stats()
-    assert stats["batched_steps"] > before and stats["max_batch_seen"] >= 2
+    assert stats["batched_steps"] >= before + 29 and stats["max_batch_seen"] == 4
     for prompt, text in zip(prompts, results):      # batched: the same text as alone
         assert text == "".join(generate(model, prompt, max_tokens=30, **GREEDY))
 
