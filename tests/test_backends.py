@@ -74,7 +74,7 @@ LAYERS = [
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
     {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer",
      "tinyrwkv.bridges", "tinyrwkv.chat_format", "tinyrwkv.state_cache"},
-    {"tinyrwkv.cli_support", "tinyrwkv.chat"},
+    {"tinyrwkv.cli_support", "tinyrwkv.chat", "tinyrwkv.server"},
     {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv"},
 ]
 

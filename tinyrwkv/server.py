@@ -1,4 +1,4 @@
-"""`tinyrwkv serve`: an OpenAI-compatible HTTP server (docs/_i17_serve.md).
+"""`tinyrwkv serve`: an OpenAI-compatible HTTP server (docs/serving.md §1).
 
     GET  /v1/models              the one model served
     POST /v1/completions         prompt: a string, a list of strings, token ids, lists of ids
@@ -877,7 +877,7 @@ def make_cache(cache_mb, cache_dir=None):
 
 
 def run(args):
-    from .cli import fail, load_model
+    from .cli_support import fail, load_model
     if args.cache_dir and not args.cache_mb:
         fail("--cache-dir keeps the state cache on disk, but --cache-mb 0 turns the cache off: "
              "give --cache-mb a budget (e.g. 256)")
@@ -911,7 +911,7 @@ def run(args):
 
 
 def main(argv=None):
-    from .cli import HelpFormatter
+    from .cli_support import HelpFormatter
     parser = argparse.ArgumentParser(prog="tinyrwkv")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub, HelpFormatter)
