@@ -15,41 +15,12 @@ import tinyrwkv
 from tinyrwkv.chat_format import render
 from tinyrwkv.formats import save_safetensors
 from tinyrwkv.generate import generate
-from tinyrwkv.server import Server
+from tinyrwkv.server import Server, make_cache
 from tinyrwkv.synthetic import make_weights
 
 openai = pytest.importorskip("openai")
 
 GREEDY = dict(temperature=0, presence_penalty=0, frequency_penalty=0)
-
-
-class PrefixCache:
-    """A stand-in with tinyrwkv.state_cache.StateCache's interface (lookup, store, stats):
-    every stored prefix, unbounded, found by a linear scan."""
-
-    def __init__(self):
-        self.entries, self.hits, self.misses = {}, 0, 0
-
-    def lookup(self, model_key, ids):
-        best = None
-        for (key, prefix), value in self.entries.items():
-            if key == model_key and len(prefix) <= len(ids) and tuple(ids[:len(prefix)]) == prefix:
-                if best is None or len(prefix) > len(best[0]):
-                    best = (prefix, value)
-        if best is None:
-            self.misses += 1
-            return 0, None, None
-        self.hits += 1
-        state, logits = best[1]
-        return len(best[0]), state.copy(), None if logits is None else logits.copy()
-
-    def store(self, model_key, ids, state, logits=None):
-        self.entries[(model_key, tuple(ids))] = (state.copy(),
-                                                 None if logits is None else np.array(logits))
-
-    def stats(self):
-        return dict(hits=self.hits, misses=self.misses, entries=len(self.entries), bytes=0,
-                    budget=0)
 
 
 def start(model, **options):
@@ -63,7 +34,7 @@ def start(model, **options):
 @pytest.fixture(scope="module")
 def shipped():
     model = tinyrwkv.load()
-    server, client = start(model, cache=PrefixCache(), max_prompt_tokens=200)
+    server, client = start(model, cache=make_cache(64), max_prompt_tokens=200)   # the real one
     yield model, server, client
     server.close()
 
