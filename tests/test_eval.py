@@ -160,3 +160,26 @@ def test_a_model_without_a_tokenizer_is_refused_clearly(files):
     bare = tinyrwkv.RWKV7(make_weights(2, 64, 4096, head_size=32, seed=5))
     with pytest.raises(ValueError, match="no tokenizer.*tokenizer="):
         evaluate.evaluate_text(bare, "Once upon a time")
+
+
+def test_progress_reaches_the_total(model):
+    calls = []
+    r = evaluate.evaluate_text(model, "\n\n".join(DOCS), per_document=True, chunk=5,
+                               progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > len(DOCS)                       # per chunk, not per document
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (r["tokens"], r["tokens"])
+
+
+def test_help_says_what_the_modes_are(capsys):
+    import argparse
+    from tinyrwkv.cli import HelpFormatter
+    parser = argparse.ArgumentParser(prog="tinyrwkv")
+    evaluate.add_parser(parser.add_subparsers(), HelpFormatter)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    for words in ("bits per byte", "continuous", "--per-document", "--compare", "--separator",
+                  "--json", "--max-tokens"):
+        assert words in text, words
+    assert "default: []" not in text

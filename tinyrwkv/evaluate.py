@@ -139,7 +139,7 @@ def evaluate_text(model, text, per_document=False, separator=None, max_tokens=No
                 tokens=total_tokens, bytes=n_bytes, nats=nats,
                 bits_per_byte=bits_per_byte(nats, n_bytes),
                 perplexity=math.exp(nats / total_tokens), seconds=seconds,
-                tokens_per_second=total_tokens / seconds if seconds > 0 else float("inf"),
+                tokens_per_second=total_tokens / max(seconds, 1e-9),
                 truncated=truncated)
 
 
@@ -204,7 +204,7 @@ def run(args):
     from .formats.progress import ProgressBar
     texts = {str(f): read_eval_file(f) for f in args.files}     # every file checked before loading
     separator = _separator(args.separator)
-    specs = [(args.model, args.storage)] + [parse_model_spec(s, args.model) for s in args.compare]
+    specs = [(args.model, args.storage)] + [parse_model_spec(s, args.model) for s in args.compare or ()]
     results = []
     for path, storage in specs:
         model = tinyrwkv.load(path, tokenizer=args.tokenizer, backend=args.backend,
@@ -280,15 +280,14 @@ def add_parser(sub, formatter_class=argparse.HelpFormatter):
                     "UTF-8 bytes: comparable across tokenizers), perplexity per token, tokens/s. "
                     "By default each file is read as one stream with the state carried "
                     "(continuous); --per-document reads each document from a fresh state.",
-        epilog="examples:\n"
-               "  tinyrwkv eval valid.txt                                  (the shipped model)\n"
-               "  tinyrwkv eval valid.txt --per-document --separator '<|endoftext|>'\n"
-               "  tinyrwkv eval -m a.pth valid.txt --compare :int8 --compare b.pth --json")
+        epilog="Examples: 'tinyrwkv eval valid.txt' (the shipped model); 'tinyrwkv eval "
+               "valid.txt --per-document --separator \"<|endoftext|>\"'; 'tinyrwkv eval -m "
+               "a.pth valid.txt --compare :int8 --compare b.pth --json'.")
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
     p.add_argument("--model", "-m", metavar="PATH",
                    help="RWKV-7 model (.pth, .safetensors, .gguf, HF folder); default: the model "
                         "in weights/")
-    p.add_argument("--compare", action="append", default=[], metavar="M",
+    p.add_argument("--compare", action="append", metavar="M",
                    help="another model in the same table (repeatable): PATH, PATH:STORAGE, or "
                         ":STORAGE for --model in another storage (e.g. :int8, :bfloat16)")
     p.add_argument("--storage", choices=["float32", "bfloat16", "float16", "int8"],
@@ -297,7 +296,7 @@ def add_parser(sub, formatter_class=argparse.HelpFormatter):
                    help="numba where installed, else numpy")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="'world' or a tokenizer.json; default: chosen from the vocabulary size")
-    p.add_argument("--threads", type=option(int, POSITIVE),
+    p.add_argument("--threads", type=option(int, POSITIVE), metavar="N",
                    help="CPU threads (default: all cores)")
     p.add_argument("--per-document", action="store_true",
                    help="read each document from a fresh state (documents: cut at blank lines, "
