@@ -93,7 +93,7 @@ def evaluate_text(model, text, per_document=False, separator=None, max_tokens=No
     """Bits per byte, perplexity and speed of `model` on `text` (a str).
 
     per_document: each document (documents(text, separator)) from a fresh state; otherwise the
-    whole text as one stream (with `separator`: its documents joined by the end-of-text token).
+    whole text as one stream (with `separator`: each separator read as the end-of-text token).
     max_tokens: predict at most this many tokens (the bytes are then those of the tokens read).
     Returns a dict: mode, documents, tokens (predicted), bytes, nats, bits_per_byte, perplexity,
     seconds, tokens_per_second, truncated.
