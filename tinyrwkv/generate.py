@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .checks import NON_NEGATIVE, check_int
+from .prompts import is_prompt_list, no_tokenizer_message, prompt_ids
 from .sampling import Penalties, SamplingParams, sample_logits
 
 CHAT_SAMPLING = dict(temperature=1.0, top_p=0.3, presence_penalty=0.5, frequency_penalty=0.5,
@@ -46,7 +47,7 @@ class Session:
     def feed(self, text_or_ids, chunk_len=256):
         """Read text (or token ids) into the state. Long prompts go in chunks of `chunk_len` tokens
         (same result as one piece; bounds memory). Returns the next-token logits (V,)."""
-        ids = self.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        ids = list(prompt_ids(text_or_ids, self.tokenizer, self.model, "read text"))
         if not ids:
             raise ValueError("nothing to feed: the prompt encodes to no tokens")
         t0 = time.perf_counter()
@@ -66,6 +67,8 @@ class Session:
         if self.logits is None:
             raise ValueError("feed a prompt before generating")
         check_int("max_tokens", max_tokens, NON_NEGATIVE)
+        if self.tokenizer is None:
+            raise ValueError(no_tokenizer_message(self.model, "generate text"))
         sequence = Continuation(self.tokenizer, sampling or SamplingParams(), self.rng, stop,
                                 stop_at_eot)
         t0 = time.perf_counter()
@@ -235,19 +238,21 @@ def generate(model, prompt, tokenizer=None, max_tokens=100, seed=None, stop=(), 
     `tokenizer` defaults to `model.tokenizer` (set by tinyrwkv.load); `sampling` takes the fields
     of SamplingParams (temperature, top_p, top_k, presence_penalty, ...).
     """
-    if _is_prompt_list(prompt):
+    tokenizer = _tokenizer_of(model, tokenizer)       # checked now, not at the first piece
+    if is_prompt_list(prompt):
         return generate_batch(model, prompt, tokenizer, max_tokens, seed, stop, state, **sampling)
     return _stream_one(model, prompt, tokenizer, max_tokens, seed, stop, state, **sampling)
 
 
-def _is_prompt_list(prompt):
-    """A list of prompts (texts or id lists), as opposed to one prompt (a text or a list of ids)."""
-    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
-            and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt))
+def _tokenizer_of(model, tokenizer):
+    """`tokenizer`, else the model's; generating text needs one (to decode what is sampled)."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(no_tokenizer_message(model, "generate text"))
+    return tokenizer
 
 
 def _stream_one(model, prompt, tokenizer, max_tokens, seed, stop, state, **sampling):
-    tokenizer = tokenizer or model.tokenizer
     session = Session(model, tokenizer, state=state, seed=seed)
     session.feed(prompt)
     yield from session.stream(max_tokens, SamplingParams(**sampling), stop=stop)
@@ -264,7 +269,7 @@ def generate_batch(model, prompts, tokenizer=None, max_tokens=100, seed=None, st
     alone with the same seed (the same prompt twice with one seed gives the same text twice).
     `state`: where every prompt starts (not modified); the other arguments are generate's.
     """
-    tokenizer = tokenizer or model.tokenizer
+    tokenizer = _tokenizer_of(model, tokenizer)
     prompts = list(prompts)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
     if len(seeds) != len(prompts):

@@ -1,6 +1,7 @@
 """RWKV-7 "Goose" (architecture x070) in NumPy: the readable reference forward pass.
 
-This file is the model, written once, importing NumPy only. It reads top to bottom in the order
+This file is the model, written once, importing NumPy only (and prompts.py, NumPy too, for
+text prompts). It reads top to bottom in the order
 of the architecture, with docs/architecture.md numbering the same steps: 1. primitives; 2. the
 steps of a layer, one small function each, gathered in `Steps`; 3. the WKV operator over a
 sequence, recurrent (`wkv_seq`) and chunked (`wkv_chunked`); 4. the time mix and channel mix,
@@ -28,6 +29,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
+
+from .prompts import is_prompt_list, prompt_ids
 
 # ----------------------------------------------------------------------------------------------
 # 1. Primitives
@@ -409,6 +412,15 @@ class State:
     def copy(self):
         return State(self.att_shift.copy(), self.wkv.copy(), self.ffn_shift.copy())
 
+    def __repr__(self):
+        """<State L6 H4x64 float32 393.2 kB, zeros>: the facts, not the numbers."""
+        batch = "".join(f" x{b}" for b in self.wkv.shape[1:-3])      # State.zeros(batch=(B,))
+        return f"<State{batch} {_describe_state(self.wkv, self.nbytes, self.is_zero())}>"
+
+    def is_zero(self):
+        """True when nothing has been read into this state (every number is 0)."""
+        return not any(bool(a.any()) for a in (self.att_shift, self.wkv, self.ffn_shift))
+
     @property
     def nbytes(self):
         """Memory the state takes, whatever the length of the text it has read."""
@@ -437,6 +449,28 @@ class State:
                                  "state holds real numbers: pass a real state")
 
 
+def _describe_state(wkv, nbytes, zero):
+    """'L6 H4x64 float32 393.2 kB[, zeros]' for a (L, ..., H, N, N) WKV state."""
+    L, H, N = wkv.shape[0], wkv.shape[-3], wkv.shape[-1]
+    tail = "" if zero is None else ", zeros" if zero else ", not zeros"
+    return f"L{L} H{H}x{N} {np.dtype(wkv.dtype).name} {human_bytes(nbytes)}{tail}"
+
+
+def human_bytes(n):
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def human_count(n):
+    """7318016 -> '7.3M', 191e6 -> '191.0M', 1.5e9 -> '1.50B'."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
 @dataclass
 class BatchState:
     """The states of B sequences side by side, for decoding them together (`RWKV7.forward_batch`).
@@ -461,6 +495,12 @@ class BatchState:
 
     def __len__(self):
         return self.wkv.shape[0]
+
+    def __repr__(self):
+        """<BatchState B3 L6 H4x64 float32 1.2 MB, 1 of 3 zeros>"""
+        zeros = sum(self[b].is_zero() for b in range(len(self)))
+        return (f"<BatchState B{len(self)} {_describe_state(self.wkv[0] if len(self) else self.wkv, self.nbytes, None)}"
+                f", {zeros} of {len(self)} zeros>")
 
     def __getitem__(self, b):
         """Sequence b's State: a view, so changing it changes the batch."""
@@ -511,6 +551,9 @@ class RWKV7:
     CHUNKED_FROM = 4
     backend = "numpy"
     storage = "float32"   # how the big matrices are kept; the NumPy reference keeps `dtype`
+    tokenizer = None      # set by tinyrwkv.load: what text prompts are encoded with
+    tokenizer_error = None
+    path = None
 
     def __init__(self, weights, dtype="float32", name=None, wkv_method="auto", steps=STEPS):
         if wkv_method not in ("auto", "recurrent", "chunked"):
@@ -557,7 +600,20 @@ class RWKV7:
 
     # ---- the two forms ----
 
+    def __repr__(self):
+        """<RWKV7 'model.safetensors' L6 C256 H4 V4096 7.3M params, numba float32>"""
+        c = self.config
+        name = f" {self.name!r}" if self.name else ""
+        storage = self.dtype.name if self.backend == "numpy" else self.storage
+        return (f"<RWKV7{name} L{c.n_layer} C{c.n_embd} H{c.n_head} V{c.vocab_size} "
+                f"{human_count(self.n_params)} params, {self.backend.split('-')[0]} {storage}>")
+
     def check_ids(self, ids):
+        if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids
+                                    and isinstance(ids[0], str)):
+            raise ValueError("this takes token ids, not text: encode it first "
+                             "(model.tokenizer.encode(text)); model.embed and tinyrwkv.generate "
+                             "take text as well")
         ids = np.asarray(ids)
         ids = ids[None] if ids.ndim == 0 else ids
         if ids.ndim != 1 or ids.size == 0:
@@ -683,12 +739,19 @@ class RWKV7:
         results = [self.forward([token], state) for token, state in zip(tokens, states)]
         return np.stack([logits for logits, _ in results]), [state for _, state in results]
 
-    def embed(self, ids, state=None, pool="last", normalize=True):
+    def embed(self, prompt, state=None, pool="last", normalize=True, tokenizer=None):
         """A sentence embedding: the final hidden vector (after ln_out) of the last token
         (pool="last", the one the head reads) or the mean over tokens (pool="mean"), unit length
-        with normalize=True. (C,) in the model's dtype; quality depends on the model."""
+        with normalize=True. (C,) in the model's dtype; quality depends on the model.
+
+        prompt: token ids, or text (encoded with `tokenizer`, default `model.tokenizer`), or a
+        list of those: then a (B, C) array, row i the embedding of prompt i (each read on its
+        own: prompts differ in length, and an embedding is a prefill, no decode to batch)."""
         if pool not in ("last", "mean"):
             raise ValueError(f"pool must be 'last' or 'mean', not {pool!r}")
+        if is_prompt_list(prompt):
+            return np.stack([self.embed(p, state, pool, normalize, tokenizer) for p in prompt])
+        ids = prompt_ids(prompt, tokenizer or self.tokenizer, self, "embed text")
         h, _ = self.hidden(ids, state)                        # (T, C)
         e = h[-1] if pool == "last" else h.mean(axis=0)
         return e / np.linalg.norm(e) if normalize else e

@@ -34,6 +34,7 @@ import numpy as np
 from . import train
 from .checks import (NON_NEGATIVE, POSITIVE, UNIT, UNIT_BELOW_ONE, check_float, check_int, option,
                      read_text)
+from .evaluate import bits_per_byte as eval_bits_per_byte, nats_of_ids
 from .files import OutputError, atomic_open, atomic_path, refuse_overwriting, write_text
 from .formats import read_checkpoint, save_safetensors
 from .formats.npz import NpzReader
@@ -126,16 +127,9 @@ def clip_(grads, max_norm):
 
 def nll_of_ids(model, ids, chunk=512):
     """Total negative log-likelihood (nats) of ids[1:] given what precedes, read in chunks with
-    the state carried (the recurrent model sees the whole file as one text)."""
-    total, state = 0.0, None
-    for start in range(0, len(ids) - 1, chunk):
-        x = ids[start:start + chunk + 1]
-        logits, state = model.forward(x[:-1], state, full_output=True)
-        logits = logits.astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
-        total += float((logz - logits[np.arange(len(x) - 1), x[1:]]).sum())
-    return total
+    the state carried (the recurrent model sees the whole file as one text). The math is
+    `tinyrwkv eval`'s (evaluate.nats_of_ids), one copy for both."""
+    return nats_of_ids(model, ids, chunk=chunk)[0]
 
 
 def bits_per_byte(params, ids, n_bytes, backend="numba"):
@@ -147,7 +141,7 @@ def bits_per_byte(params, ids, n_bytes, backend="numba"):
     else:
         from .model import RWKV7
         model = RWKV7(params)
-    return nll_of_ids(model, np.asarray(ids, np.int64)) / math.log(2) / n_bytes
+    return eval_bits_per_byte(nll_of_ids(model, np.asarray(ids, np.int64)), n_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
