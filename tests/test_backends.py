@@ -69,11 +69,12 @@ def test_stored_tensors_keep_checkpoint_keys():
 LAYERS = [
     {"tinyrwkv.model"},
     {"tinyrwkv.errors", "tinyrwkv.files", "tinyrwkv.checks", "tinyrwkv.sampling", "tinyrwkv.tokenizer",
+     "tinyrwkv.prompts",
      "tinyrwkv.schema", "tinyrwkv.synthetic", "tinyrwkv.formats"},
     {"tinyrwkv.backends"},
     {"tinyrwkv.train", "tinyrwkv.oracle", "tinyrwkv.ops"},
     {"tinyrwkv.loader", "tinyrwkv.generate", "tinyrwkv.golden", "tinyrwkv.trainer",
-     "tinyrwkv.bridges", "tinyrwkv.chat_format", "tinyrwkv.state_cache"},
+     "tinyrwkv.bridges", "tinyrwkv.chat_format", "tinyrwkv.state_cache", "tinyrwkv.evaluate"},
     {"tinyrwkv.cli_support", "tinyrwkv.chat", "tinyrwkv.server"},
     {"tinyrwkv.cli", "tinyrwkv.__main__", "tinyrwkv"},
 ]

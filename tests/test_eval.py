@@ -101,8 +101,9 @@ def test_trainer_and_eval_share_one_bits_per_byte(model, files, tmp_path):
 
 
 def cli(files, *argv):
-    return evaluate.main(["--model", str(files / "tiny5.safetensors"), "--tokenizer",
-                          str(TOKENIZER), "--backend", "numpy", *map(str, argv)])
+    from tinyrwkv.cli import main
+    return main(["eval", "--model", str(files / "tiny5.safetensors"), "--tokenizer",
+                 str(TOKENIZER), "--backend", "numpy", *map(str, argv)])
 
 
 def test_json_output(files, capsys):

@@ -546,6 +546,8 @@ def build_parser():
     add_chat_parser(sub, fmt)
     from .server import add_parser as add_serve_parser
     add_serve_parser(sub, fmt)
+    from .evaluate import add_parser as add_eval_parser
+    add_eval_parser(sub, fmt)
 
     # Every word after `bench` is the benchmark's own, --help included: no prefix character of
     # this parser can start one of them, so they all land in bench_args.

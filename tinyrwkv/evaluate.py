@@ -200,14 +200,14 @@ def _separator(text):
 
 def run(args):
     """`tinyrwkv eval`: every model on every file; a table (or --json) on stdout."""
-    import tinyrwkv
     from .formats.progress import ProgressBar
+    from .loader import load
     texts = {str(f): read_eval_file(f) for f in args.files}     # every file checked before loading
     separator = _separator(args.separator)
     specs = [(args.model, args.storage)] + [parse_model_spec(s, args.model) for s in args.compare or ()]
     results = []
     for path, storage in specs:
-        model = tinyrwkv.load(path, tokenizer=args.tokenizer, backend=args.backend,
+        model = load(path, tokenizer=args.tokenizer, backend=args.backend,
                               storage=storage, threads=args.threads)
         if model.tokenizer is None:
             raise ValueError(f"{model.path}: {model.tokenizer_error}; give --tokenizer")
@@ -309,17 +309,3 @@ def add_parser(sub, formatter_class=argparse.HelpFormatter):
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
     return p
-
-
-def main(argv=None):
-    """`python -m tinyrwkv.evaluate ...`: the command on its own, errors as the CLI shows them."""
-    parser = argparse.ArgumentParser(prog="tinyrwkv")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    from .cli import one_line_errors
-    with one_line_errors():
-        return args.func(args)
-
-
-if __name__ == "__main__":
-    main()

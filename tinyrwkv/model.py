@@ -1,7 +1,6 @@
 """RWKV-7 "Goose" (architecture x070) in NumPy: the readable reference forward pass.
 
-This file is the model, written once, importing NumPy only (and prompts.py, NumPy too, for
-text prompts). It reads top to bottom in the order
+This file is the model, written once, importing NumPy only. It reads top to bottom in the order
 of the architecture, with docs/architecture.md numbering the same steps: 1. primitives; 2. the
 steps of a layer, one small function each, gathered in `Steps`; 3. the WKV operator over a
 sequence, recurrent (`wkv_seq`) and chunked (`wkv_chunked`); 4. the time mix and channel mix,
@@ -30,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 
-from .prompts import is_prompt_list, prompt_ids
 
 # ----------------------------------------------------------------------------------------------
 # 1. Primitives
@@ -749,10 +747,17 @@ class RWKV7:
         own: prompts differ in length, and an embedding is a prefill, no decode to batch)."""
         if pool not in ("last", "mean"):
             raise ValueError(f"pool must be 'last' or 'mean', not {pool!r}")
-        if is_prompt_list(prompt):
+        if isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):   # several
             return np.stack([self.embed(p, state, pool, normalize, tokenizer) for p in prompt])
-        ids = prompt_ids(prompt, tokenizer or self.tokenizer, self, "embed text")
-        h, _ = self.hidden(ids, state)                        # (T, C)
+        if isinstance(prompt, str):
+            tokenizer = tokenizer or self.tokenizer
+            if tokenizer is None:
+                raise ValueError("cannot embed text: this model has no tokenizer; pass tokenizer= "
+                                 "(anything with .encode(text)), load the model with "
+                                 "tinyrwkv.load, or give token ids")
+            prompt = tokenizer.encode(prompt)
+        h, _ = self.hidden(prompt, state)                     # (T, C)
         e = h[-1] if pool == "last" else h.mean(axis=0)
         return e / np.linalg.norm(e) if normalize else e
 
