@@ -177,12 +177,16 @@ def write_gguf_for_llama(path_in, path_out, out_type="f32"):
 
 def _default_extra_bufts():
     """llama.cpp's CPU weight repacking (extra buffer types) crashed on an AVX-512 Intel host for
-    Q8_0: turned off there, left on elsewhere."""
+    Q8_0: turned off there, left on elsewhere. The host as LLVM sees it (llvmlite comes with
+    numba; no /proc, so this also works on macOS and Windows); without llvmlite: on."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        from llvmlite import binding
+        name = binding.get_host_cpu_name()
+        avx512 = bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # noqa: BLE001 - no llvmlite, or it cannot tell: keep llama.cpp's default
         return True
-    return not ("GenuineIntel" in info and "avx512" in info)
+    amd = name.startswith(("znver", "bdver", "btver", "amdfam"))
+    return not (avx512 and not amd)
 
 
 # ----------------------------------------------------------------------------------------------
