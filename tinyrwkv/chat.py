@@ -460,7 +460,7 @@ def command(chat, line, err, interactive, fail):
 
 def add_parser(sub, formatter_class):
     """Add `chat` to the subparsers `sub`."""
-    from .checks import NON_NEGATIVE, POSITIVE, UNIT, Range, option
+    from .cli_support import add_model_options, add_sampling_options
     c = sub.add_parser(
         "chat", help="chat with a model (World and G1 formats), resumable from a saved state",
         formatter_class=_with_raw_epilog(formatter_class),
@@ -469,28 +469,9 @@ def add_parser(sub, formatter_class):
                     "whole conversation in a state file (docs/sampling.md §4). Messages come "
                     "from the terminal, or one per line from a pipe.",
         epilog="Commands inside the chat:\n" + COMMANDS)
-    c.add_argument("--model", "-m", metavar="PATH",
-                   help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face folder; "
-                        "default: the model in weights/ (a story model, not a chat model)")
-    c.add_argument("--tokenizer", metavar="PATH",
-                   help="'world', or a tokenizer.json; default: chosen from the vocabulary size")
-    c.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="compute precision (float64 runs on the numpy backend)")
-    c.add_argument("--backend", choices=["numpy", "numba", "cupy"],
-                   help="numba: compiled CPU kernels (default where numba is installed); "
-                        "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
-    c.add_argument("--storage", "--weights", dest="storage",
-                   choices=["float32", "bfloat16", "float16", "int8"],
-                   help="how the large matrices are kept (see tinyrwkv generate --help)")
-    c.add_argument("--strategy", metavar="TEXT",
-                   help="the official package's strategy instead of --backend/--storage: "
-                        "'cpu fp32', 'cuda fp16', ...")
-    c.add_argument("--device", type=option(int, NON_NEGATIVE),
-                   help="CUDA device number for the cupy backend (default 0)")
-    c.add_argument("--threads", type=option(int, POSITIVE),
-                   help="threads for kernels and BLAS (default: chosen while it runs)")
-    c.add_argument("--no-check-finite", dest="check_finite", action="store_false",
-                   help="load the model even if a tensor holds NaN or Inf")
+    add_model_options(c, model_help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face "
+                                    "folder; default: the model in weights/ (a story model, "
+                                    "not a chat model)")
     f = c.add_argument_group("chat format")
     f.add_argument("--style", choices=["auto", *STYLES], default="auto",
                    help="the prompt format: world (User:/Assistant: turns, RWKV World models), "
@@ -517,23 +498,8 @@ def add_parser(sub, formatter_class):
                    help="when the chat ends (/exit, end of input, Ctrl-C), save the "
                         "conversation to FILE (.npz appended when missing; atomic) and "
                         "FILE.npz.json beside it (style, model, how the text ends)")
-    p = c.add_argument_group("sampling")
-    p.add_argument("--max-tokens", "-n", type=option(int, POSITIVE), default=500,
-                   help="tokens per reply at most")
-    p.add_argument("--temperature", "-t", type=option(float, NON_NEGATIVE), default=1.0,
-                   help="0 = greedy")
-    p.add_argument("--top-p", type=option(float, UNIT), default=0.3,
-                   help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=option(int, NON_NEGATIVE), default=0,
-                   help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--presence-penalty", type=option(float), default=0.5,
-                   help="subtracted from a token's logit once it has appeared in the reply")
-    p.add_argument("--frequency-penalty", type=option(float), default=0.5,
-                   help="subtracted per (decayed) occurrence in the reply")
-    p.add_argument("--penalty-decay", type=option(float, UNIT), default=0.996,
-                   help="occurrence counts are multiplied by this every token")
-    p.add_argument("--seed", type=option(int, Range(-1)), default=0,
-                   help="random seed (-1: a different one each run)")
+    add_sampling_options(c.add_argument_group("sampling (ChatRWKV's chat settings)"),
+                         temperature=1.0, top_p=0.3, presence=0.5, frequency=0.5, max_tokens=500)
     c.set_defaults(func=run)
     return c
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .checks import NON_NEGATIVE, POSITIVE, UNIT, Range, decode_text, option, read_text
-from .cli_support import (HelpFormatter, Parser, default_model, describe_os_error, emit, fail,
-                          load_model, load_state, one_line_errors, rate, sampling_from)
+from .cli_support import (HelpFormatter, Parser, add_model_options, add_sampling_options,
+                          default_model, describe_os_error, emit, fail, load_model, load_state,
+                          no_check_finite, one_line_errors, rate, sampling_from)
 from .formats.numerics import check_finite
 from .formats.source import FiniteOnly
 
@@ -455,11 +456,6 @@ def cmd_bench(args):
     raise SystemExit(subprocess.call([sys.executable, str(script), *args.bench_args]))
 
 
-def no_check_finite(p, what="load the model even if a tensor holds NaN or Inf (its output will "
-                             "be NaN); by default such a file is refused, naming the tensors"):
-    p.add_argument("--no-check-finite", dest="check_finite", action="store_false", help=what)
-
-
 def build_parser():
     parser = Parser(
         prog="tinyrwkv",
@@ -472,53 +468,7 @@ def build_parser():
         p.add_argument("--threads", type=option(int, POSITIVE),
                        help="BLAS threads (default: all cores; needs threadpoolctl)")
 
-    def model_args(p):
-        p.add_argument("--model", "-m", metavar="PATH",
-                       help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face "
-                            "folder; default: the model in weights/")
-        p.add_argument("--tokenizer", metavar="PATH",
-                       help="'world', or a tokenizer.json (needed for Pile models: 20B_tokenizer.json); "
-                            "default: chosen from the vocabulary size")
-        p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                       help="compute precision (float64 runs on the numpy backend)")
-        p.add_argument("--backend", choices=["numpy", "numba", "cupy"],
-                       help="numba: compiled CPU kernels (default where numba is installed); "
-                            "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
-        p.add_argument("--storage", "--weights", dest="storage",
-                       choices=["float32", "bfloat16", "float16", "int8"],
-                       help="how the large matrices are kept: numba float32 (default), "
-                            "bfloat16, float16 or int8 (GGUF Q8_0 blocks; a q8_0 .gguf is used "
-                            "as it is); cupy float16 (default), bfloat16 or float32 "
-                            "(--weights is the old name of this option)")
-        p.add_argument("--strategy", metavar="TEXT",
-                       help="the official package's strategy instead of --backend/--storage: "
-                            "'cpu fp32', 'cpu bf16', 'cpu fp16', 'cuda fp16', 'cuda:1 bf16', "
-                            "'cuda fp32'")
-        p.add_argument("--device", type=option(int, NON_NEGATIVE),
-                       help="CUDA device number for the cupy backend (default 0)")
-        p.add_argument("--threads", type=option(int, POSITIVE),
-                       help="threads for kernels and BLAS (default: prefill on all cores; decode "
-                            "chooses 1 to all while it runs, so a busy machine cannot stall it)")
-        no_check_finite(p)
-
-    def sampling_args(p, temperature, top_p, presence, frequency, max_tokens):
-        # The ranges SamplingParams checks, here as usage errors (exit 2) before anything loads.
-        p.add_argument("--max-tokens", "-n", type=option(int, POSITIVE), default=max_tokens,
-                       help="tokens to generate at most")
-        p.add_argument("--temperature", "-t", type=option(float, NON_NEGATIVE), default=temperature,
-                       help="0 = greedy")
-        p.add_argument("--top-p", type=option(float, UNIT), default=top_p,
-                       help="nucleus sampling mass (1 = off)")
-        p.add_argument("--top-k", type=option(int, NON_NEGATIVE), default=0,
-                       help="keep the k most likely tokens (0 = off)")
-        p.add_argument("--presence-penalty", type=option(float), default=presence,
-                       help="subtracted from a token's logit once it has appeared")
-        p.add_argument("--frequency-penalty", type=option(float), default=frequency,
-                       help="subtracted per (decayed) occurrence")
-        p.add_argument("--penalty-decay", type=option(float, UNIT), default=0.996,
-                       help="occurrence counts are multiplied by this every token")
-        p.add_argument("--seed", type=option(int, Range(-1)), default=0,
-                       help="random seed (-1: a different one each run)")
+    model_args, sampling_args = add_model_options, add_sampling_options
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text", formatter_class=fmt,
                        description="Continue a prompt with an RWKV-7 model. Text streams to stdout; "

@@ -13,6 +13,8 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checks import NON_NEGATIVE, POSITIVE, UNIT, Range, option
+
 def default_model():
     """The model shipped in weights/, if there is one."""
     from .errors import CheckpointError
@@ -215,3 +217,59 @@ def one_line_errors():
             raise
         fail(f"the tokenizers library crashed (a Rust panic: {e}); pass the model's own "
              "tokenizer.json")
+
+
+def no_check_finite(p, what="load the model even if a tensor holds NaN or Inf (its output will "
+                             "be NaN); by default such a file is refused, naming the tensors"):
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false", help=what)
+
+
+def add_model_options(p, model_help=None):
+    """The options that choose and load a model (load_model reads them)."""
+    p.add_argument("--model", "-m", metavar="PATH",
+                   help=model_help or "RWKV-7 model: .pth, .safetensors, .gguf or a Hugging "
+                                      "Face folder; default: the model in weights/")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="'world', or a tokenizer.json (needed for Pile models: 20B_tokenizer.json); "
+                        "default: chosen from the vocabulary size")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="compute precision (float64 runs on the numpy backend)")
+    p.add_argument("--backend", choices=["numpy", "numba", "cupy"],
+                   help="numba: compiled CPU kernels (default where numba is installed); "
+                        "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
+    p.add_argument("--storage", "--weights", dest="storage",
+                   choices=["float32", "bfloat16", "float16", "int8"],
+                   help="how the large matrices are kept: numba float32 (default), "
+                        "bfloat16, float16 or int8 (GGUF Q8_0 blocks; a q8_0 .gguf is used "
+                        "as it is); cupy float16 (default), bfloat16 or float32 "
+                        "(--weights is the old name of this option)")
+    p.add_argument("--strategy", metavar="TEXT",
+                   help="the official package's strategy instead of --backend/--storage: "
+                        "'cpu fp32', 'cpu bf16', 'cpu fp16', 'cuda fp16', 'cuda:1 bf16', "
+                        "'cuda fp32'")
+    p.add_argument("--device", type=option(int, NON_NEGATIVE),
+                   help="CUDA device number for the cupy backend (default 0)")
+    p.add_argument("--threads", type=option(int, POSITIVE),
+                   help="threads for kernels and BLAS (default: prefill on all cores; decode "
+                        "chooses 1 to all while it runs, so a busy machine cannot stall it)")
+    no_check_finite(p)
+
+def add_sampling_options(p, temperature, top_p, presence, frequency, max_tokens):
+    """The sampling options (sampling_from reads them), with the command's defaults."""
+    # The ranges SamplingParams checks, here as usage errors (exit 2) before anything loads.
+    p.add_argument("--max-tokens", "-n", type=option(int, POSITIVE), default=max_tokens,
+                   help="tokens to generate at most")
+    p.add_argument("--temperature", "-t", type=option(float, NON_NEGATIVE), default=temperature,
+                   help="0 = greedy")
+    p.add_argument("--top-p", type=option(float, UNIT), default=top_p,
+                   help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=option(int, NON_NEGATIVE), default=0,
+                   help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--presence-penalty", type=option(float), default=presence,
+                   help="subtracted from a token's logit once it has appeared")
+    p.add_argument("--frequency-penalty", type=option(float), default=frequency,
+                   help="subtracted per (decayed) occurrence")
+    p.add_argument("--penalty-decay", type=option(float, UNIT), default=0.996,
+                   help="occurrence counts are multiplied by this every token")
+    p.add_argument("--seed", type=option(int, Range(-1)), default=0,
+                   help="random seed (-1: a different one each run)")

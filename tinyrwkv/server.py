@@ -814,6 +814,7 @@ class Handler(BaseHTTPRequestHandler):
 def add_parser(sub, formatter_class):
     """`tinyrwkv serve`: added to the CLI's subparsers `sub`."""
     from .checks import NON_NEGATIVE, POSITIVE, option
+    from .cli_support import add_model_options
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server (completions, chat, embeddings)",
         formatter_class=formatter_class,
@@ -825,9 +826,7 @@ def add_parser(sub, formatter_class):
         epilog="Then point any OpenAI client at http://HOST:PORT/v1 (curl "
                "http://127.0.0.1:8000/v1/models lists the model's id). No authentication: "
                "serve on localhost or a network you trust.")
-    p.add_argument("--model", "-m", metavar="PATH",
-                   help="RWKV-7 model: .pth, .safetensors, .gguf or a Hugging Face folder; "
-                        "default: the model in weights/")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface; the server has no "
                         "authentication, so only on a network you trust)")
@@ -847,23 +846,6 @@ def add_parser(sub, formatter_class):
     p.add_argument("--cache-dir", metavar="DIR",
                    help="keep cached states in this folder too, so they outlive the server")
     p.add_argument("--quiet", "-q", action="store_true", help="log no requests")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="'world', or a tokenizer.json; default: chosen from the vocabulary size")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="compute precision (float64 runs on the numpy backend)")
-    p.add_argument("--backend", choices=["numpy", "numba", "cupy"],
-                   help="numba: compiled CPU kernels (default where numba is installed); "
-                        "numpy: the readable reference; cupy: CUDA GPU (needs CuPy)")
-    p.add_argument("--storage", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="how the large matrices are kept (as for generate)")
-    p.add_argument("--strategy", metavar="TEXT",
-                   help="the official package's strategy instead of --backend/--storage")
-    p.add_argument("--device", type=option(int, NON_NEGATIVE),
-                   help="CUDA device number for the cupy backend (default 0)")
-    p.add_argument("--threads", type=option(int, POSITIVE),
-                   help="threads for kernels and BLAS (default: as for generate)")
-    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
-                   help="load the model even if a tensor holds NaN or Inf")
     p.set_defaults(func=run)
     return p
 
