@@ -677,6 +677,7 @@ def main(argv=None):
     """`tinyrwkv ...`: parse (a usage error exits 2), run the command, and end every error as
     one_line_errors says."""
     args = build_parser().parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]   # for train's card
     with one_line_errors():
         args.func(args)
 

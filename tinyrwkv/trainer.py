@@ -8,10 +8,14 @@ runs AdamW (weight decay on the 2-D `.weight` matrices only; `att.w0` at twice t
 as RWKV-LM) with linear warm-up, cosine decay and gradient-norm clipping on random (B, T) windows
 of the text. Every `--eval-every` steps: validation loss and bits per byte on held-out windows,
 a checkpoint of everything needed to resume (parameters, Adam moments, step, random state), and
-the learning curve so far. Every `--sample-every` steps: a sample from "Once upon a time".
-At the end: the final model as DIR/model.safetensors (official key names; bf16 with
-`--save-dtype bfloat16`), its tokenizer as DIR/model.tokenizer.json (found by `tinyrwkv.load`),
-bits per byte over the whole validation file, and DIR/MODEL_CARD.md.
+the learning curve so far (and DIR/loss_curve.png where matplotlib is installed). Every
+`--sample-every` steps: a sample from the start of the validation text. At the end: the final model
+as DIR/model.safetensors (official key names; bf16 with `--save-dtype bfloat16`), its tokenizer
+as DIR/model.tokenizer.json (found by `tinyrwkv.load`), bits per byte over the whole validation
+file, and DIR/MODEL_CARD.md describing this run (data files with size and SHA-256, tokenizer,
+command line, date, losses, samples; the licence field is --data-license or left to fill in).
+Warm-up is 5% of --steps unless given, and must be fewer than --steps. Progress goes to stderr:
+redrawn in a terminal, elsewhere a line at least every 5 seconds.
 
 Runs are deterministic for a given seed and machine (batches come from one seeded generator,
 restored on --resume).
@@ -149,31 +153,38 @@ def bits_per_byte(params, ids, n_bytes, backend="numba"):
 # ---------------------------------------------------------------------------------------------
 
 class Progress:
-    """One line on stderr, redrawn: step, loss, tokens/s, learning rate, ETA."""
+    """Step, loss, tokens/s, learning rate, ETA on stderr: in a terminal one line, redrawn each
+    step; elsewhere (a log file, a pipe, a notebook) a line every 50 steps, at least every
+    `every` seconds of wall time, and at the last step of the run (`last`: --steps, or where
+    --stop-after ends it)."""
 
-    def __init__(self, total):
-        self.total, self.start = total, time.monotonic()
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total, last=None, every=5.0, clock=time.monotonic):
+        self.total, self.last, self.every, self.clock = total, last or total, every, clock
+        self.start = self.printed = clock()
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
 
     def __call__(self, step, loss, tok_s, lr, done_steps):
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / max(done_steps, 1) * (self.total - step)
+        now = self.clock()
+        eta = (now - self.start) / max(done_steps, 1) * (self.total - step)
         line = (f"step {step}/{self.total} loss {loss:.3f} {tok_s:,.0f} tok/s lr {lr:.2e} "
                 f"eta {eta / 60:.1f} min")
         if self.tty:
-            sys.stderr.write("\r" + line.ljust(78))
-        elif step % 50 == 0 or step == self.total:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            self.stream.write("\r" + line.ljust(78))
+        elif (step % 50 == 0 or step in (self.total, self.last)
+              or now - self.printed >= self.every):
+            self.stream.write(line + "\n")
+            self.printed = now
+        self.stream.flush()
 
     def newline(self):
         if self.tty:
-            sys.stderr.write("\n")
+            self.stream.write("\n")
 
 
 # The files `train` writes in --out: no input may be one of them.
 OUTPUTS = ("model.safetensors", "model.tokenizer.json", "train_state.npz", "log.jsonl",
-           "result.json", "MODEL_CARD.md")
+           "result.json", "MODEL_CARD.md", "loss_curve.png")
 
 
 def check_paths(args):
@@ -289,9 +300,13 @@ def run(args):
         tok = open_tokenizers_file(args.tokenizer)
         with atomic_path(tok_path) as tmp:
             tok.save(str(tmp))
+        tok_how = f"`{Path(args.tokenizer).name}`, given with --tokenizer ({args.tokenizer})"
     elif tok_path.exists():
         tok = open_tokenizers_file(tok_path)
+        tok_how = f"`{tok_path.name}` already in {out} (kept from an earlier run)"
     else:
+        tok_how = (f"a byte-level BPE trained by this run on `{Path(args.data).name}` "
+                   f"(--vocab {args.vocab})")
         print(f"tinyrwkv train: training a {args.vocab}-token BPE tokenizer on {args.data}",
               file=sys.stderr)
         text = read_text(args.data, "training text")
@@ -337,6 +352,7 @@ def run(args):
     vids = np.stack([valid_ids[s:s + args.ctx] for s in vstarts]).astype(np.int64)
     vtgt = np.stack([valid_ids[s + 1:s + args.ctx + 1] for s in vstarts]).astype(np.int64)
     bytes_per_token = valid_bytes / len(valid_ids)
+    prompts = data_prompts(tok, valid_ids)
 
     def evaluate():
         losses = [train.loss_and_grad(params, vids[i:i + args.batch], vtgt[i:i + args.batch],
@@ -353,10 +369,11 @@ def run(args):
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
     start_log(log_file, step0)
-    progress = Progress(args.steps)
+    plotted = None                          # write_loss_curve: not tried yet
     t_start = time.monotonic()
     tokens_done = 0
     stop = args.steps if not args.stop_after else min(args.steps, step0 + args.stop_after)
+    progress = Progress(args.steps, last=stop)
     for step in range(step0, stop):
         starts = rng.integers(0, len(train_ids) - args.ctx - 1, args.batch)
         ids = np.stack([train_ids[s:s + args.ctx] for s in starts]).astype(np.int64)
@@ -384,16 +401,20 @@ def run(args):
             print(f"tinyrwkv train: step {step + 1}: valid loss {vloss:.3f} nats/token, "
                   f"~{curve[-1]['valid_bpb']:.3f} bits/byte", file=sys.stderr)
             save_state(step + 1)
+            plotted = write_loss_curve(out / "loss_curve.png", log_file, curve, plotted)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             progress.newline()
-            print("  sample: " + sample(params, tok, "Once upon a time", 60).replace("\n", " / "),
+            print("  sample: " + sample(params, tok, prompts[0], 60).replace("\n", " / "),
                   file=sys.stderr)
     wall = time.monotonic() - t_start
     if stop < args.steps:
         print(f"tinyrwkv train: stopped at step {stop} (--stop-after); continue with --resume",
               file=sys.stderr)
         return 0
-    return finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, len(train_ids))
+    run_facts = {"tokenizer": tok_how, "train_bytes": train_bytes, "valid_path": valid_path,
+                 "prompts": prompts, "plotted": plotted}
+    return finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, len(train_ids),
+                  run_facts)
 
 
 def start_log(log_file, step0):
@@ -431,7 +452,91 @@ def sample(params, tok, prompt, n, seed=0):
     return prompt + tok.decode(out)
 
 
-def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_train_tokens):
+def data_prompts(tok, ids, n=3, k=4):
+    """Up to `n` prompts for samples, from the text itself (the validation file, so the model has
+    not seen them): the first `k` tokens of documents (after <|endoftext|>, id 0) spread through
+    the file, or of evenly spaced places where it has no document breaks."""
+    ids = np.asarray(ids)
+    starts = [0] + [int(i) + 1 for i in np.flatnonzero(ids == 0) if i + 1 < len(ids)]
+    if len(starts) < n:
+        starts = sorted(set(starts) | {len(ids) * j // n for j in range(n)})
+    picked = [starts[len(starts) * j // n] for j in range(n)] if len(starts) > n else starts
+    prompts = []
+    for s in picked:
+        piece = [int(t) for t in ids[s:s + k]]
+        piece = piece[:piece.index(0)] if 0 in piece else piece
+        text = tok.decode(piece).strip() if piece else ""
+        if text and text not in prompts:
+            prompts.append(text)
+    return prompts or ["\n"]
+
+
+def file_facts(path):
+    """Name, size in bytes and SHA-256 of a file, for the card."""
+    import hashlib
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"name": Path(path).name, "path": str(path), "bytes": size, "sha256": h.hexdigest()}
+
+
+def command_line(args):
+    """The command that ran, as a shell would take it: the words given to `tinyrwkv` (cli.main
+    keeps them), else (run() called from Python) the options rebuilt from args."""
+    import shlex
+    words = getattr(args, "argv", None)
+    if not words:
+        words = ["train"]
+        for k, v in vars(args).items():
+            if k in ("func", "command", "argv") or v is None or v is False:
+                continue
+            words += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return shlex.join(["tinyrwkv", *words])
+
+
+def write_loss_curve(path, log_file, curve, plotted=None):
+    """DIR/loss_curve.png: training loss per step (log.jsonl) and validation loss at each
+    evaluation, in nats/token, written atomically. Without matplotlib (optional): a one-line note,
+    once (`plotted` False afterwards), and no picture. Returns True when written."""
+    if plotted is False:
+        return False
+    try:
+        import matplotlib
+    except ImportError:
+        print("tinyrwkv train: no loss_curve.png: matplotlib is not installed (optional: pip "
+              "install matplotlib)", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, losses = [], []
+    for line in Path(log_file).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+            steps.append(r["step"])
+            losses.append(r["loss"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train (one batch per step)")
+        ax.plot([c["step"] for c in curve], [c["valid_loss"] for c in curve], "o-", lw=1.5,
+                label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_train_tokens,
+           facts):
     out = Path(args.out)
     final = {k: host(v).astype(np.float32) for k, v in params.items()}
     check_finite(final, "the trained model", fix="training diverged: lower --lr and train again; "
@@ -442,14 +547,13 @@ def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_t
                      bf16_keys=bf16)
     shipped = read_checkpoint(path, dtype="float32")            # exactly the saved numbers
     bpb = bits_per_byte(shipped, valid_ids, valid_bytes)
-    samples = [sample(shipped, tok, p, 80, seed=s) for s, p in
-               enumerate(["Once upon a time", "The little dog", "One day, Lily"])]
+    samples = [sample(shipped, tok, p, 80, seed=s) for s, p in enumerate(facts["prompts"])]
     result = {"valid_bits_per_byte": bpb, "wall_seconds": wall, "n_params": int(n_params),
               "bytes": path.stat().st_size + (out / "model.tokenizer.json").stat().st_size}
     write_text(out / "result.json", json.dumps(result, indent=1))
-    write_card(args, result, curve, samples, n_train_tokens, tok.get_vocab_size())
+    write_card(args, result, curve, samples, n_train_tokens, tok.get_vocab_size(), facts)
     print(f"tinyrwkv train: done in {wall / 60:.1f} min; validation {bpb:.3f} bits/byte over "
-          f"the whole of {args.valid or 'valid.txt'}; model {path}", file=sys.stderr)
+          f"the whole of {facts['valid_path']}; model {path}", file=sys.stderr)
     return 0
 
 
@@ -464,38 +568,92 @@ def hardware(args):
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {what}"
 
 
-def write_card(args, result, curve, samples, n_train_tokens, V):
+def printable(text):
+    """`text` with control and other unprintable characters (an early model's bytes) shown as
+    U+FFFD (line breaks and tabs kept): the card stays readable Markdown."""
+    return "".join(c if c in "\n\t" or c.isprintable() else "\ufffd" for c in text)
+
+
+UNKNOWN_LICENSE = "unknown: fill in the data's licence"
+
+
+def write_card(args, result, curve, samples, n_train_tokens, V, facts):
+    """DIR/MODEL_CARD.md: what this run actually was (data files with size and SHA-256, the
+    tokenizer used, the command, the date, losses and bits per byte, samples of the trained
+    model from prompts taken from the validation text). The licence is the data's: --data-license,
+    else left for the user to fill in."""
+    import datetime
     out = Path(args.out)
+    data, valid = file_facts(args.data), file_facts(facts["valid_path"])
+    tok_file = file_facts(out / "model.tokenizer.json")
+    license_ = getattr(args, "data_license", None) or UNKNOWN_LICENSE
+    beside = sorted(p.name for p in Path(args.data).parent.iterdir() if p.is_file() and
+                    p.name.upper().startswith(("PROVENANCE", "LICENSE", "LICENCE")))
+    license_row = license_ + (f" (see {', '.join(beside)} beside the data)"
+                              if beside and license_ == UNKNOWN_LICENSE else "")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    train_bpt = facts["train_bytes"] / max(n_train_tokens, 1)
+    ln2 = math.log(2)
     rows = "\n".join(f"| {c['step']} | {c['train_loss']:.3f} | {c['valid_loss']:.3f} | "
                      f"{c['valid_bpb']:.3f} | {c['seconds'] / 60:.1f} |" for c in curve)
+    if curve:
+        last, best = curve[-1], min(curve, key=lambda c: c["valid_loss"])
+        best_train = min(curve, key=lambda c: c["train_loss"])
+        losses = f"""| | train | validation |
+|---|---|---|
+| final (step {last['step']}), nats/token | {last['train_loss']:.3f} | {last['valid_loss']:.3f} |
+| final, bits/byte | ~{last['train_loss'] / ln2 / train_bpt:.3f} | ~{last['valid_bpb']:.3f} |
+| best, nats/token | {best_train['train_loss']:.3f} (step {best_train['step']}) | {best['valid_loss']:.3f} (step {best['step']}) |
+| best, bits/byte | ~{best_train['train_loss'] / ln2 / train_bpt:.3f} | ~{best['valid_bpb']:.3f} |
+"""
+    else:
+        losses = "(no evaluation was recorded)\n"
     hp = {k: v for k, v in vars(args).items()
-          if k not in ("func", "command", "out", "resume", "threads")}
-    card = f"""# Model card: tinyrwkv's shipped RWKV-7
+          if k not in ("func", "command", "out", "resume", "threads", "argv")}
+    command = command_line(args).replace("|", "\\|")           # a | would end the table cell
+    picture = ("\n![learning curve](loss_curve.png)\n" if (out / "loss_curve.png").is_file()
+               else "")
+    card = f"""---
+license: "{license_}"
+library_name: tinyrwkv
+tags: [rwkv, rwkv-7, x070]
+---
 
-A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's NumPy trainer
-with hand-written gradients. It writes simple children's stories; it knows nothing else.
+# Model card: RWKV-7 trained on `{data['name']}`
+
+A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's NumPy trainer with
+hand-written gradients, on the text of `{data['name']}` only.
 
 | | |
 |---|---|
+| license | {license_row} |
+| date | {now} |
+| command | `{command}` |
 | architecture | RWKV-7 x070, L{args.layers} C{args.width} head size {args.head_size}, F {4 * args.width}, LoRA ranks {lora_ranks(args.width)} |
 | parameters | {result['n_params']:,} |
-| files | `model.safetensors` ({args.save_dtype}, official key names) + `model.tokenizer.json` (byte-level BPE, {V} tokens, id 0 = `<|endoftext|>`): {result['bytes'] / 1e6:.1f} MB |
-| data | `{args.data}` ({n_train_tokens:,} tokens): a TinyStories subset (CDLA-Sharing-1.0, see the data's PROVENANCE.md) |
+| training data | `{data['name']}`: {data['bytes']:,} bytes, {n_train_tokens:,} tokens, SHA-256 `{data['sha256']}` |
+| validation data | `{valid['name']}`: {valid['bytes']:,} bytes, SHA-256 `{valid['sha256']}` |
+| tokenizer | {facts['tokenizer']}: {V} tokens, saved as `model.tokenizer.json` (SHA-256 `{tok_file['sha256'][:16]}…`) |
+| files | `model.safetensors` ({args.save_dtype}, official key names) + `model.tokenizer.json`: {result['bytes'] / 1e6:.1f} MB |
 | training | {curve[-1]['step'] if curve else 0} steps of {args.batch} x {args.ctx} tokens, AdamW, lr {args.lr} (warm-up {args.warmup}, cosine to {args.lr * args.min_lr_ratio:g}), weight decay {args.weight_decay}, clip {args.clip}, seed {args.seed} |
 | wall time | {result['wall_seconds'] / 60:.1f} min on {hardware(args)} |
-| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** over the whole validation file, as shipped |
+| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** over the whole validation file, as saved |
 
-Learning curve (validation loss on {args.eval_windows} fixed windows of {args.ctx} tokens;
-bits/byte there are estimated with the file's mean bytes per token):
+Losses (train: the step's batch; validation: {args.eval_windows} fixed windows of {args.ctx}
+tokens; ~bits/byte estimated with each file's mean bytes per token):
+
+{losses}
+Learning curve:
 
 | step | train loss | valid loss | valid bits/byte | minutes |
 |---|---|---|---|---|
 {rows}
+{picture}
+Samples of the saved model (temperature 1, top-p 0.85), each from the start of a place in the
+validation text:
 
-Samples (temperature 1, top-p 0.85):
-
-""" + "\n".join(f"> {s}\n" for s in samples) + f"""
-Hyper-parameters: `{json.dumps(hp)}`
+""" + "\n".join("> " + printable(s).replace("\n", "\n> ") + "\n" for s in samples) + f"""
+Hyper-parameters: `{json.dumps(hp, default=str)}`
 """
     write_text(out / "MODEL_CARD.md", card)
 
@@ -523,13 +681,29 @@ def check_config(args):
     """Raise ValueError, naming the option, for a training configuration that cannot work: a
     number outside NUMBERS (a NaN --lr trains a NaN model without a single error), or a --width
     the heads do not divide. The command line runs it as the train command's usage check."""
+    if not hasattr(args, "warmup"):
+        args.warmup = None
     for name, (kind, within) in NUMBERS.items():
+        if name == "warmup" and args.warmup is None:
+            continue
         check = check_float if kind is float else check_int
         check(f"--{name.replace('_', '-')}", getattr(args, name), within)
     if args.width % args.head_size:
         fits = max(args.head_size, args.width // args.head_size * args.head_size)
         raise ValueError(f"--width {args.width} is not a multiple of --head-size {args.head_size}: "
                          f"the width is split into heads of that size; use e.g. --width {fits}")
+    if args.warmup is None:
+        args.warmup = default_warmup(args.steps)
+    if args.warmup >= args.steps:
+        raise ValueError(f"--warmup {args.warmup} does not fit in --steps {args.steps}: the "
+                         "learning rate would still be rising at the last step and never decay; "
+                         f"give a --warmup below {args.steps} (e.g. {default_warmup(args.steps)}, "
+                         "5% of the steps, the default when --warmup is left out) or more --steps")
+
+
+def default_warmup(steps):
+    """--warmup when it is left out: 5% of --steps (100 for the default 2000)."""
+    return steps // 20
 
 
 def add_arguments(p):
@@ -546,7 +720,8 @@ def add_arguments(p):
     p.add_argument("--ctx", type=number("ctx"), default=128, help="tokens per sequence (T)")
     p.add_argument("--lr", type=number("lr"), default=3e-3)
     p.add_argument("--min-lr-ratio", type=number("min_lr_ratio"), default=0.1, help="final lr / peak lr")
-    p.add_argument("--warmup", type=number("warmup"), default=100, help="warm-up steps")
+    p.add_argument("--warmup", type=number("warmup"),
+                   help="warm-up steps, fewer than --steps (default: 5%% of --steps)")
     p.add_argument("--weight-decay", type=number("weight_decay"), default=0.1)
     p.add_argument("--beta1", type=number("beta1"), default=0.9)
     p.add_argument("--beta2", type=number("beta2"), default=0.99)
@@ -564,6 +739,9 @@ def add_arguments(p):
     p.add_argument("--threads", type=option(int, POSITIVE),
                    help="CPU threads for the Numba kernels and BLAS (default: the libraries' own, "
                         "all cores)")
+    p.add_argument("--data-license", metavar="TEXT",
+                   help="the training data's licence, for MODEL_CARD.md's license: field "
+                        "(default: left for you to fill in)")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
     p.add_argument("--stop-after", type=number("stop_after"), default=0,
