@@ -6,14 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from dataclasses import replace
-
 import tinyrwkv
 from tinyrwkv import oracle, ops
-from tinyrwkv.model import STEPS, group_norm, layer_norm, sigmoid, wkv_step
 from tinyrwkv.synthetic import make_weights
 
 from conftest import ROOT, TOL_F32, have, needs_official, random_wkv_inputs, rel_err, run_official
+from oracle_cases import BUGS, bug_trace
 
 
 @pytest.fixture(scope="module")
@@ -49,38 +47,18 @@ def test_float32_trace_is_within_the_fp32_tolerance(setup):
     assert report["ok"] and report["first"] is None and not report["missing"]
 
 
-# Each bug: the model with one of its steps (model.Steps) replaced, and where compare must say it
-# starts. These are the same functions the model runs; nothing here re-derives the layer.
-BUGS = {
-    "group norm eps 1e-5 instead of 64e-5": (
-        "group_norm", lambda x, w, b, H: group_norm(x, w, b, H, eps=1e-5), (0, "gn")),
-    "token shift lerp from the wrong side": (
-        "lerp", lambda x, x_prev, mix: x_prev + (x - x_prev) * mix, (0, "xr")),
-    "state used transposed": (
-        "wkv_step", lambda S, *vs: wkv_step(S.swapaxes(-1, -2), *vs), (0, "state")),
-    "value residual missing": ("value_residual", lambda v, vf, g: v, (1, "v_res")),
-    "decay without the e^-0.5 scale": ("decay", lambda u: np.exp(-sigmoid(u)), (0, "w")),
-    "kappa not normalised": ("removal_key", lambda k, k_k, H: k * k_k, (0, "kk")),
-    "bonus term dropped": ("bonus", lambda r, k, v, r_k, H: 0 * v, (0, "bonus")),
-    "layer norm without the mean (RMS norm)": (
-        "layer_norm", lambda x, w, b: x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w + b,
-        (None, "ln0")),
-    "relu instead of squared relu": ("squared_relu", lambda u: np.maximum(u, 0), (0, "ffn_hidden")),
-    "k_tilde = k * a (k_a ignored)": ("replacement_key", lambda k, a, k_a: k * a, (0, "k_tilde")),
-    "a through tanh instead of sigmoid": ("learning_rate", np.tanh, (0, "a")),
-    "gate not applied": ("output_gate", lambda y, g: y, (0, "att")),
-    "output read before the state update": (
-        "wkv_step", lambda S, r, *vs: (wkv_step(S, r, *vs)[0], (S @ r[..., None])[..., 0]),
-        (0, "y")),
-    "layer norm eps 1e-3": ("layer_norm", lambda x, w, b: layer_norm(x, w, b, eps=1e-3), (None, "ln0")),
-}
+# The planted bugs of tests/oracle_cases.py that change a step (the others change the initial
+# state or the ids, or need more tokens: tests/test_oracle_calibrated.py runs all of them), here
+# against the first edition's fixed tolerance: each must be caught where it was planted.
+STEP_BUGS = [name for name, (changes, state_change, ids_change, _) in BUGS.items()
+             if isinstance(changes, dict) and state_change is None and ids_change is None]
 
 
-@pytest.mark.parametrize("bug", list(BUGS))
+@pytest.mark.parametrize("bug", STEP_BUGS)
 def test_compare_catches_planted_bug_and_names_where(setup, bug):
     w, model, ids, tr = setup
-    step, fn, (layer, where) = BUGS[bug]
-    buggy = oracle.trace(model, ids, steps=replace(STEPS, **{step: fn}))
+    layer, where = BUGS[bug][3]
+    buggy = bug_trace(w, ids, None, bug)
     report = oracle.compare(tr, buggy, "fp32")
     assert not report["ok"], bug
     first = report["first"]
