@@ -4,7 +4,9 @@ Used by the tests as a subprocess, because the package reads RWKV_V7_ON / RWKV_D
 import time (plain x070 and DeepEmbed need separate processes). Usage:
     python official_runner.py jobs.json
 jobs.json: a list of {"pth": path, "ids": [...], "split": int, "init_state": npz path or null,
-"out": npz path}. For each job it writes: seq_logits (T1, V) for ids[:split] from the initial state,
+"out": npz path, optional "time_state": a state-tuning .pth (RWKV-PEFT's keys
+blocks.{i}.att.time_state, read with torch.load and put in the state's WKV slots as they are, as
+a user of the package would: the RWKV-7 state is [head][value][key] like the file)}. For each job it writes: seq_logits (T1, V) for ids[:split] from the initial state,
 cont_logits (V,) after feeding ids[split:] on, the state after all ids (att_shift, wkv, ffn_shift),
 and one_logits (T, V), one_* states when feeding the ids one at a time.
 """
@@ -46,6 +48,13 @@ def main():
         model = RWKV(job["pth"][:-4], "cpu fp32")       # the official loader appends '.pth'
         L = model.n_layer
         init = to_list_state(np.load(job["init_state"]), L) if job["init_state"] else None
+        if job.get("time_state"):
+            tuned = torch.load(job["time_state"], map_location="cpu", weights_only=True)
+            init = []
+            for i in range(L):
+                S = tuned[f"blocks.{i}.att.time_state"].float()        # (H, N, N)
+                C = S.shape[0] * S.shape[1]
+                init += [torch.zeros(C), S, torch.zeros(C)]
         ids, split = job["ids"], job["split"]
         out = {}
         # The official forward writes the new state into the list it is given: pass copies.

@@ -655,11 +655,21 @@ def build_parser():
     no_check_finite(ml, "write the merged model even if a tensor holds NaN or Inf")
     ml.set_defaults(func=cmd_merge_lora)
 
-    t = sub.add_parser("train", help="train an RWKV-7 on a text file (NumPy, hand-written gradients)",
+    t = sub.add_parser("train", help="train or fine-tune an RWKV-7 on a text file (hand-written "
+                                     "gradients)",
                        formatter_class=fmt,
-                       description="Train an RWKV-7 from scratch on a UTF-8 text file: a BPE tokenizer, "
-                                   "RWKV-LM's initialisation, AdamW with warm-up and cosine decay, "
-                                   "validation, samples, checkpoints (--resume), and a model card.")
+                       description="Train an RWKV-7 on a UTF-8 text file, from scratch (a BPE "
+                                   "tokenizer, RWKV-LM's initialisation) or from a checkpoint "
+                                   "(--init-from: every weight, a LoRA adapter with --lora, or the "
+                                   "initial state with --state-tune): AdamW with warm-up and "
+                                   "cosine decay, validation, the best step kept, samples, "
+                                   "checkpoints (--resume), a loss curve and a model card.",
+                       epilog="examples:\n"
+                              "  tinyrwkv train --data stories.txt --out runs/new\n"
+                              "  tinyrwkv train --init-from weights/model.safetensors --lora 8 "
+                              "--data shakespeare.txt --valid valid.txt --steps 300 --out runs/lora\n"
+                              "  tinyrwkv train --init-from weights/model.safetensors --state-tune "
+                              "--data shakespeare.txt --valid valid.txt --steps 300 --out runs/state")
     from . import trainer
     trainer.add_arguments(t)
     t.set_defaults(func=trainer.run)

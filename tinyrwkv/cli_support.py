@@ -78,12 +78,8 @@ def rate(n, seconds):
 def load_state(path, config):
     """--state: a tinyrwkv state (.npz, --save-state) or a state-tuning checkpoint (.pth or
     .safetensors with blocks.{i}.att.time_state, RWKV-PEFT), read through tinyrwkv.formats."""
-    from .formats import open_model
-    from .formats.lora import initial_state
-    from .formats.state_file import load_state as read_state_file
-    if str(path).lower().endswith(".npz"):
-        return read_state_file(path, config)
-    return initial_state(open_model(path).read_all("float32", progress=False), config)
+    from .formats.lora import read_start_state
+    return read_start_state(path, config)
 
 
 class Parser(argparse.ArgumentParser):

@@ -89,12 +89,13 @@ def documents(text, separator=None):
 
 
 def evaluate_text(model, text, per_document=False, separator=None, max_tokens=None,
-                  tokenizer=None, chunk=None, progress=None):
+                  tokenizer=None, chunk=None, progress=None, state=None):
     """Bits per byte, perplexity and speed of `model` on `text` (a str).
 
     per_document: each document (documents(text, separator)) from a fresh state; otherwise the
     whole text as one stream (with `separator`: each separator read as the end-of-text token).
     max_tokens: predict at most this many tokens (the bytes are then those of the tokens read).
+    state: where every stream starts (e.g. a state-tuned initial state; default: zeros).
     Returns a dict: mode, documents, tokens (predicted), bytes, nats, bits_per_byte, perplexity,
     seconds, tokens_per_second, truncated.
     """
@@ -129,7 +130,8 @@ def evaluate_text(model, text, per_document=False, separator=None, max_tokens=No
     nats, done, t0 = 0.0, 0, time.perf_counter()
     for ids, _ in streams:
         report = None if progress is None else (lambda n, d=done: progress(d + n, total_tokens))
-        stream_nats, _ = nats_of_ids(model, ids, None, chunk, report)
+        stream_nats, _ = nats_of_ids(model, ids, None if state is None else state.copy(),
+                                     chunk, report)
         nats += stream_nats
         done += max(len(ids) - 1, 0)
     seconds = time.perf_counter() - t0
@@ -212,6 +214,11 @@ def run(args):
         if model.tokenizer is None:
             raise ValueError(f"{model.path}: {model.tokenizer_error}; give --tokenizer")
         label = _label(model)
+        start = None
+        if args.state:
+            from .formats.lora import read_start_state
+            start = read_start_state(args.state, model.config)
+            label += f" from {Path(args.state).name}"
         for name, text in texts.items():
             progress = None
             bar = ProgressBar(f"eval {label} {Path(name).name}")
@@ -220,7 +227,7 @@ def run(args):
                 progress = lambda done, total: bar(int(size * done / total), size)
             try:
                 r = evaluate_text(model, text, args.per_document, separator, args.max_tokens,
-                                  progress=progress)
+                                  progress=progress, state=start)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
             finally:
@@ -298,6 +305,10 @@ def add_parser(sub, formatter_class=argparse.HelpFormatter):
                    help="'world' or a tokenizer.json; default: chosen from the vocabulary size")
     p.add_argument("--threads", type=option(int, POSITIVE), metavar="N",
                    help="CPU threads (default: all cores)")
+    p.add_argument("--state", metavar="FILE",
+                   help="start every stream from this state instead of zeros: a state-tuning "
+                        "file (time_state.pth from `tinyrwkv train --state-tune`, RWKV-PEFT's) "
+                        "or a saved state (.npz)")
     p.add_argument("--per-document", action="store_true",
                    help="read each document from a fresh state (documents: cut at blank lines, "
                         "or at --separator); default: each file as one continuous stream")

@@ -155,21 +155,28 @@ def _block_forward(x, v_first, state, p, i, H, wkv_ops):
     return x, v_first, acts
 
 
-def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
+def _block_backward(dx, dv_first, p, i, H, c, wkv_ops, wanted=lambda key: True):
     """Gradients of one layer. dx: dL/d(layer output) (B, T, C); dv_first: dL/dv_first from the
     layers above (None for the last). Returns dL/d(layer input), dL/dv_first (layer 0: None, it is
-    folded into dv), and the param gradients keyed like p."""
+    folded into dv), and the param gradients keyed like p, plus "att.time_state": dL/d(the
+    layer's initial WKV state) summed over the batch (H, N, N). `wanted(key)`: False skips the
+    weight products of that matrix's gradient (a frozen matrix costs nothing); cheap vectors are
+    always computed."""
     xp = array_module(dx)
     B, T, C = dx.shape
     gp = {}
+
+    def outer(key, d, x):                   # gp[key] = d^T x over all (b, t), when wanted
+        if wanted(key):
+            gp[key] = d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
     heads = lambda u: u.reshape(B, T, H, -1)
     x_mid = c["x_in"] + c["att"]                                            # input of ln2
     # channel mix: x_out = x_mid + relu(xk2 Wk^T)^2 Wv^T
     h = c["ffn_hidden"]
-    gp["ffn.value.weight"] = dx.reshape(-1, C).T @ h.reshape(-1, h.shape[-1])
+    outer("ffn.value.weight", dx, h)
     dh = dx @ p["ffn.value.weight"]
     du = dh * 2 * xp.maximum(c["ffn_key"], 0)
-    gp["ffn.key.weight"] = du.reshape(-1, du.shape[-1]).T @ c["ffn_xk"].reshape(-1, C)
+    outer("ffn.key.weight", du, c["ffn_xk"])
     dxk2 = du @ p["ffn.key.weight"]
     gp["ffn.x_k"] = (dxk2 * (c["ffn_x_prev"] - c["ln2"])).sum(axis=(0, 1))
     dxf = dxk2 * (1 - p["ffn.x_k"]) + shift_backward(dxk2 * p["ffn.x_k"])
@@ -177,7 +184,7 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     dx = dx + dmid                                                          # dL/dx_mid
     # time mix output: x_mid = x_in + o Wo^T, o = (yn + bonus) * g
     o = ref.output_gate(c["gn"] + c["bonus"], c["g"])
-    gp["att.output.weight"] = dx.reshape(-1, C).T @ o.reshape(-1, C)
+    outer("att.output.weight", dx, o)
     do = dx @ p["att.output.weight"]
     dg = do * (c["gn"] + c["bonus"])
     dsum = do * c["g"]
@@ -194,7 +201,7 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     gp["att.r_k"] = (drk_c * c["r"] * c["k_tilde"]).sum(axis=(0, 1)).reshape(p["att.r_k"].shape)
     # WKV
     a, kh = c["a"], c["kk"]
-    _, dr_w, dw, dkt_w, dv_w, dalpha, dbeta = wkv_ops[1](
+    dS0, dr_w, dw, dkt_w, dv_w, dalpha, dbeta = wkv_ops[1](
         None, heads(dy), c["wkv_saved"], heads(c["r"]), heads(c["w"]), heads(c["k_tilde"]),
         heads(c["v_res"]), heads(-kh), heads(kh * a))
     flat = lambda u: u.reshape(B, T, C)
@@ -215,7 +222,7 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
         dv_first_here = dv * vg
         dvg_pre = dv * (v_first - v_raw) * vg * (1 - vg)
         gp["att.v0"] = dvg_pre.sum(axis=(0, 1))
-        gp["att.v2"] = c["v_lora"].reshape(-1, c["v_lora"].shape[-1]).T @ dvg_pre.reshape(-1, C)
+        outer("att.v2", c["v_lora"], dvg_pre)
         dhv = dvg_pre @ p["att.v2"].T
         dv_first = dv_first_here + (dv_first if dv_first is not None else 0)
     # kt = k * (1 + (a - 1) * k_a)
@@ -231,29 +238,28 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     dk = dk + dkk * p["att.k_k"]
     gp["att.k_k"] = (dkk * k).sum(axis=(0, 1))
     # LoRAs
-    two = lambda u: u.reshape(-1, u.shape[-1])
     gp["att.w0"] = dw_pre.sum(axis=(0, 1))
-    gp["att.w2"] = two(c["w_lora"]).T @ two(dw_pre)
+    outer("att.w2", c["w_lora"], dw_pre)
     dhw_pre = (dw_pre @ p["att.w2"].T) * (1 - c["w_lora"] ** 2)
     da_pre = da * a * (1 - a)
     gp["att.a0"] = da_pre.sum(axis=(0, 1))
-    gp["att.a2"] = two(c["a_lora"]).T @ two(da_pre)
+    outer("att.a2", c["a_lora"], da_pre)
     dha = da_pre @ p["att.a2"].T
-    gp["att.g2"] = two(c["g_lora"]).T @ two(dg)
+    outer("att.g2", c["g_lora"], dg)
     dhg_pre = (dg @ p["att.g2"].T) * c["g_lora"] * (1 - c["g_lora"])
     # projections back to the six mixed inputs
     xr, xw, xk, xv, xa_, xg = (c[n] for n in ("xr", "xw", "xk", "xv", "xa", "xg"))
-    gp["att.receptance.weight"] = two(dr).T @ two(xr)
-    gp["att.key.weight"] = two(dk).T @ two(xk)
-    gp["att.value.weight"] = two(dv_raw).T @ two(xv)
-    gp["att.w1"] = two(xw).T @ two(dhw_pre)
-    gp["att.a1"] = two(xa_).T @ two(dha)
-    gp["att.g1"] = two(xg).T @ two(dhg_pre)
+    outer("att.receptance.weight", dr, xr)
+    outer("att.key.weight", dk, xk)
+    outer("att.value.weight", dv_raw, xv)
+    outer("att.w1", xw, dhw_pre)
+    outer("att.a1", xa_, dha)
+    outer("att.g1", xg, dhg_pre)
     dmixed = [dr @ p["att.receptance.weight"], dhw_pre @ p["att.w1"].T,
               dk @ p["att.key.weight"], dv_raw @ p["att.value.weight"],
               dha @ p["att.a1"].T, dhg_pre @ p["att.g1"].T]
     if i > 0:
-        gp["att.v1"] = two(xv).T @ two(dhv)
+        outer("att.v1", xv, dhv)
         dmixed[3] = dmixed[3] + dhv @ p["att.v1"].T
     # lerps: m = xa + (prev - xa) * mix
     dxa = xp.zeros_like(dx)
@@ -266,24 +272,35 @@ def _block_backward(dx, dv_first, p, i, H, c, wkv_ops):
     dxa += shift_backward(dprev)
     dln, gp["ln1.weight"], gp["ln1.bias"] = norm_backward(dxa, c["x_in"], p["ln1.weight"], 1,
                                                            ref.LN_EPS)
+    gp["att.time_state"] = dS0.sum(axis=0)
     return dx + dln, (None if i == 0 else dv_first), gp
 
 
-def loss_and_grad(params, ids, targets, wkv_ops=None):
+TIME_STATE = "att.time_state"      # blocks.{i}.att.time_state: RWKV-PEFT's state-tuning key
+
+
+def loss_and_grad(params, ids, targets, wkv_ops=None, want=None):
     """Mean cross-entropy (nats) of predicting `targets` from `ids`, and its gradient.
 
     Args:
         params: dict official key -> array, stored shapes ((1, 1, C) lerps etc.), as
             read_checkpoint returns them. float64 gives a float64 computation, float32 float32.
+            It may also hold `blocks.{i}.att.time_state` (H, N, N) for every layer: the initial
+            WKV state of each sequence (state tuning, docs/formats.md §7), else zeros.
         ids, targets: (B, T) integer arrays (a 1-D array is one sequence).
         wkv_ops: (forward, backward) for the WKV operator; default: this module's NumPy pair for
             NumPy arrays, the CUDA kernels (`tinyrwkv.backends.cupy_train.WKV_OPS`) for CuPy
             arrays (`tinyrwkv.backends.numba_train.WKV_OPS` is the Numba pair). Params as CuPy arrays run the
             whole computation on the GPU and return CuPy gradients.
+        want: None for every gradient; else the keys whose gradients are needed (frozen
+            matrices then cost no weight product; an empty collection: the loss only, no
+            backward at all).
     Returns:
         loss (a Python float), grads: dict with the keys and shapes of params (layer 0's unused
-        v0/v1/v2 get zeros).
+        v0/v1/v2 get zeros), or of `want`.
     """
+    tuned = {k: v for k, v in params.items() if k.endswith("." + TIME_STATE)}
+    params = {k: v for k, v in params.items() if k not in tuned}
     config, dtype = _prepare(params)
     xp = array_module(next(iter(params.values())))
     ids, targets = xp.atleast_2d(xp.asarray(ids)), xp.atleast_2d(xp.asarray(targets))
@@ -302,12 +319,24 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
          else xp.asarray(value, dtype) for key, value in params.items()}
     layers = [{key[len(f"blocks.{i}."):]: value for key, value in P.items()
                if key.startswith(f"blocks.{i}.")} for i in range(config.n_layer)]
+    want = None if want is None else set(want)
+    wanted = (lambda key: True) if want is None else want.__contains__
 
-    # forward: model.py's functions on (B, T, C), from a zero state
+    # forward: model.py's functions on (B, T, C), from a zero state (or the tuned WKV states)
     B, T = ids.shape
     L, C, N = config.n_layer, config.n_embd, config.head_size
     state = ref.State(xp.zeros((L, B, C), dtype), xp.zeros((L, B, H, N, N), dtype),
                       xp.zeros((L, B, C), dtype))
+    if tuned:
+        if len(tuned) != L:
+            raise ValueError(f"time_state for {len(tuned)} of {L} layers: state tuning trains "
+                             "every layer's initial state")
+        for i in range(L):
+            S0 = xp.asarray(tuned[f"blocks.{i}.{TIME_STATE}"], dtype)
+            if S0.shape != (H, N, N):
+                raise ValueError(f"blocks.{i}.{TIME_STATE} is {S0.shape}; this model's layer "
+                                 f"state is {(H, N, N)}")
+            state.wkv[i] = S0
     emb_rows = P["emb.weight"][ids]                                           # (B, T, C)
     x = ref.layer_norm(emb_rows, P["blocks.0.ln0.weight"], P["blocks.0.ln0.bias"])
     caches, v_first = [], None
@@ -323,26 +352,108 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     logp_target = xp.take_along_axis(logits - m - xp.log(z), targets[..., None], axis=-1)
     n = targets.size
     loss = float(-logp_target.sum() / n)
+    if want is not None and not want:
+        return loss, {}
 
     # backward
-    grads = {key: xp.zeros_like(value) for key, value in P.items()}
+    grads = {}
     dlogits = e / z
     dlogits.reshape(-1, V)[xp.arange(n), targets.reshape(-1)] -= 1         # softmax - one-hot
     dlogits /= n
-    grads["head.weight"] = dlogits.reshape(-1, V).T @ xo.reshape(-1, xo.shape[-1])
+    if wanted("head.weight"):
+        grads["head.weight"] = dlogits.reshape(-1, V).T @ xo.reshape(-1, xo.shape[-1])
     dxo = dlogits @ P["head.weight"]
     dx, grads["ln_out.weight"], grads["ln_out.bias"] = norm_backward(
         dxo, x_last, P["ln_out.weight"], 1, ref.LN_EPS)
     dv_first = None
     for i in reversed(range(config.n_layer)):
-        dx, dv_first, gp = _block_backward(dx, dv_first, layers[i], i, H, caches[i], wkv_ops)
+        prefix = f"blocks.{i}."
+        dx, dv_first, gp = _block_backward(dx, dv_first, layers[i], i, H, caches[i], wkv_ops,
+                                           lambda key: wanted(prefix + key))
         for key, value in gp.items():
-            grads[f"blocks.{i}.{key}"] = value
+            grads[prefix + key] = value
     demb, grads["blocks.0.ln0.weight"], grads["blocks.0.ln0.bias"] = norm_backward(
         dx, emb_rows, P["blocks.0.ln0.weight"], 1, ref.LN_EPS)
-    # emb[ids] read rows, some more than once: their gradients add up (np.add.at / cupy.add.at)
-    xp.add.at(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
+    if wanted("emb.weight"):
+        # emb[ids] read rows, some more than once: their gradients add up (np.add.at / cupy.add.at)
+        grads["emb.weight"] = xp.zeros_like(P["emb.weight"])
+        xp.add.at(grads["emb.weight"], ids.reshape(-1), demb.reshape(-1, demb.shape[-1]))
     out = {}
-    for key, value in params.items():
-        out[key] = grads[key].reshape(value.shape).astype(dtype, copy=False)
+    for key, value in {**params, **tuned}.items():
+        if want is not None and key not in want:
+            continue
+        g = grads.get(key)
+        if g is None:                       # layer 0's v0/v1/v2: unused, zero gradient
+            g = xp.zeros(value.shape, dtype)
+        out[key] = g.reshape(value.shape).astype(dtype, copy=False)
     return loss, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: LoRA factors and the initial state (RWKV-PEFT's two methods)
+# ----------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+def lora_loss_and_grad(base, lora, alpha, ids, targets, wkv_ops=None):
+    """loss_and_grad of a base model with a LoRA adapter, and the adapter's gradients.
+
+    Args:
+        base: the frozen model, dict official key -> array.
+        lora: the trained tensors, RWKV-PEFT's names: `X.lora_A` (r, in) and `X.lora_B`
+            (out, r) for a matrix `X.weight` of base, and any other key (e.g. a layer norm
+            trained in full, or blocks.{i}.att.time_state) that replaces base's.
+        alpha: the LoRA scale numerator: X.weight is used as W + (alpha / r) B A
+            (formats/lora.py `lora_weight`, the same function merge-lora applies).
+    Returns:
+        loss, grads keyed like `lora`. With W' = W + s B A (s = alpha / r), dL/dA = s B^T dL/dW'
+        and dL/dB = s dL/dW' A^T: the model's own gradient of the merged matrix, pulled back.
+    """
+    from .formats.lora import lora_weight
+    stems = sorted(k[:-len(".lora_A")] for k in lora if k.endswith(".lora_A"))
+    model = dict(base)
+    model.update({k: v for k, v in lora.items() if not k.endswith((".lora_A", ".lora_B"))})
+    for stem in stems:
+        model[stem + ".weight"] = lora_weight(base[stem + ".weight"], lora[stem + ".lora_A"],
+                                              lora[stem + ".lora_B"], alpha)
+    want = {k for k in lora if not k.endswith((".lora_A", ".lora_B"))}
+    want |= {stem + ".weight" for stem in stems}
+    loss, g = loss_and_grad(model, ids, targets, wkv_ops, want=want)
+    grads = {k: g[k] for k in lora if k in g}
+    for stem in stems:
+        A, B = lora[stem + ".lora_A"], lora[stem + ".lora_B"]
+        s = alpha / B.shape[1]
+        dW = g[stem + ".weight"]
+        grads[stem + ".lora_A"] = (s * (B.T @ dW)).astype(dW.dtype, copy=False)
+        grads[stem + ".lora_B"] = (s * (dW @ A.T)).astype(dW.dtype, copy=False)
+    return loss, grads
+
+
+def init_lora(base, rank, targets=LORA_TARGETS, seed=0, dtype=np.float32):
+    """A fresh LoRA adapter as RWKV-PEFT makes one: for every layer's matrix in `targets`,
+    lora_A (r, in) kaiming-uniform (torch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in))) and
+    lora_B (out, r) zero, so training starts from the base model exactly."""
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for key in sorted(base, key=_layer_order):
+        stem = key[:-len(".weight")]
+        if key.endswith(".weight") and stem.split(".", 2)[-1] in targets and key.startswith("blocks."):
+            out_dim, in_dim = base[key].shape
+            bound = 1 / np.sqrt(in_dim)
+            lora[stem + ".lora_A"] = rng.uniform(-bound, bound, (rank, in_dim)).astype(dtype)
+            lora[stem + ".lora_B"] = np.zeros((out_dim, rank), dtype)
+    return lora
+
+
+def init_state(base, dtype=np.float32):
+    """Zero initial WKV states, blocks.{i}.att.time_state (H, N, N) for every layer (RWKV-PEFT
+    starts state tuning from zeros: the base model's own start)."""
+    config = ref.Config.from_weights(base)
+    H, N = config.n_head, config.head_size
+    return {f"blocks.{i}.{TIME_STATE}": np.zeros((H, N, N), dtype) for i in range(config.n_layer)}
+
+
+def _layer_order(key):
+    parts = key.split(".")
+    return (int(parts[1]), key) if parts[0] == "blocks" else (-1, key)

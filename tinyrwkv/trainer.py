@@ -45,8 +45,9 @@ from .formats.npz import NpzReader
 from .formats.numerics import check_finite
 from .loader import numba_missing
 from .schema import check_x070_keys
-from .synthetic import lora_ranks, make_weights
-from .tokenizer import open_tokenizers_file, tokenizers_failures
+from .model import Config
+from .synthetic import make_weights
+from .tokenizer import HFTokenizer, tokenizers_failures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +71,10 @@ def train_tokenizer(texts, vocab_size, path):
 
 
 def encode_file(tok, path, tok_path="the tokenizer"):
-    """Token ids (uint16 when they fit) of a text file; stories' <|endoftext|> lines become id 0.
-    `tok_path`: where the tokenizer came from, for the message if the tokenizers library fails."""
+    """Token ids (uint16 when they fit) of a text file; stories' <|endoftext|> lines become id 0
+    (the end-of-text id of the World tokenizer and of the ones `train` makes). `tok`: a tinyrwkv
+    tokenizer (tinyrwkv/tokenizer.py); `tok_path`: where it came from, for the message if the
+    tokenizers library fails."""
     text = read_text(path, "text")
     pieces = text.split("<|endoftext|>")
     ids = []
@@ -79,10 +82,10 @@ def encode_file(tok, path, tok_path="the tokenizer"):
         for n, piece in enumerate(pieces):
             piece = piece.strip("\n")
             if piece:
-                ids.extend(tok.encode(piece).ids)
+                ids.extend(tok.encode(piece))
             if n < len(pieces) - 1:
                 ids.append(0)
-    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.int32
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
     return np.array(ids, dtype), len(text.encode("utf-8"))
 
 
@@ -184,7 +187,7 @@ class Progress:
 
 # The files `train` writes in --out: no input may be one of them.
 OUTPUTS = ("model.safetensors", "model.tokenizer.json", "train_state.npz", "log.jsonl",
-           "result.json", "MODEL_CARD.md", "loss_curve.png")
+           "result.json", "MODEL_CARD.md", "loss_curve.png", "lora_adapter.pth", "time_state.pth")
 
 
 def check_paths(args):
@@ -196,13 +199,16 @@ def check_paths(args):
                           "and checkpoints")
     for name in OUTPUTS:
         tokenizer = args.tokenizer if name != "model.tokenizer.json" else None
-        refuse_overwriting(out / name, [args.data, args.valid, tokenizer])
+        refuse_overwriting(out / name, [args.data, args.valid, tokenizer,
+                                        getattr(args, "init_from", None)])
 
 
-def read_training_checkpoint(path):
-    """(meta, params, opt) from a train_state.npz written by this trainer, read through the checked
-    .npz reader (formats/npz.py): a damaged or foreign file is one clear error, never a pickle or
-    an allocation its headers merely declare."""
+def read_training_checkpoint(path, mode="scratch", fresh=None):
+    """(meta, params, opt, best) from a train_state.npz written by this trainer, read through the
+    checked .npz reader (formats/npz.py): a damaged or foreign file is one clear error, never a
+    pickle or an allocation its headers merely declare. `mode` and `fresh` (what this run
+    trains, freshly made): a checkpoint of another kind of run, or of other tensors, is refused.
+    best: (step, valid loss, arrays) of the best evaluation so far, or None."""
     fix = "delete it to train from the start, or run without --resume"
     with NpzReader(path, "training checkpoint", fix) as npz:
         if npz.declared_bytes() > npz.path.stat().st_size:     # np.savez stores arrays as they are
@@ -211,19 +217,34 @@ def read_training_checkpoint(path):
             raise npz.error("it has no meta record (step, optimizer counter, random state)")
         try:
             meta = json.loads(str(npz.read("meta")))
-            meta = {k: meta[k] for k in ("t", "rng", "step", "curve")}
+            meta = {k: meta[k] for k in ("t", "rng", "step", "curve")} | {
+                "mode": meta.get("mode", "scratch"), "best": meta.get("best")}
         except (ValueError, KeyError, TypeError) as e:
             raise npz.error(f"its meta record is damaged ({type(e).__name__})") from None
         groups = {g: {n[2:]: npz.read(n) for n in npz.names if n.startswith(g + ":")}
-                  for g in "pmv"}
+                  for g in "pmvb"}
+    saved_mode = "scratch" if meta["mode"] in ("scratch", "full") else meta["mode"]
+    if saved_mode != ("scratch" if mode in ("scratch", "full") else mode):
+        raise npz.error(f"it is the checkpoint of a {meta['mode']} run, and this run is {mode}; "
+                        "resume with the options it was started with, or use another --out")
     params, m, v = groups["p"], groups["m"], groups["v"]
     shapes = {g: {k: a.shape for k, a in arrays.items()} for g, arrays in groups.items()}
     if not params or shapes["m"] != shapes["p"] or shapes["v"] != shapes["p"]:
         raise npz.error("its parameters and Adam moments do not match")
-    check_x070_keys(params, source=path)
+    if groups["b"] and shapes["b"] != shapes["p"]:
+        raise npz.error("its best parameters do not match its parameters")
+    if mode in ("scratch", "full"):
+        check_x070_keys(params, source=path)
+    if fresh is not None and mode != "scratch" and \
+            shapes["p"] != {k: np.shape(a) for k, a in fresh.items()}:
+        raise npz.error("its trained tensors are not the ones this run trains (another model, "
+                        "rank or target list)")
     check_finite({**params, **{"m:" + k: a for k, a in m.items()},
                   **{"v:" + k: a for k, a in v.items()}}, path, fix=fix)
-    return meta, params, {"m": m, "v": v, "t": meta["t"]}
+    best = None
+    if groups["b"] and meta["best"]:
+        best = (int(meta["best"][0]), float(meta["best"][1]), groups["b"])
+    return meta, params, {"m": m, "v": v, "t": meta["t"]}, best
 
 
 class Diverged(ValueError):
@@ -263,13 +284,62 @@ def check_data(ids, path, args):
                          f"{args.ctx} (+2); give a longer text or a smaller --ctx")
 
 
-def run(args):
-    check_config(args)                      # run() is also called from Python
-    check_paths(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_file = out / "train_state.npz"
-    log_file = out / "log.jsonl"
+class Tuning:
+    """What a run trains, and how the model it evaluates is made from it.
+
+    mode "scratch": every parameter, from RWKV-LM's initialisation (trainable = the model).
+    mode "full": every parameter, from --init-from's checkpoint.
+    mode "lora": LoRA factors on --init-from's matrices (--lora-targets), the model frozen
+        (RWKV-PEFT's LoRA: W + (alpha / r) B A).
+    mode "state": each layer's initial WKV state blocks.{i}.att.time_state, the model frozen
+        (RWKV-PEFT's state tuning).
+    `base` is the frozen model (None when everything trains)."""
+
+    def __init__(self, mode, base=None, alpha=None):
+        self.mode, self.base, self.alpha = mode, base, alpha
+
+    def loss_and_grad(self, trainable, ids, tgt, wkv_ops):
+        if self.mode == "lora":
+            return train.lora_loss_and_grad(self.base, trainable, self.alpha, ids, tgt, wkv_ops)
+        if self.mode == "state":
+            return train.loss_and_grad({**self.base, **trainable}, ids, tgt, wkv_ops,
+                                       want=trainable.keys())
+        return train.loss_and_grad(trainable, ids, tgt, wkv_ops)
+
+    def loss(self, trainable, ids, tgt, wkv_ops):
+        """The loss only (no backward)."""
+        return train.loss_and_grad(self.model(trainable), ids, tgt, wkv_ops, want=())[0]
+
+    def model(self, trainable):
+        """The parameters of the model being trained (a time_state included for "state")."""
+        if self.mode == "lora":
+            from .formats.lora import lora_weight
+            merged = dict(self.base)
+            for key in trainable:
+                if key.endswith(".lora_A"):
+                    stem = key[:-len(".lora_A")]
+                    merged[stem + ".weight"] = lora_weight(
+                        self.base[stem + ".weight"], trainable[key], trainable[stem + ".lora_B"],
+                        self.alpha)
+            return merged
+        if self.mode == "state":
+            return {**self.base, **trainable}
+        return trainable
+
+    def inference(self, trainable):
+        """(weights, initial State or None) on the host in float32, for samples and bits/byte."""
+        full = {k: host(v).astype(np.float32) for k, v in self.model(trainable).items()}
+        weights = {k: v for k, v in full.items() if not k.endswith("." + train.TIME_STATE)}
+        if self.mode != "state":
+            return weights, None
+        from .formats.lora import initial_state
+        from .model import Config
+        return weights, initial_state(full, Config.from_weights(weights))
+
+
+def backend_setup(args):
+    """Resolve --backend (default numba where it imports) and --threads. Returns (threads in use,
+    the WKV pair for loss_and_grad, a function moving an array to where training runs)."""
     if args.backend in (None, "numba"):     # default: numba where it imports, else NumPy
         missing = numba_missing()
         if missing and args.backend == "numba":
@@ -289,20 +359,68 @@ def run(args):
         check_available()
         import cupy
         to_device = lambda a: cupy.asarray(a)
+    return threads, wkv_ops, to_device
+
+
+def read_base(args, dtype):
+    """--init-from's checkpoint (any format tinyrwkv reads) and its own tokenizer (or
+    --tokenizer's). Returns (params, tokenizer, how the tokenizer was found)."""
+    from .formats import read_model
+    from .schema import check_x070_keys
+    from .tokenizer import get_tokenizer
+    data = read_model(args.init_from, dtype=dtype.name)
+    check_x070_keys(data.tensors, source=data.path)
+    check_finite(data.tensors, data.path, fix="give a checkpoint without NaN or Inf")
+    if any(key.endswith("ffn.s1") for key in data.tensors):
+        raise ValueError(f"{args.init_from} is a DeepEmbed model (rwkv7a); tinyrwkv trains plain "
+                         "x070 models only")
+    V = data.tensors["emb.weight"].shape[0]
+    tok = get_tokenizer(V, args.tokenizer, data.path, data.tokenizer)
+    how = (f"the tokenizer given with --tokenizer ({args.tokenizer})" if args.tokenizer else
+           f"{args.init_from}'s own ({tok.name})")
+    return data.tensors, tok, how
+
+
+def keep_tokenizer(tok, out):
+    """Copy an HF tokenizer.json into DIR as model.tokenizer.json (found by tinyrwkv.load beside
+    model.safetensors). The World tokenizer is packaged: nothing to copy (65536 rows pick it)."""
+    path = getattr(tok, "path", None)
+    target = out / "model.tokenizer.json"
+    if path is not None and Path(path).suffix.lower() == ".json" and \
+            Path(path).resolve() != target.resolve():
+        with atomic_open(target) as f:
+            f.write(Path(path).read_bytes())
+
+
+def run(args):
+    check_config(args)                      # run() is also called from Python
+    check_paths(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "train_state.npz"
+    log_file = out / "log.jsonl"
+    threads, wkv_ops, to_device = backend_setup(args)
     dtype = np.dtype(args.dtype)
+    mode = tuning_mode(args)
 
     # tokenizer and data
     if not Path(args.data).is_file():
         raise ValueError(f"no training text at {args.data}")
     tok_path = out / "model.tokenizer.json"
-    tok_source = args.tokenizer or tok_path
-    if args.tokenizer:
-        tok = open_tokenizers_file(args.tokenizer)
-        with atomic_path(tok_path) as tmp:
-            tok.save(str(tmp))
+    base = None
+    if mode != "scratch":
+        base, tok, tok_how = read_base(args, dtype)
+        if mode == "full":
+            keep_tokenizer(tok, out)
+        tok_source = getattr(tok, "path", tok.name)
+    elif args.tokenizer:
+        with atomic_open(tok_path) as f:
+            f.write(Path(args.tokenizer).read_bytes())
+        tok = HFTokenizer(tok_path)
+        tok_source = args.tokenizer
         tok_how = f"`{Path(args.tokenizer).name}`, given with --tokenizer ({args.tokenizer})"
     elif tok_path.exists():
-        tok = open_tokenizers_file(tok_path)
+        tok, tok_source = HFTokenizer(tok_path), tok_path
         tok_how = f"`{tok_path.name}` already in {out} (kept from an earlier run)"
     else:
         tok_how = (f"a byte-level BPE trained by this run on `{Path(args.data).name}` "
@@ -310,7 +428,8 @@ def run(args):
         print(f"tinyrwkv train: training a {args.vocab}-token BPE tokenizer on {args.data}",
               file=sys.stderr)
         text = read_text(args.data, "training text")
-        tok = train_tokenizer((s for s in text.split("<|endoftext|>")), args.vocab, tok_path)
+        train_tokenizer((s for s in text.split("<|endoftext|>")), args.vocab, tok_path)
+        tok, tok_source = HFTokenizer(tok_path), tok_path
     train_ids, train_bytes = encode_file(tok, args.data, tok_source)
     check_data(train_ids, args.data, args)
     valid_path = args.valid or str(Path(args.data).with_name("valid.txt"))
@@ -319,14 +438,28 @@ def run(args):
                          "for the validation loss and the final bits per byte)")
     valid_ids, valid_bytes = encode_file(tok, valid_path, tok_source)
     check_data(valid_ids, valid_path, args)
-    V = tok.get_vocab_size()
+    V = base["emb.weight"].shape[0] if base is not None else tok.vocab_size
     print(f"tinyrwkv train: {len(train_ids):,} training tokens ({train_bytes / len(train_ids):.2f} "
           f"bytes/token), {len(valid_ids):,} validation tokens, vocabulary {V}", file=sys.stderr)
 
     # model, optimiser, random state
     rng = np.random.default_rng(args.seed)
+    if mode == "scratch":
+        fresh = make_weights(args.layers, args.width, V, head_size=args.head_size, seed=args.seed,
+                             dtype=dtype, training_init=True)
+    elif mode == "full":
+        fresh = base
+    elif mode == "lora":
+        fresh = train.init_lora(base, args.lora, targets=args.lora_targets, seed=args.seed,
+                                dtype=dtype)
+    else:
+        fresh = train.init_state(base, dtype)
+    tuning = Tuning(mode, None if base is None or mode == "full" else
+                    {k: to_device(np.asarray(v, dtype)) for k, v in base.items()},
+                    args.lora_alpha)
+    best = None                             # (step, valid loss, host copy of the trainable)
     if args.resume and state_file.exists():
-        meta, params, opt = read_training_checkpoint(state_file)
+        meta, params, opt, best = read_training_checkpoint(state_file, mode, fresh)
         params = {k: to_device(v) for k, v in params.items()}
         opt["m"] = {k: to_device(v) for k, v in opt["m"].items()}
         opt["v"] = {k: to_device(v) for k, v in opt["v"].items()}
@@ -334,39 +467,41 @@ def run(args):
         step0, curve = meta["step"], meta["curve"]
         print(f"tinyrwkv train: resumed from step {step0}", file=sys.stderr)
     else:
-        L, C, N = args.layers, args.width, args.head_size
-        params = make_weights(L, C, V, head_size=N, seed=args.seed, dtype=dtype,
-                              training_init=True)
-        params = {k: to_device(v) for k, v in params.items()}
-        opt = {"m": {k: to_device(np.zeros(v.shape, v.dtype)) for k, v in params.items()},
-               "v": {k: to_device(np.zeros(v.shape, v.dtype)) for k, v in params.items()}, "t": 0}
+        params = {k: to_device(np.array(v, dtype)) for k, v in fresh.items()}
+        opt = {"m": {k: to_device(np.zeros(v.shape, dtype)) for k, v in params.items()},
+               "v": {k: to_device(np.zeros(v.shape, dtype)) for k, v in params.items()}, "t": 0}
         step0, curve = 0, []
-    n_params = sum(v.size for v in params.values())
-    print(f"tinyrwkv train: L{args.layers} C{args.width} head {args.head_size} V{V}, "
-          f"{n_params / 1e6:.2f}M parameters, batch {args.batch}x{args.ctx}, {args.steps} steps, "
-          f"wkv {args.backend}{f', {threads} threads' if threads else ''}", file=sys.stderr)
+    config = Config.from_weights(base if base is not None else params)
+    n_params = sum(int(np.prod(v.shape)) for v in (base or params).values())
+    n_trained = sum(int(np.prod(v.shape)) for v in params.values())
+    print(f"tinyrwkv train: {describe_run(mode, args, config, n_params, n_trained)}, batch "
+          f"{args.batch}x{args.ctx}, {args.steps} steps, lr {args.lr:g}, wkv {args.backend}"
+          f"{f', {threads} threads' if threads else ''}", file=sys.stderr)
 
     # fixed validation windows for the periodic estimate
     vrng = np.random.default_rng(12345)
-    vstarts = vrng.integers(0, len(valid_ids) - args.ctx - 1, args.eval_windows)
+    vstarts = window_starts(valid_ids, args.ctx, args.eval_windows, vrng, args.windows)
     vids = np.stack([valid_ids[s:s + args.ctx] for s in vstarts]).astype(np.int64)
     vtgt = np.stack([valid_ids[s + 1:s + args.ctx + 1] for s in vstarts]).astype(np.int64)
     bytes_per_token = valid_bytes / len(valid_ids)
     prompts = data_prompts(tok, valid_ids)
 
     def evaluate():
-        losses = [train.loss_and_grad(params, vids[i:i + args.batch], vtgt[i:i + args.batch],
-                                      wkv_ops)[0] for i in range(0, len(vids), args.batch)]
+        losses = [tuning.loss(params, vids[i:i + args.batch], vtgt[i:i + args.batch], wkv_ops)
+                  for i in range(0, len(vids), args.batch)]
         return float(np.mean(losses))
 
     def save_state(step):
         meta = {"step": step, "t": opt["t"], "rng": rng.bit_generator.state, "curve": curve,
+                "mode": mode, "best": None if best is None else list(best[:2]),
                 "args": {k: v for k, v in vars(args).items() if k != "func"}}
         arrays = {f"p:{k}": host(v) for k, v in params.items()}
         arrays.update({f"m:{k}": host(v) for k, v in opt["m"].items()})
         arrays.update({f"v:{k}": host(v) for k, v in opt["v"].items()})
+        if best is not None:
+            arrays.update({f"b:{k}": v for k, v in best[2].items()})
         with atomic_open(state_file) as f:          # never a half-written checkpoint
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez(f, meta=np.array(json.dumps(meta, default=str)), **arrays)
 
     start_log(log_file, step0)
     plotted = None                          # write_loss_curve: not tried yet
@@ -375,10 +510,10 @@ def run(args):
     stop = args.steps if not args.stop_after else min(args.steps, step0 + args.stop_after)
     progress = Progress(args.steps, last=stop)
     for step in range(step0, stop):
-        starts = rng.integers(0, len(train_ids) - args.ctx - 1, args.batch)
+        starts = window_starts(train_ids, args.ctx, args.batch, rng, args.windows)
         ids = np.stack([train_ids[s:s + args.ctx] for s in starts]).astype(np.int64)
         tgt = np.stack([train_ids[s + 1:s + args.ctx + 1] for s in starts]).astype(np.int64)
-        loss, grads = train.loss_and_grad(params, ids, tgt, wkv_ops)
+        loss, grads = tuning.loss_and_grad(params, ids, tgt, wkv_ops)
         check_step(step + 1, "loss", loss, args)
         gnorm = clip_(grads, args.clip)
         check_step(step + 1, "gradient norm", gnorm, args)
@@ -397,24 +532,75 @@ def run(args):
             curve.append({"step": step + 1, "train_loss": loss, "valid_loss": vloss,
                           "valid_bpb": vloss / math.log(2) / bytes_per_token,
                           "seconds": time.monotonic() - t_start, "tok_s": tok_s})
+            if best is None or vloss < best[1]:
+                best = (step + 1, vloss, {k: host(v).copy() for k, v in params.items()})
             progress.newline()
             print(f"tinyrwkv train: step {step + 1}: valid loss {vloss:.3f} nats/token, "
-                  f"~{curve[-1]['valid_bpb']:.3f} bits/byte", file=sys.stderr)
+                  f"~{curve[-1]['valid_bpb']:.3f} bits/byte"
+                  f"{' (best so far)' if best[0] == step + 1 else f' (best: step {best[0]})'}",
+                  file=sys.stderr)
             save_state(step + 1)
             plotted = write_loss_curve(out / "loss_curve.png", log_file, curve, plotted)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             progress.newline()
-            print("  sample: " + sample(params, tok, prompts[0], 60).replace("\n", " / "),
-                  file=sys.stderr)
+            weights, start = tuning.inference(params)
+            print("  sample: " + sample(weights, tok, prompts[0], 60, state=start)
+                  .replace("\n", " / "), file=sys.stderr)
     wall = time.monotonic() - t_start
     if stop < args.steps:
         print(f"tinyrwkv train: stopped at step {stop} (--stop-after); continue with --resume",
               file=sys.stderr)
         return 0
+    kept_step = curve[-1]["step"] if curve else stop
+    if args.keep == "best" and best is not None:
+        kept_step = best[0]
+        params = {k: to_device(v) for k, v in best[2].items()}
     run_facts = {"tokenizer": tok_how, "train_bytes": train_bytes, "valid_path": valid_path,
-                 "prompts": prompts, "plotted": plotted}
-    return finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, len(train_ids),
+                 "prompts": prompts, "plotted": plotted, "mode": mode, "config": config,
+                 "kept_step": kept_step, "n_trained": n_trained}
+    return finish(args, tuning, params, base, tok, curve, wall, n_params, len(train_ids),
                   run_facts)
+
+
+def tuning_mode(args):
+    """"scratch", "full", "lora" or "state" from --init-from, --lora and --state-tune."""
+    if args.lora and args.state_tune:
+        raise ValueError("--lora and --state-tune are two ways to fine-tune: give one of them")
+    if (args.lora or args.state_tune) and not args.init_from:
+        raise ValueError(f"{'--lora' if args.lora else '--state-tune'} fine-tunes a model: give "
+                         "it with --init-from MODEL (a checkpoint tinyrwkv reads)")
+    if args.init_from:
+        shape = [f"--{n.replace('_', '-')}" for n in ("layers", "width", "head_size", "vocab")
+                 if getattr(args, n) is not None]
+        if shape:
+            raise ValueError(f"{', '.join(shape)} set the shape of a new model; with --init-from "
+                             "the shape (and tokenizer) are the checkpoint's: leave them out")
+        return "lora" if args.lora else "state" if args.state_tune else "full"
+    return "scratch"
+
+
+def describe_run(mode, args, config, n_params, n_trained):
+    shape = (f"L{config.n_layer} C{config.n_embd} head {config.head_size} V{config.vocab_size}, "
+             f"{n_params / 1e6:.2f}M parameters")
+    if mode == "scratch":
+        return f"a new model, {shape}"
+    what = ("every parameter" if mode == "full" else "the initial state of every layer"
+            if mode == "state" else
+            f"LoRA rank {args.lora} alpha {args.lora_alpha:g} on {', '.join(args.lora_targets)}")
+    return f"fine-tuning {args.init_from} ({shape}): {what}, {n_trained:,} numbers trained"
+
+
+def window_starts(ids, ctx, n, rng, where="any"):
+    """Starts of `n` windows of ctx + 1 tokens in `ids`: anywhere ("any"), or ("documents") at an
+    end-of-text id 0, so the window's first prediction is a document's first token from a fresh
+    state that has read end-of-text, as `tinyrwkv eval --per-document` and a user's generation
+    start. A text without end-of-text ids falls back to anywhere."""
+    top = len(ids) - ctx - 1
+    if where == "documents":
+        starts = np.flatnonzero(np.asarray(ids[:top]) == 0)
+        if len(starts):
+            return starts[rng.integers(0, len(starts), n)]
+    return rng.integers(0, top, n)
 
 
 def start_log(log_file, step0):
@@ -436,12 +622,14 @@ def host(a):
     return a if isinstance(a, np.ndarray) else a.get()
 
 
-def sample(params, tok, prompt, n, seed=0):
+def sample(params, tok, prompt, n, seed=0, state=None):
+    """`prompt` and up to n tokens the model at `params` (from `state`, e.g. a tuned initial
+    state) writes after it, temperature 1, top-p 0.85."""
     from .model import RWKV7
     from .sampling import sample_logits
     model = RWKV7({k: host(v).astype(np.float32) for k, v in params.items()})
     rng = np.random.default_rng(seed)
-    logits, state = model.forward(tok.encode(prompt).ids)
+    logits, state = model.forward(tok.encode(prompt), None if state is None else state.copy())
     out = []
     for _ in range(n):
         t = sample_logits(logits, temperature=1.0, top_p=0.85, rng=rng)
@@ -535,25 +723,80 @@ def write_loss_curve(path, log_file, curve, plotted=None):
     return True
 
 
-def finish(args, params, tok, valid_ids, valid_bytes, curve, wall, n_params, n_train_tokens,
-           facts):
-    out = Path(args.out)
+# What each kind of run writes (RWKV-PEFT's file kinds for the fine-tunes: a torch .pth of the
+# trained tensors with official names, read by merge-lora / --state and by RWKV-PEFT and
+# ChatRWKV's torch.load).
+OUTPUT_FILE = {"scratch": "model.safetensors", "full": "model.safetensors",
+               "lora": "lora_adapter.pth", "state": "time_state.pth"}
+
+
+def save_output(path, tensors, args, mode):
+    """Write the run's result atomically: a model as .safetensors, a fine-tune as .pth."""
+    if mode in ("scratch", "full"):
+        bf16 = tensors.keys() if args.save_dtype == "bfloat16" else ()
+        save_safetensors(path, tensors, metadata={"format": "tinyrwkv",
+                                                  "trained_by": "tinyrwkv train"}, bf16_keys=bf16)
+    else:
+        from .formats.pth_writer import save_pth
+        save_pth(path, tensors, dtype=args.save_dtype)
+
+
+def measure(weights, start, tok, valid_path):
+    """Bits per byte of the validation text two ways (evaluate.py's math): "continuous" (the file
+    as one stream) and "per_document" (each document from the start state: documents cut at
+    <|endoftext|> where the file has it, else at blank lines, e.g. a play's speeches)."""
+    from .evaluate import evaluate_text
+    if numba_missing() is None:
+        from .backends.numba_cpu import RWKV7Numba
+        model = RWKV7Numba(weights)
+    else:
+        from .model import RWKV7
+        model = RWKV7(weights)
+    text = read_text(valid_path, "validation text")
+    sep = "<|endoftext|>" if "<|endoftext|>" in text else None
+    out = {"separator": sep or "blank lines"}
+    for name, per_doc in (("continuous", False), ("per_document", True)):
+        r = evaluate_text(model, text, per_doc, sep, tokenizer=tok, state=start)
+        out[name] = r["bits_per_byte"]
+    return out
+
+
+def finish(args, tuning, params, base, tok, curve, wall, n_params, n_train_tokens, facts):
+    """Write the result (OUTPUT_FILE), read it back, measure it (and the base model, for a
+    fine-tune) on the validation text, write result.json and MODEL_CARD.md."""
+    out, mode = Path(args.out), facts["mode"]
     final = {k: host(v).astype(np.float32) for k, v in params.items()}
     check_finite(final, "the trained model", fix="training diverged: lower --lr and train again; "
-                 "no model was written")
-    path = out / "model.safetensors"
-    bf16 = final.keys() if args.save_dtype == "bfloat16" else ()
-    save_safetensors(path, final, metadata={"format": "tinyrwkv", "trained_by": "tinyrwkv train"},
-                     bf16_keys=bf16)
-    shipped = read_checkpoint(path, dtype="float32")            # exactly the saved numbers
-    bpb = bits_per_byte(shipped, valid_ids, valid_bytes)
-    samples = [sample(shipped, tok, p, 80, seed=s) for s, p in enumerate(facts["prompts"])]
-    result = {"valid_bits_per_byte": bpb, "wall_seconds": wall, "n_params": int(n_params),
-              "bytes": path.stat().st_size + (out / "model.tokenizer.json").stat().st_size}
+                 "nothing was written")
+    path = out / OUTPUT_FILE[mode]
+    save_output(path, final, args, mode)
+    saved = read_checkpoint(path, dtype="float32")              # exactly the saved numbers
+    weights, start = Tuning(mode, base, args.lora_alpha).inference(saved)
+    print(f"tinyrwkv train: measuring {path.name} on {facts['valid_path']}", file=sys.stderr)
+    after = measure(weights, start, tok, facts["valid_path"])
+    before = None
+    if base is not None:
+        before = measure({k: np.asarray(v, np.float32) for k, v in base.items()}, None, tok,
+                         facts["valid_path"])
+    samples = [sample(weights, tok, p, 80, seed=s, state=start)
+               for s, p in enumerate(facts["prompts"])]
+    files = [path] + [f for f in (out / "model.tokenizer.json",) if f.is_file() and mode in
+                      ("scratch", "full")]
+    result = {"mode": mode, "output": path.name, "kept_step": facts["kept_step"],
+              "valid_bits_per_byte": after["continuous"],
+              "valid_bits_per_byte_per_document": after["per_document"],
+              "documents": after["separator"],
+              "before": before, "wall_seconds": wall, "n_params": int(n_params),
+              "n_trained": int(facts["n_trained"]),
+              "bytes": sum(f.stat().st_size for f in files)}
     write_text(out / "result.json", json.dumps(result, indent=1))
-    write_card(args, result, curve, samples, n_train_tokens, tok.get_vocab_size(), facts)
-    print(f"tinyrwkv train: done in {wall / 60:.1f} min; validation {bpb:.3f} bits/byte over "
-          f"the whole of {facts['valid_path']}; model {path}", file=sys.stderr)
+    write_card(args, result, curve, samples, n_train_tokens, tok.vocab_size, facts)
+    was = "" if before is None else (f" (before: {before['continuous']:.3f} and "
+                                     f"{before['per_document']:.3f})")
+    print(f"tinyrwkv train: done in {wall / 60:.1f} min; step {facts['kept_step']} kept "
+          f"(--keep {args.keep}); validation {after['continuous']:.3f} bits/byte read "
+          f"continuously, {after['per_document']:.3f} per document{was}; wrote {path}",
+          file=sys.stderr)
     return 0
 
 
@@ -609,36 +852,73 @@ def write_card(args, result, curve, samples, n_train_tokens, V, facts):
     else:
         losses = "(no evaluation was recorded)\n"
     hp = {k: v for k, v in vars(args).items()
-          if k not in ("func", "command", "out", "resume", "threads", "argv")}
+          if k not in ("func", "command", "out", "resume", "threads", "argv")
+          and not (args.init_from and k in ("layers", "width", "head_size", "vocab"))}
     command = command_line(args).replace("|", "\\|")           # a | would end the table cell
     picture = ("\n![learning curve](loss_curve.png)\n" if (out / "loss_curve.png").is_file()
                else "")
+    cfg, mode = facts["config"], facts["mode"]
+    base_name = f"`{args.init_from}`" if args.init_from else ""
+    if mode == "scratch":
+        title = f"RWKV-7 trained on `{data['name']}`"
+        intro = ("A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's "
+                 "NumPy trainer with hand-written gradients, on the text of "
+                 f"`{data['name']}` only.")
+    else:
+        kind = ("every parameter fine-tuned" if mode == "full" else
+                "a tuned initial state (state tuning)" if mode == "state" else
+                f"a LoRA adapter (rank {args.lora}, alpha {args.lora_alpha:g}, on "
+                f"{', '.join(args.lora_targets)})")
+        title = f"{base_name} fine-tuned on `{data['name']}` ({mode})"
+        intro = (f"{base_name} adapted to the text of `{data['name']}` by `tinyrwkv train "
+                 f"--init-from`: {kind}, with tinyrwkv's hand-written gradients; the base "
+                 "model's weights are " + ("trained too." if mode == "full" else "frozen."))
+    trained_row = ("" if mode in ("scratch", "full") else
+                   f" ({facts['n_trained']:,} of them trained)")
+    if mode == "scratch":
+        files_row = (f"`model.safetensors` ({args.save_dtype}, official key names) + "
+                     "`model.tokenizer.json`")
+    elif mode == "full":
+        files_row = (f"`model.safetensors` ({args.save_dtype}, official key names)"
+                     + (" + `model.tokenizer.json`" if (out / "model.tokenizer.json").is_file()
+                        else " (its tokenizer: the base model's)"))
+    elif mode == "lora":
+        files_row = (f"`{result['output']}` (RWKV-PEFT LoRA, {args.save_dtype}): use with "
+                     f"`tinyrwkv merge-lora --alpha {args.lora_alpha:g} BASE {result['output']} OUT`")
+    else:
+        files_row = (f"`{result['output']}` (RWKV-PEFT state, {args.save_dtype}): use with "
+                     f"`tinyrwkv generate --model BASE --state {result['output']}`")
+    start_words = "the tuned state" if mode == "state" else "a fresh state"
+    before = result.get("before")
+    before_row = ("" if not before else
+                  f"| before (the base model) | {before['continuous']:.3f} as one text; "
+                  f"{before['per_document']:.3f} per document |\n")
     card = f"""---
 license: "{license_}"
 library_name: tinyrwkv
 tags: [rwkv, rwkv-7, x070]
 ---
 
-# Model card: RWKV-7 trained on `{data['name']}`
+# Model card: {title}
 
-A small RWKV-7 (x070) language model trained by `tinyrwkv train`, tinyrwkv's NumPy trainer with
-hand-written gradients, on the text of `{data['name']}` only.
+{intro}
 
 | | |
 |---|---|
 | license | {license_row} |
 | date | {now} |
 | command | `{command}` |
-| architecture | RWKV-7 x070, L{args.layers} C{args.width} head size {args.head_size}, F {4 * args.width}, LoRA ranks {lora_ranks(args.width)} |
-| parameters | {result['n_params']:,} |
+| architecture | RWKV-7 x070, L{cfg.n_layer} C{cfg.n_embd} head size {cfg.head_size}, F {cfg.dim_ffn}, LoRA ranks {(cfg.d_decay, cfg.d_aaa, cfg.d_mv, cfg.d_gate)} |
+| parameters | {result['n_params']:,}{trained_row} |
 | training data | `{data['name']}`: {data['bytes']:,} bytes, {n_train_tokens:,} tokens, SHA-256 `{data['sha256']}` |
 | validation data | `{valid['name']}`: {valid['bytes']:,} bytes, SHA-256 `{valid['sha256']}` |
 | tokenizer | {facts['tokenizer']}: {V} tokens, saved as `model.tokenizer.json` (SHA-256 `{tok_file['sha256'][:16]}…`) |
-| files | `model.safetensors` ({args.save_dtype}, official key names) + `model.tokenizer.json`: {result['bytes'] / 1e6:.1f} MB |
+| files | {files_row}: {result['bytes'] / 1e6:.1f} MB |
 | training | {curve[-1]['step'] if curve else 0} steps of {args.batch} x {args.ctx} tokens, AdamW, lr {args.lr} (warm-up {args.warmup}, cosine to {args.lr * args.min_lr_ratio:g}), weight decay {args.weight_decay}, clip {args.clip}, seed {args.seed} |
 | wall time | {result['wall_seconds'] / 60:.1f} min on {hardware(args)} |
-| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** over the whole validation file, as saved |
-
+| kept | step {result['kept_step']} (`--keep {args.keep}`: {'the best validation loss' if args.keep == 'best' else 'the last step'}) |
+| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** reading the whole validation file as one text; **{result['valid_bits_per_byte_per_document']:.3f}** reading each document ({result['documents']}) from {start_words}; as saved |
+{before_row}
 Losses (train: the step's batch; validation: {args.eval_windows} fixed windows of {args.ctx}
 tokens; ~bits/byte estimated with each file's mean bytes per token):
 
@@ -668,7 +948,8 @@ NUMBERS = {
     "beta1": (float, UNIT_BELOW_ONE), "beta2": (float, UNIT_BELOW_ONE), "eps": (float, POSITIVE),
     "clip": (float, NON_NEGATIVE), "eval_every": (int, POSITIVE), "eval_windows": (int, POSITIVE),
     "sample_every": (int, NON_NEGATIVE), "seed": (int, NON_NEGATIVE),
-    "stop_after": (int, NON_NEGATIVE),
+    "stop_after": (int, NON_NEGATIVE), "lora": (int, NON_NEGATIVE),
+    "lora_alpha": (float, POSITIVE),
 }
 
 
@@ -677,21 +958,57 @@ def number(name):
     return option(*NUMBERS[name])
 
 
+# A new model's shape when not given (with --init-from the checkpoint's shape is used).
+SHAPE_DEFAULTS = {"vocab": 4096, "layers": 4, "width": 256, "head_size": 64}
+# The peak learning rate of each kind of run when --lr is not given: a new model as RWKV-LM's
+# small models (3e-3); fine-tuning every weight an order lower so it adapts without forgetting;
+# LoRA factors start from B = 0 and need more; a state is a few thousand numbers per layer that
+# RWKV-PEFT trains at ~1e-2 and above. Measured on tinyshakespeare (docs/training.md §2).
+DEFAULT_LR = {"scratch": 3e-3, "full": 3e-4, "lora": 1e-3, "state": 3e-2}
+
+
 def check_config(args):
     """Raise ValueError, naming the option, for a training configuration that cannot work: a
-    number outside NUMBERS (a NaN --lr trains a NaN model without a single error), or a --width
-    the heads do not divide. The command line runs it as the train command's usage check."""
-    if not hasattr(args, "warmup"):
-        args.warmup = None
+    number outside NUMBERS (a NaN --lr trains a NaN model without a single error), fine-tuning
+    options without --init-from, or a --width the heads do not divide. Fills in the defaults
+    that depend on the kind of run (shape, --lr, --warmup). The command line runs it as the train
+    command's usage check."""
+    for name, default in (("warmup", None), ("init_from", None), ("lora", 0),
+                          ("lora_alpha", None), ("lora_targets", None), ("state_tune", False),
+                          ("keep", "best"), ("windows", "any"), ("lr", None),
+                          *((n, None) for n in SHAPE_DEFAULTS)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     for name, (kind, within) in NUMBERS.items():
-        if name == "warmup" and args.warmup is None:
+        if getattr(args, name) is None:
             continue
         check = check_float if kind is float else check_int
         check(f"--{name.replace('_', '-')}", getattr(args, name), within)
-    if args.width % args.head_size:
-        fits = max(args.head_size, args.width // args.head_size * args.head_size)
-        raise ValueError(f"--width {args.width} is not a multiple of --head-size {args.head_size}: "
-                         f"the width is split into heads of that size; use e.g. --width {fits}")
+    mode = tuning_mode(args)
+    if mode == "scratch":
+        for name, default in SHAPE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        if args.width % args.head_size:
+            fits = max(args.head_size, args.width // args.head_size * args.head_size)
+            raise ValueError(f"--width {args.width} is not a multiple of --head-size "
+                             f"{args.head_size}: the width is split into heads of that size; use "
+                             f"e.g. --width {fits}")
+    if mode != "lora" and (args.lora_alpha is not None or args.lora_targets):
+        raise ValueError("--lora-alpha and --lora-targets are for LoRA: give --lora RANK too")
+    if mode == "lora":
+        args.lora_alpha = 2.0 * args.lora if args.lora_alpha is None else args.lora_alpha
+        targets = args.lora_targets or ",".join(train.LORA_TARGETS)
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in train.LORA_TARGETS]
+        if unknown or not targets:
+            raise ValueError(f"--lora-targets {','.join(unknown) or '(none)'}: LoRA goes on the "
+                             f"model's matrices {','.join(train.LORA_TARGETS)} (a comma-separated "
+                             "list of them)")
+        args.lora_targets = targets
+    if args.lr is None:
+        args.lr = DEFAULT_LR[mode]
     if args.warmup is None:
         args.warmup = default_warmup(args.steps)
     if args.warmup >= args.steps:
@@ -710,39 +1027,72 @@ def add_arguments(p):
     p.add_argument("--data", required=True, metavar="FILE", help="training text (UTF-8)")
     p.add_argument("--valid", metavar="FILE", help="validation text (default: valid.txt beside --data)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the model, tokenizer, card and checkpoints go")
-    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json to use instead of training one")
-    p.add_argument("--vocab", type=number("vocab"), default=4096, help="BPE vocabulary size to train")
-    p.add_argument("--layers", type=number("layers"), default=4)
-    p.add_argument("--width", type=number("width"), default=256, help="n_embd (C)")
-    p.add_argument("--head-size", type=number("head_size"), default=64)
-    p.add_argument("--steps", type=number("steps"), default=2000)
-    p.add_argument("--batch", type=number("batch"), default=16, help="sequences per step (B)")
-    p.add_argument("--ctx", type=number("ctx"), default=128, help="tokens per sequence (T)")
-    p.add_argument("--lr", type=number("lr"), default=3e-3)
-    p.add_argument("--min-lr-ratio", type=number("min_lr_ratio"), default=0.1, help="final lr / peak lr")
-    p.add_argument("--warmup", type=number("warmup"),
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizer.json to use instead of training one (with --init-from: "
+                        "instead of the model's own)")
+    g = p.add_argument_group("a new model (without --init-from)")
+    g.add_argument("--vocab", type=number("vocab"), help="BPE vocabulary size to train (default: 4096)")
+    g.add_argument("--layers", type=number("layers"), help="default: 4")
+    g.add_argument("--width", type=number("width"), help="n_embd (C) (default: 256)")
+    g.add_argument("--head-size", type=number("head_size"), help="default: 64")
+    f = p.add_argument_group("fine-tuning (docs/training.md)")
+    f.add_argument("--init-from", metavar="MODEL",
+                   help="start from this RWKV-7 checkpoint (official .pth, ours, .safetensors, "
+                        "GGUF, HF folder) with its own tokenizer, instead of a new model; alone, "
+                        "every weight trains and DIR/model.safetensors is written")
+    f.add_argument("--lora", type=number("lora"), metavar="RANK",
+                   help="train a LoRA adapter of this rank instead (the model frozen); writes "
+                        "DIR/lora_adapter.pth (RWKV-PEFT's format: tinyrwkv merge-lora reads it)")
+    f.add_argument("--lora-alpha", type=number("lora_alpha"), metavar="A",
+                   help="LoRA scale: W + (A / RANK) B A (default: 2 x RANK)")
+    f.add_argument("--lora-targets", metavar="LIST",
+                   help="the matrices that get LoRA, comma-separated (default: all of "
+                        f"{','.join(train.LORA_TARGETS)})")
+    f.add_argument("--state-tune", action="store_true",
+                   help="train each layer's initial state instead (the model frozen); writes "
+                        "DIR/time_state.pth (RWKV-PEFT's format: use it with --state)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=number("steps"), default=2000)
+    o.add_argument("--batch", type=number("batch"), default=16, help="sequences per step (B)")
+    o.add_argument("--ctx", type=number("ctx"), default=128, help="tokens per sequence (T)")
+    o.add_argument("--lr", type=number("lr"),
+                   help="peak learning rate (default: " + ", ".join(
+                       f"{v:g} {k}" for k, v in DEFAULT_LR.items()).replace("scratch", "a new model")
+                   .replace("full", "--init-from").replace("lora", "--lora")
+                   .replace("state", "--state-tune") + ")")
+    o.add_argument("--min-lr-ratio", type=number("min_lr_ratio"), default=0.1, help="final lr / peak lr")
+    o.add_argument("--warmup", type=number("warmup"),
                    help="warm-up steps, fewer than --steps (default: 5%% of --steps)")
-    p.add_argument("--weight-decay", type=number("weight_decay"), default=0.1)
-    p.add_argument("--beta1", type=number("beta1"), default=0.9)
-    p.add_argument("--beta2", type=number("beta2"), default=0.99)
-    p.add_argument("--eps", type=number("eps"), default=1e-8)
-    p.add_argument("--clip", type=number("clip"), default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--eval-every", type=number("eval_every"), default=200)
-    p.add_argument("--eval-windows", type=number("eval_windows"), default=64, help="validation windows per evaluation")
-    p.add_argument("--sample-every", type=number("sample_every"), default=500, help="0: no samples")
-    p.add_argument("--seed", type=number("seed"), default=0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--backend", choices=["numba", "numpy", "cupy"],
+    o.add_argument("--weight-decay", type=number("weight_decay"), default=0.1)
+    o.add_argument("--beta1", type=number("beta1"), default=0.9)
+    o.add_argument("--beta2", type=number("beta2"), default=0.99)
+    o.add_argument("--eps", type=number("eps"), default=1e-8)
+    o.add_argument("--clip", type=number("clip"), default=1.0, help="max global gradient norm (0: off)")
+    o.add_argument("--windows", choices=["any", "documents"], default="any",
+                   help="where training windows start: anywhere in the text, or at an "
+                        "<|endoftext|> (each window reads a document from a fresh state, as "
+                        "generation starts)")
+    o.add_argument("--seed", type=number("seed"), default=0)
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--eval-every", type=number("eval_every"), default=200)
+    e.add_argument("--eval-windows", type=number("eval_windows"), default=64, help="validation windows per evaluation")
+    e.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="what is written at the end: the step with the best validation loss, or "
+                        "the last step")
+    e.add_argument("--sample-every", type=number("sample_every"), default=500, help="0: no samples")
+    e.add_argument("--data-license", metavar="TEXT",
+                   help="the training data's licence, for MODEL_CARD.md's license: field "
+                        "(default: left for you to fill in)")
+    e.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    e.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
+    e.add_argument("--stop-after", type=number("stop_after"), default=0,
+                   help="stop after this many steps of this run (checkpointed; --resume continues)")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    h.add_argument("--backend", choices=["numba", "numpy", "cupy"],
                    help="numba: CPU, Numba WKV kernels (default where numba is installed); "
                         "numpy: CPU, the NumPy reference; "
                         "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
-    p.add_argument("--threads", type=option(int, POSITIVE),
+    h.add_argument("--threads", type=option(int, POSITIVE),
                    help="CPU threads for the Numba kernels and BLAS (default: the libraries' own, "
                         "all cores)")
-    p.add_argument("--data-license", metavar="TEXT",
-                   help="the training data's licence, for MODEL_CARD.md's license: field "
-                        "(default: left for you to fill in)")
-    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/train_state.npz")
-    p.add_argument("--stop-after", type=number("stop_after"), default=0,
-                   help="stop after this many steps of this run (checkpointed; --resume continues)")

@@ -38,13 +38,20 @@ def _strip(key):
     return key
 
 
+def lora_weight(W, A, B, alpha):
+    """The matrix a LoRA adapter makes of W: W + (B @ A) * alpha / r, r = B's columns (A is
+    (r, in), B is (out, r)). Computed in the arrays' own precision (the trainer's float32 or
+    float64, or CuPy arrays); merge-lora calls it in float64."""
+    return W + (B @ A) * (alpha / B.shape[1])
+
+
 def _merge_one(W, A, B, alpha, stem):
-    """W + (B @ A) * alpha / r for one matrix; r = B's columns. float32 result."""
+    """lora_weight for one matrix of a file, shapes checked, in float64. float32 result."""
     A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
     r = B.shape[1]
     if A.shape[0] != r or (B.shape[0], A.shape[1]) != tuple(W.shape):
         raise ValueError(f"LoRA {stem}: A {A.shape} and B {B.shape} do not fit W {tuple(W.shape)}")
-    return (np.asarray(W, np.float64) + (B @ A) * (alpha / r)).astype(np.float32)
+    return lora_weight(np.asarray(W, np.float64), A, B, alpha).astype(np.float32)
 
 
 def _pairs(lora, base_keys):
@@ -207,3 +214,14 @@ def initial_state(tensors, config):
     if found != config.n_layer:
         raise ValueError(f"time_state for {found} of {config.n_layer} layers")
     return state
+
+
+def read_start_state(path, config):
+    """A state to start from, from either kind of file: a tinyrwkv state (.npz, `--save-state`)
+    or a state-tuning checkpoint (.pth/.safetensors with blocks.{i}.att.time_state: RWKV-PEFT's,
+    or `tinyrwkv train --state-tune`'s)."""
+    from . import open_model
+    from .state_file import load_state
+    if str(path).lower().endswith(".npz"):
+        return load_state(path, config)
+    return initial_state(open_model(path).read_all("float32", progress=False), config)
