@@ -7,7 +7,7 @@ writes for a dict of tensors, built byte by byte (docs/formats.md §1.5).
 What is written (what torch 2.13's `torch.save(dict_of_tensors, f)` writes, docs/formats.md §1.1):
 
     archive/data.pkl                  pickle protocol 2: {name: _rebuild_tensor_v2(
-                                        BINPERSID ('storage', torch.<Type>Storage, key, 'cpu', numel),
+                                        BINPERSID ('storage', torch.<T>Storage, key, 'cpu', numel),
                                         0, size, stride, False, OrderedDict())}
     archive/.format_version           "1"
     archive/.storage_alignment        "64"
@@ -18,12 +18,13 @@ What is written (what torch 2.13's `torch.save(dict_of_tensors, f)` writes, docs
 
 Every member is stored (not compressed) and its data starts at a multiple of 64 bytes, reached by
 padding the local header's extra field with a "FB" field as torch does, so a reader can
-memory-map each storage (torch.load(mmap=True); tinyrwkv's reader maps them too). Two choices
-differ from torch's bytes and not from what a reader sees: the local headers carry the CRC and
-sizes (torch leaves them zero and writes a data descriptor after the data: the CRC is computed
-here before the header is written, so no seek back and no descriptor is needed), and the pickle
-uses no memo (torch's pickler memoizes every object; nothing requires it). ZIP64 records are
-used where a size or offset reaches 4 GiB, and the ZIP64 end records are always written, as torch
+memory-map each storage (torch.load(mmap=True); tinyrwkv's reader maps them too). Where the
+bytes differ from torch's, no reader sees it: the local headers carry the CRC and sizes (torch
+leaves them zero and writes a data descriptor after the data: the CRC is computed here before
+the header is written, so no seek back and no descriptor is needed); the pickle uses no memo
+(torch's pickler memoizes every object; nothing requires it); the prefix is always "archive";
+the serialization id is not torch's formula (torch only reports it). ZIP64 records are used
+where a size or offset reaches 4 GiB, and the ZIP64 end records are always written, as torch
 does.
 
 The opcodes are emitted here, never through `pickle.dump`, and the file holds only dicts,
@@ -78,6 +79,8 @@ def save_pth(path, tensors, dtype=None):
             raise ValueError(f"save_pth: tensor names are strings, not {type(name).__name__} "
                              f"({name!r})")
         array = np.asarray(value)
+        if not array.dtype.isnative:           # one rule for ">u2" bf16 bits and "<u2" alike
+            array = array.astype(array.dtype.newbyteorder("="))
         arrays[name] = array
         stored = _stored_dtype(array.dtype, target)
         plan[name] = (_storage_class(name, stored), array.shape)
@@ -120,7 +123,8 @@ def _storage_class(name, dtype):
     if storage is None:
         kinds = "float32/16/64, bf16 bits (uint16), int64/32/16/8, uint8 or bool"
         raise ValueError(f"save_pth: {name!r} is {dtype}, which a torch .pth cannot hold as "
-                         f"tinyrwkv writes it ({kinds}); convert it first, e.g. .astype(np.float32)")
+                         f"tinyrwkv writes it ({kinds}); convert it first, e.g. "
+                         ".astype(np.float32)")
     return storage
 
 
@@ -231,7 +235,8 @@ class _ZipWriter:
         for raw_name, crc, size, at in self.entries:
             # ZIP64 extra in the central directory: the fields that overflow, in this order
             fields = [v for v in (size, size, at) if v >= self.zip64_at]
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            extra = (struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
+                     if fields else b"")
             version = 45 if fields else 20
             self.f.write(_CENTRAL.pack(0x02014B50, version, version, 0, 0, 0, _DOS_DATE, crc,
                                        self._small(size), self._small(size), len(raw_name),
