@@ -29,8 +29,9 @@ from ..errors import SUPPORTED_FORMATS, CheckpointError, corrupt
 from .container import Plan, Region, TensorPlan
 from .pickle_reader import (LIMITS, TORCH_STORAGES, OrderedDictValue, TensorRef, describe,
                             pickle_too_large, printable, read_pickle)
+from .pth_writer import save_pth, write_pth   # the writers, without torch (formats/pth_writer.py)
 
-__all__ = ["plan_pth", "TORCH_STORAGES"]
+__all__ = ["plan_pth", "TORCH_STORAGES", "save_pth", "write_pth"]
 
 # One local file header is 30 bytes: signature, 5 two-byte fields (version, flags, method, time,
 # date), crc, compressed size, uncompressed size, then name length and extra-field length.
@@ -315,16 +316,3 @@ def _member_region(f, path, info, size):
     if info.compress_size != info.file_size or offset + info.file_size > size:
         raise corrupt(path, f"member {name!r} ends beyond the end of the file")
     return Region(nbytes=info.file_size, offset=offset)
-
-
-def write_pth(path, source, out_type="f32"):
-    """Write a TensorSource (formats/source.py) as a torch .pth of out_type "f32", "f16" or
-    "bf16", atomically. Needs torch; torch.save takes the whole dict, so this is not streamed."""
-    import numpy as np
-    import torch
-    from ..files import atomic_path
-    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[out_type]
-    tensors = {k: torch.tensor(np.asarray(source.read(k, "float32"))).to(dt)
-               for k in source.keys()}
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
