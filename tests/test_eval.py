@@ -87,11 +87,11 @@ def test_trainer_and_eval_share_one_bits_per_byte(model, files, tmp_path):
     """The trainer's validation number (trainer.bits_per_byte over encode_file's ids) is eval's
     continuous reading with the separator: the same ids and the same math (evaluate.nats_of_ids),
     once both predict the first token after the end-of-text token."""
-    from tokenizers import Tokenizer
     from tinyrwkv import trainer
+    from tinyrwkv.tokenizer import HFTokenizer
     path = tmp_path / "stories.txt"
     path.write_text("\n<|endoftext|>\n".join(DOCS) + "\n<|endoftext|>\n", encoding="utf-8")
-    ids, n_bytes = trainer.encode_file(Tokenizer.from_file(str(TOKENIZER)), path)
+    ids, n_bytes = trainer.encode_file(HFTokenizer(TOKENIZER), path)
     weights = make_weights(2, 64, 4096, head_size=32, seed=5)
     got = trainer.bits_per_byte(weights, np.concatenate([[0], ids]), n_bytes, backend="numpy")
     float32 = tinyrwkv.load(files / "tiny5.safetensors", tokenizer=str(TOKENIZER), backend="numpy")

@@ -53,6 +53,7 @@ def base(tmp_path_factory):
     cli("train", "--data", d / "train.txt", "--out", d / "run", "--vocab", 300, "--layers", 2,
         "--width", 128, "--head-size", 64, "--batch", 4, "--ctx", 24, "--steps", 12,
         "--lr", 3e-3, "--eval-every", 6, "--eval-windows", 4, "--sample-every", 0, "--seed", 1,
+        "--backend", "numpy", "--threads", 1,
         "--save-dtype", "float32")
     stories = STORIES.read_text()
     cut = stories.index("<|endoftext|>", 30000) + len("<|endoftext|>")
@@ -65,9 +66,10 @@ def finetune(base, out, *extra):
     cli("train", "--init-from", base / "run" / "model.safetensors", "--data", base / "stories.txt",
         "--valid", base / "stories_valid.txt", "--out", out, "--batch", 4, "--ctx", 32,
         "--steps", 12, "--eval-every", 4, "--eval-windows", 8, "--sample-every", 0, "--seed", 2,
-        *extra)
+        "--backend", "numpy", "--threads", 1, *extra)     # one thread: bit-exact reruns
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-    return losses, json.loads((out / "result.json").read_text())
+    result = out / "result.json"
+    return losses, json.loads(result.read_text()) if result.is_file() else None
 
 
 def per_document(model, path, state=None):
@@ -123,7 +125,7 @@ def test_lora_adapter_is_rwkv_peft_format_and_merges(base, tmp_path):
                 w[k] = w[k] + B @ A * (8 / B.shape[1])
         ours = read_checkpoint(merged)
         for k, v in ours.items():
-            assert rel_err(v, w[k].numpy()) < 1e-6, k
+            assert np.abs(v - w[k].numpy()).max() <= 1e-6 * max(np.abs(v).max(), 1e-30), k
 
 
 def test_lora_resume_is_exact(base, tmp_path):
@@ -133,8 +135,8 @@ def test_lora_resume_is_exact(base, tmp_path):
     assert a == b
     la, lb = (read_checkpoint(tmp_path / d / "lora_adapter.pth") for d in "ab")
     assert all(np.array_equal(la[k], lb[k]) for k in la)
-    with pytest.raises(SystemExit):         # a LoRA checkpoint is not resumed as a state tune
-        finetune(base, tmp_path / "b", "--state-tune", "--resume")
+    with pytest.raises(AssertionError, match="1"):      # exit 1: a LoRA checkpoint is not
+        finetune(base, tmp_path / "b", "--state-tune", "--resume")     # resumed as a state tune
 
 
 def test_state_tune_file_loads_in_tinyrwkv_and_the_official_package(base, tmp_path):
@@ -159,12 +161,12 @@ def test_state_tune_file_loads_in_tinyrwkv_and_the_official_package(base, tmp_pa
     pth = tmp_path / "base.pth"
     save_pth(pth, read_checkpoint(base / "run" / "model.safetensors", dtype="float32"))
     ids = model.tokenizer.encode("Once upon a time, a little dog found a ball.")
-    job = {"pth": str(pth), "ids": ids, "split": len(ids), "init_state": None,
+    job = {"pth": str(pth), "ids": ids, "split": len(ids) - 3, "init_state": None,
            "time_state": str(out / "time_state.pth"), "out": str(tmp_path / "official.npz")}
     ref = run_official([job], tmp_path)[0]
-    logits, _ = model.forward(ids, start.copy(), full_output=True)
+    logits, _ = model.forward(ids[:-3], start.copy(), full_output=True)
     assert rel_err(logits, ref["seq_logits"]) < TOL_F32
-    plain, _ = model.forward(ids, full_output=True)         # the state is not a no-op
+    plain, _ = model.forward(ids[:-3], full_output=True)    # the state is not a no-op
     assert rel_err(plain, ref["seq_logits"]) > 100 * TOL_F32
 
 

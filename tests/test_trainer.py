@@ -25,6 +25,8 @@ def train(tmp_path, out, *extra):
             "--layers", "2", "--width", "64", "--head-size", "32", "--batch", "4", "--ctx", "24",
             "--steps", "12", "--warmup", "3", "--lr", "3e-3", "--eval-every", "4",
             "--eval-windows", "8", "--sample-every", "0", "--seed", "3", *extra]
+    if "--threads" not in extra:
+        args += ["--threads", "2"]          # a fixed count: bit-exact reruns (trainer docstring)
     try:
         main(args)
     except SystemExit as e:

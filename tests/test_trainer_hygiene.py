@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+import tinyrwkv.model
 from tinyrwkv import trainer
+from tinyrwkv.synthetic import make_weights
 from tinyrwkv.cli import build_parser, main
 
 NAMES = ["Ann", "Bob", "Cat", "Dan", "Eve"]
@@ -139,10 +141,16 @@ def test_model_card_describes_the_run(tmp_path, capsys):
     def card_with(**changes):
         args = {**vars(parse("--steps", "6")), "data": str(data), "out": str(out),
                 "backend": "numpy", **changes}
+        trainer.check_config(argparse.Namespace(**args))
         trainer.write_card(argparse.Namespace(**args),
-                           {"n_params": 1, "bytes": 1, "wall_seconds": 1.0,
-                            "valid_bits_per_byte": 2.0}, [], ["Ann saw"], 100, 300,
-                           {"tokenizer": "t", "train_bytes": 400, "valid_path": str(valid)})
+                           {"n_params": 1, "bytes": 1, "wall_seconds": 1.0, "kept_step": 6,
+                            "valid_bits_per_byte": 2.0, "valid_bits_per_byte_per_document": 2.1,
+                            "documents": "blank lines", "output": "model.safetensors"},
+                           [], ["Ann saw"], 100, 300,
+                           {"tokenizer": "t", "train_bytes": 400, "valid_path": str(valid),
+                            "mode": "scratch", "n_trained": 1, "tokenizer_file": None,
+                            "config": tinyrwkv.model.Config.from_weights(
+                                make_weights(2, 64, 300, head_size=32))})
         return (out / "MODEL_CARD.md").read_text()
 
     card = card_with(data_license="CC0-1.0")

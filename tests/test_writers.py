@@ -414,8 +414,6 @@ def test_a_kill_during_a_write_leaves_the_old_file_or_the_new_one(writer, files,
     to keep. Counts are printed for the closing note (pytest -s)."""
     if writer == "convert-gguf" and not have("gguf"):
         pytest.skip("gguf is not installed")
-    if writer == "convert-pth" and not have("torch"):
-        pytest.skip("torch is not installed")
     w = WRITERS[writer]
     if LONG:
         (tmp_path / "w").mkdir()

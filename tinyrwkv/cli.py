@@ -97,12 +97,8 @@ def write_weights(out, weights, out_type, tok=None, name="tinyrwkv", inputs=()):
         write_gguf(out, source, out_type, tokenizer=tok, name=name)
     elif suffix in (".safetensors", ".pth"):
         if suffix == ".pth":
-            try:
-                import torch  # noqa: F401  (checked before anything is written)
-            except ImportError:
-                fail("writing .pth needs torch (pip install torch); .safetensors does not")
             from .formats.pth import write_pth
-            write_pth(out, source, out_type)          # the whole dict at once: not streamed
+            write_pth(out, source, out_type)          # torch's format, written without torch
         else:
             code = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[out_type]
             entries = {k: (code, info.shape) for k, info in source.tensors().items()}

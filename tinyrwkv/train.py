@@ -286,7 +286,7 @@ def loss_and_grad(params, ids, targets, wkv_ops=None, want=None):
         params: dict official key -> array, stored shapes ((1, 1, C) lerps etc.), as
             read_checkpoint returns them. float64 gives a float64 computation, float32 float32.
             It may also hold `blocks.{i}.att.time_state` (H, N, N) for every layer: the initial
-            WKV state of each sequence (state tuning, docs/formats.md §7), else zeros.
+            WKV state of each sequence (state tuning, docs/formats.md §6), else zeros.
         ids, targets: (B, T) integer arrays (a 1-D array is one sequence).
         wkv_ops: (forward, backward) for the WKV operator; default: this module's NumPy pair for
             NumPy arrays, the CUDA kernels (`tinyrwkv.backends.cupy_train.WKV_OPS`) for CuPy

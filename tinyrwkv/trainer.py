@@ -17,8 +17,10 @@ command line, date, losses, samples; the licence field is --data-license or left
 Warm-up is 5% of --steps unless given, and must be fewer than --steps. Progress goes to stderr:
 redrawn in a terminal, elsewhere a line at least every 5 seconds.
 
-Runs are deterministic for a given seed and machine (batches come from one seeded generator,
-restored on --resume).
+Runs are deterministic for a given seed and machine with --threads N (batches come from one
+seeded generator, restored on --resume). Without --threads the CPU thread count is chosen while
+training runs (StepThreads), so that a busy machine does not make a step 50x slower; BLAS sums in
+another order on another count, so such runs agree to float32 rounding, not bit for bit.
 
 Every file in DIR is written atomically (tinyrwkv/files.py: a temporary, synced, renamed), so a
 kill at any moment leaves each file old or new, whole; log.jsonl is appended a line at a time and
@@ -31,6 +33,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +228,8 @@ def read_training_checkpoint(path, mode="scratch", fresh=None):
                   for g in "pmvb"}
     saved_mode = "scratch" if meta["mode"] in ("scratch", "full") else meta["mode"]
     if saved_mode != ("scratch" if mode in ("scratch", "full") else mode):
-        raise npz.error(f"it is the checkpoint of a {meta['mode']} run, and this run is {mode}; "
-                        "resume with the options it was started with, or use another --out")
+        raise npz.error(f"it is the checkpoint of a {meta['mode']} run, and this run is {mode} "
+                        "(resume with the options it was started with)")
     params, m, v = groups["p"], groups["m"], groups["v"]
     shapes = {g: {k: a.shape for k, a in arrays.items()} for g, arrays in groups.items()}
     if not params or shapes["m"] != shapes["p"] or shapes["v"] != shapes["p"]:
@@ -275,6 +278,47 @@ def cpu_threads(args):
     from .loader import _blas_threads
     _blas_threads(args.threads)
     return args.threads
+
+
+class StepThreads:
+    """The CPU thread count of each training step, chosen while training runs when --threads is
+    not given: backends/thread_governor.py's ThreadGovernor (the one decode uses), fed each
+    step's time, since every step does the same work. On a machine where another program holds
+    a core, BLAS and Numba's barriers collapse with all cores (measured on 2 cores, the shipped
+    model's shape at 4x32 tokens: 40 ms a step on one thread, 2.2 s on two, next to one busy
+    process); on a quiet machine all cores are faster. Sets Numba's and BLAS's threads
+    (threadpoolctl) when the count changes; `--threads N` fixes N and no governor runs."""
+
+    def __init__(self, backend):
+        import os
+        from .backends.thread_governor import ThreadGovernor
+        self.backend = backend
+        most = os.cpu_count() or 1
+        if backend == "numba":
+            import numba
+            most = numba.config.NUMBA_NUM_THREADS
+        self.governor = ThreadGovernor(most)
+        self.in_use = None
+
+    def __enter__(self):
+        n = self.governor.threads()
+        if n != self.in_use:
+            if self.backend == "numba":
+                from .backends.numba_cpu import set_threads
+                set_threads(n)
+            else:
+                import threadpoolctl
+                threadpoolctl.threadpool_limits(n)
+            self.in_use = n
+        self.start = time.perf_counter()
+        return n
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            self.governor.record(self.in_use, time.perf_counter() - self.start)
+
+    def describe(self):
+        return self.governor.describe()
 
 
 def check_data(ids, path, args):
@@ -393,6 +437,36 @@ def keep_tokenizer(tok, out):
 
 
 def run(args):
+    """`tinyrwkv train` (also called from Python with an argparse-like namespace). The CPU
+    thread settings it changes (--threads, or the ones chosen as it runs) are put back when it
+    returns, so a program that trains then does other work keeps its own."""
+    with kept_thread_settings():
+        return _run(args)
+
+
+class kept_thread_settings:
+    """Restores BLAS's (threadpoolctl) and Numba's thread counts on exit."""
+
+    def __enter__(self):
+        try:
+            import threadpoolctl
+            self.blas = threadpoolctl.threadpool_limits(limits=None)
+        except ImportError:
+            self.blas = None
+        self.numba = None
+        if numba_missing() is None:
+            import numba
+            self.numba = numba.get_num_threads()
+
+    def __exit__(self, *exc):
+        if self.blas is not None:
+            self.blas.restore_original_limits()
+        if self.numba is not None:
+            import numba
+            numba.set_num_threads(self.numba)
+
+
+def _run(args):
     check_config(args)                      # run() is also called from Python
     check_paths(args)
     out = Path(args.out)
@@ -400,6 +474,8 @@ def run(args):
     state_file = out / "train_state.npz"
     log_file = out / "log.jsonl"
     threads, wkv_ops, to_device = backend_setup(args)
+    step_threads = StepThreads(args.backend) if threads is None and args.backend != "cupy" \
+        else None
     dtype = np.dtype(args.dtype)
     mode = tuning_mode(args)
 
@@ -476,7 +552,9 @@ def run(args):
     n_trained = sum(int(np.prod(v.shape)) for v in params.values())
     print(f"tinyrwkv train: {describe_run(mode, args, config, n_params, n_trained)}, batch "
           f"{args.batch}x{args.ctx}, {args.steps} steps, lr {args.lr:g}, wkv {args.backend}"
-          f"{f', {threads} threads' if threads else ''}", file=sys.stderr)
+          f"{f', {threads} threads' if threads else ''}"
+          f"{', threads chosen as it runs (--threads N fixes them)' if step_threads else ''}",
+          file=sys.stderr)
 
     # fixed validation windows for the periodic estimate
     vrng = np.random.default_rng(12345)
@@ -513,18 +591,19 @@ def run(args):
         starts = window_starts(train_ids, args.ctx, args.batch, rng, args.windows)
         ids = np.stack([train_ids[s:s + args.ctx] for s in starts]).astype(np.int64)
         tgt = np.stack([train_ids[s + 1:s + args.ctx + 1] for s in starts]).astype(np.int64)
-        loss, grads = tuning.loss_and_grad(params, ids, tgt, wkv_ops)
-        check_step(step + 1, "loss", loss, args)
-        gnorm = clip_(grads, args.clip)
-        check_step(step + 1, "gradient norm", gnorm, args)
-        lr = lr_at(step, args)
-        adamw_step(params, grads, opt, lr, args)
+        with step_threads or nullcontext(threads) as step_n:
+            loss, grads = tuning.loss_and_grad(params, ids, tgt, wkv_ops)
+            check_step(step + 1, "loss", loss, args)
+            gnorm = clip_(grads, args.clip)
+            check_step(step + 1, "gradient norm", gnorm, args)
+            lr = lr_at(step, args)
+            adamw_step(params, grads, opt, lr, args)
         tokens_done += ids.size
         tok_s = tokens_done / max(time.monotonic() - t_start, 1e-9)
         progress(step + 1, loss, tok_s, lr, step + 1 - step0)
         with open(log_file, "a", encoding="utf-8") as f:   # one write per line: a kill cuts at
             f.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": gnorm, "lr": lr,
-                                "tok_s": tok_s}) + "\n")               # most the last line
+                                "tok_s": tok_s, "threads": step_n}) + "\n")   # most the last line
         last = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or last or step + 1 == stop:
             vloss = evaluate()
@@ -555,7 +634,8 @@ def run(args):
     if args.keep == "best" and best is not None:
         kept_step = best[0]
         params = {k: to_device(v) for k, v in best[2].items()}
-    run_facts = {"tokenizer": tok_how, "train_bytes": train_bytes, "valid_path": valid_path,
+    tok_file = getattr(tok, "path", None)
+    run_facts = {"tokenizer": tok_how, "tokenizer_file": tok_file and file_facts(tok_file), "train_bytes": train_bytes, "valid_path": valid_path,
                  "prompts": prompts, "plotted": plotted, "mode": mode, "config": config,
                  "kept_step": kept_step, "n_trained": n_trained}
     return finish(args, tuning, params, base, tok, curve, wall, n_params, len(train_ids),
@@ -741,12 +821,12 @@ def save_output(path, tensors, args, mode):
         save_pth(path, tensors, dtype=args.save_dtype)
 
 
-def measure(weights, start, tok, valid_path):
+def measure(weights, start, tok, valid_path, backend="numba"):
     """Bits per byte of the validation text two ways (evaluate.py's math): "continuous" (the file
     as one stream) and "per_document" (each document from the start state: documents cut at
     <|endoftext|> where the file has it, else at blank lines, e.g. a play's speeches)."""
     from .evaluate import evaluate_text
-    if numba_missing() is None:
+    if backend != "numpy" and numba_missing() is None:
         from .backends.numba_cpu import RWKV7Numba
         model = RWKV7Numba(weights)
     else:
@@ -773,11 +853,11 @@ def finish(args, tuning, params, base, tok, curve, wall, n_params, n_train_token
     saved = read_checkpoint(path, dtype="float32")              # exactly the saved numbers
     weights, start = Tuning(mode, base, args.lora_alpha).inference(saved)
     print(f"tinyrwkv train: measuring {path.name} on {facts['valid_path']}", file=sys.stderr)
-    after = measure(weights, start, tok, facts["valid_path"])
+    after = measure(weights, start, tok, facts["valid_path"], args.backend)
     before = None
     if base is not None:
         before = measure({k: np.asarray(v, np.float32) for k, v in base.items()}, None, tok,
-                         facts["valid_path"])
+                         facts["valid_path"], args.backend)
     samples = [sample(weights, tok, p, 80, seed=s, state=start)
                for s, p in enumerate(facts["prompts"])]
     files = [path] + [f for f in (out / "model.tokenizer.json",) if f.is_file() and mode in
@@ -828,7 +908,7 @@ def write_card(args, result, curve, samples, n_train_tokens, V, facts):
     import datetime
     out = Path(args.out)
     data, valid = file_facts(args.data), file_facts(facts["valid_path"])
-    tok_file = file_facts(out / "model.tokenizer.json")
+    tok_file = facts.get("tokenizer_file")
     license_ = getattr(args, "data_license", None) or UNKNOWN_LICENSE
     beside = sorted(p.name for p in Path(args.data).parent.iterdir() if p.is_file() and
                     p.name.upper().startswith(("PROVENANCE", "LICENSE", "LICENCE")))
@@ -858,6 +938,10 @@ def write_card(args, result, curve, samples, n_train_tokens, V, facts):
     picture = ("\n![learning curve](loss_curve.png)\n" if (out / "loss_curve.png").is_file()
                else "")
     cfg, mode = facts["config"], facts["mode"]
+    tok_row = "" if tok_file is None else (
+        f", `{tok_file['name']}` (SHA-256 `{tok_file['sha256'][:16]}…`)"
+        + (", saved beside the model as `model.tokenizer.json`"
+           if (out / "model.tokenizer.json").is_file() else ""))
     base_name = f"`{args.init_from}`" if args.init_from else ""
     if mode == "scratch":
         title = f"RWKV-7 trained on `{data['name']}`"
@@ -912,7 +996,7 @@ tags: [rwkv, rwkv-7, x070]
 | parameters | {result['n_params']:,}{trained_row} |
 | training data | `{data['name']}`: {data['bytes']:,} bytes, {n_train_tokens:,} tokens, SHA-256 `{data['sha256']}` |
 | validation data | `{valid['name']}`: {valid['bytes']:,} bytes, SHA-256 `{valid['sha256']}` |
-| tokenizer | {facts['tokenizer']}: {V} tokens, saved as `model.tokenizer.json` (SHA-256 `{tok_file['sha256'][:16]}…`) |
+| tokenizer | {facts['tokenizer']}: {V} tokens{tok_row} |
 | files | {files_row}: {result['bytes'] / 1e6:.1f} MB |
 | training | {curve[-1]['step'] if curve else 0} steps of {args.batch} x {args.ctx} tokens, AdamW, lr {args.lr} (warm-up {args.warmup}, cosine to {args.lr * args.min_lr_ratio:g}), weight decay {args.weight_decay}, clip {args.clip}, seed {args.seed} |
 | wall time | {result['wall_seconds'] / 60:.1f} min on {hardware(args)} |
