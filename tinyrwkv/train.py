@@ -500,3 +500,17 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     for key, value in params.items():
         out[key] = grads[key].reshape(value.shape).astype(dtype, copy=False)
     return loss, out
+
+
+def choose_wkv_ops(backend, T):
+    """The WKV pair training should use on `backend` ("numpy", "numba", "cupy") for sequences
+    of T tokens. PLACEHOLDER until measured."""
+    if backend == "numpy":
+        return CHUNKED_WKV
+    if backend == "numba":
+        from .backends.numba_train import WKV_OPS
+        return WKV_OPS
+    if backend == "cupy":
+        from .backends.cupy_train import WKV_OPS
+        return WKV_OPS
+    raise ValueError(f"unknown backend {backend!r}: one of numpy, numba, cupy")
