@@ -141,3 +141,48 @@ def test_choose_wkv_ops():
     assert train.choose_wkv_ops("numpy", 512) is train.CHUNKED_WKV
     with pytest.raises(ValueError, match="backend"):
         train.choose_wkv_ops("tpu", 128)
+
+
+def gpu_available():
+    if not have("cupy"):
+        return False
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
+
+
+@needs_gpu
+def test_chunked_pair_runs_on_cupy_arrays():
+    """The same NumPy code on CuPy arrays (GPU): float64 equals the NumPy float64 result to
+    TOL_F64, float32 is within TOL_F32 of it; the outputs stay CuPy arrays."""
+    import cupy as cp
+    S0, x, dy, dS = inputs(5, 2, 37, 3, 64)
+    S, y, saved = train.wkv_chunked_forward(S0, *x)
+    grads = train.wkv_chunked_backward(dS, dy, saved, *x)
+    for dtype, tol in ((np.float64, TOL_F64), (np.float32, TOL_F32)):
+        g = lambda u: cp.asarray(u, dtype)
+        S_, y_, saved_ = train.wkv_chunked_forward(g(S0), *map(g, x))
+        grads_ = train.wkv_chunked_backward(g(dS), g(dy), saved_, *map(g, x))
+        assert all(isinstance(u, cp.ndarray) and u.dtype == dtype for u in (S_, y_, saved_, *grads_))
+        for got, ref in zip((S_, y_) + tuple(grads_), (S, y) + tuple(grads)):
+            assert rel_err(got.get(), ref) < tol, (dtype, rel_err(got.get(), ref))
+
+
+@needs_gpu
+def test_loss_and_grad_with_the_chunked_pair_on_cupy():
+    """A whole float64 training step on the GPU with CHUNKED_WKV equals the NumPy one."""
+    import cupy as cp
+    w = make_weights(2, 128, 37, head_size=64, seed=3, dtype=np.float64)
+    rng = np.random.default_rng(4)
+    ids, targets = rng.integers(0, 37, (2, 40)), rng.integers(0, 37, (2, 40))
+    loss, grads = train.loss_and_grad(w, ids, targets, wkv_ops=train.CHUNKED_WKV)
+    loss_g, grads_g = train.loss_and_grad({k: cp.asarray(v) for k, v in w.items()}, ids, targets,
+                                          wkv_ops=train.CHUNKED_WKV)
+    assert abs(loss_g - loss) < 1e-12 * abs(loss)
+    for key, ref in grads.items():
+        assert np.abs(grads_g[key].get() - ref).max() <= TOL_F64 * max(np.abs(ref).max(), 1e-30), key

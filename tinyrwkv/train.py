@@ -14,6 +14,9 @@ The WKV operator is the only part that is not a stack of array expressions: `wkv
 token; instead of keeping T states the forward saves one every SAVE_EVERY tokens and the backward
 recomputes one stretch at a time, so memory is T / SAVE_EVERY states, not T.
 tinyrwkv/backends/numba_train.py and cupy_train.py are its twins (the trainer uses them).
+`wkv_chunked_forward` and `wkv_chunked_backward` (CHUNKED_WKV) compute the same with the same
+contract in chunked form, matrix products over whole chunks (docs/architecture.md §6.6);
+`choose_wkv_ops` says which pair is faster where.
 
 Notation: B sequences, T tokens, C channels, H heads of N; the operator's inputs follow the
 official CUDA kernel and fla: r, w (decay), k, v, alpha = -kappa_hat, beta = kappa_hat * a.
@@ -502,15 +505,40 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     return loss, out
 
 
+# From T = this many tokens on, CuPy training uses the chunked pair (see choose_wkv_ops).
+CUPY_CHUNKED_FROM = 512
+
+
 def choose_wkv_ops(backend, T):
-    """The WKV pair training should use on `backend` ("numpy", "numba", "cupy") for sequences
-    of T tokens. PLACEHOLDER until measured."""
+    """The WKV (forward, backward) pair for training on `backend` ("numpy", "numba" or "cupy")
+    with sequences of T tokens: the faster one where it was measured
+    (benchmarks/train_wkv.py, results in benchmarks/results/train_wkv_*.md; the shipped model's
+    shape, B = 4096 / T sequences, T = 128, 512, 2048). Both pairs compute the same function to
+    float rounding (tests/test_train_chunked.py), so this is a speed choice only.
+
+    numpy: CHUNKED_WKV at every T. On the 2-core AMD EPYC (train_wkv_vm_t1.md, one thread) the
+        chunked pair ran the operator 1.8-2.0x as fast as the recurrent NumPy pair (13 k against
+        6.5-7.6 k tokens/s) and a whole training step 1.3-1.4x (806-848 against 596-661): the
+        recurrent pair makes a dozen small array operations per token, the chunked one a fixed
+        number of batched products plus two N x N products per chunk of 16.
+    numba: backends.numba_train.WKV_OPS (recurrent) at every T: the compiled recurrence has no
+        per-token Python cost; it ran the operator 2.3x as fast as the NumPy chunked pair (30 k
+        against 13 k tokens/s on one thread; 27-57 k on two) and a step 1.3-1.4x (1.10-1.14 k
+        against 0.81-0.85 k tokens/s).
+    cupy: backends.cupy_train.WKV_OPS below CUPY_CHUNKED_FROM tokens, CHUNKED_WKV from there on.
+        The CUDA kernel runs one block per (sequence, head) through all T tokens, so at a fixed
+        B T its parallelism falls as T grows (B H blocks: 128 at T = 128, 8 at T = 2048), while
+        the chunked pair's batched products keep the GPU busy. PROVISIONAL: set from the H200
+        run of benchmarks/train_wkv.py (benchmarks/results/train_wkv_h200.md) when it exists.
+    """
     if backend == "numpy":
         return CHUNKED_WKV
     if backend == "numba":
         from .backends.numba_train import WKV_OPS
         return WKV_OPS
     if backend == "cupy":
+        if T >= CUPY_CHUNKED_FROM:
+            return CHUNKED_WKV
         from .backends.cupy_train import WKV_OPS
         return WKV_OPS
-    raise ValueError(f"unknown backend {backend!r}: one of numpy, numba, cupy")
+    raise ValueError(f"unknown backend {backend!r}: choose_wkv_ops knows numpy, numba and cupy")
