@@ -281,6 +281,44 @@ def wkv_chunked_backward(dS_last, dy, saved, r, w, k, v, alpha, beta, chunk=SAVE
 RECURRENT_WKV = (wkv_forward, wkv_backward)
 CHUNKED_WKV = (wkv_chunked_forward, wkv_chunked_backward)
 
+# From T = this many tokens on, CuPy training uses the chunked pair (see choose_wkv_ops).
+CUPY_CHUNKED_FROM = 512
+
+
+def choose_wkv_ops(backend, T):
+    """The WKV (forward, backward) pair for training on `backend` ("numpy", "numba" or "cupy")
+    with sequences of T tokens: the faster one where it was measured
+    (benchmarks/train_wkv.py, results in benchmarks/results/train_wkv_*.md; the shipped model's
+    shape, B = 4096 / T sequences, T = 128, 512, 2048). Both pairs compute the same function to
+    float rounding (tests/test_train_chunked.py), so this is a speed choice only.
+
+    numpy: CHUNKED_WKV at every T. On the 2-core AMD EPYC (train_wkv_vm_t1.md, one thread) the
+        chunked pair ran the operator 1.8-2.0x as fast as the recurrent NumPy pair (13 k against
+        6.5-7.6 k tokens/s) and a whole training step 1.3-1.4x (806-848 against 596-661): the
+        recurrent pair makes a dozen small array operations per token, the chunked one a fixed
+        number of batched products plus two N x N products per chunk of 16.
+    numba: backends.numba_train.WKV_OPS (recurrent) at every T: the compiled recurrence has no
+        per-token Python cost; it ran the operator 2.3x as fast as the NumPy chunked pair (30 k
+        against 13 k tokens/s on one thread; 27-57 k on two) and a step 1.3-1.4x (1.10-1.14 k
+        against 0.81-0.85 k tokens/s).
+    cupy: backends.cupy_train.WKV_OPS below CUPY_CHUNKED_FROM tokens, CHUNKED_WKV from there on.
+        The CUDA kernel runs one block per (sequence, head) through all T tokens, so at a fixed
+        B T its parallelism falls as T grows (B H blocks: 128 at T = 128, 8 at T = 2048), while
+        the chunked pair's batched products keep the GPU busy. PROVISIONAL: set from the H200
+        run of benchmarks/train_wkv.py (benchmarks/results/train_wkv_h200.md) when it exists.
+    """
+    if backend == "numpy":
+        return CHUNKED_WKV
+    if backend == "numba":
+        from .backends.numba_train import WKV_OPS
+        return WKV_OPS
+    if backend == "cupy":
+        if T >= CUPY_CHUNKED_FROM:
+            return CHUNKED_WKV
+        from .backends.cupy_train import WKV_OPS
+        return WKV_OPS
+    raise ValueError(f"unknown backend {backend!r}: choose_wkv_ops knows numpy, numba and cupy")
+
 
 # ----------------------------------------------------------------------------------------------
 # The model: forward (model.py's functions, keeping activations), backward
@@ -503,42 +541,3 @@ def loss_and_grad(params, ids, targets, wkv_ops=None):
     for key, value in params.items():
         out[key] = grads[key].reshape(value.shape).astype(dtype, copy=False)
     return loss, out
-
-
-# From T = this many tokens on, CuPy training uses the chunked pair (see choose_wkv_ops).
-CUPY_CHUNKED_FROM = 512
-
-
-def choose_wkv_ops(backend, T):
-    """The WKV (forward, backward) pair for training on `backend` ("numpy", "numba" or "cupy")
-    with sequences of T tokens: the faster one where it was measured
-    (benchmarks/train_wkv.py, results in benchmarks/results/train_wkv_*.md; the shipped model's
-    shape, B = 4096 / T sequences, T = 128, 512, 2048). Both pairs compute the same function to
-    float rounding (tests/test_train_chunked.py), so this is a speed choice only.
-
-    numpy: CHUNKED_WKV at every T. On the 2-core AMD EPYC (train_wkv_vm_t1.md, one thread) the
-        chunked pair ran the operator 1.8-2.0x as fast as the recurrent NumPy pair (13 k against
-        6.5-7.6 k tokens/s) and a whole training step 1.3-1.4x (806-848 against 596-661): the
-        recurrent pair makes a dozen small array operations per token, the chunked one a fixed
-        number of batched products plus two N x N products per chunk of 16.
-    numba: backends.numba_train.WKV_OPS (recurrent) at every T: the compiled recurrence has no
-        per-token Python cost; it ran the operator 2.3x as fast as the NumPy chunked pair (30 k
-        against 13 k tokens/s on one thread; 27-57 k on two) and a step 1.3-1.4x (1.10-1.14 k
-        against 0.81-0.85 k tokens/s).
-    cupy: backends.cupy_train.WKV_OPS below CUPY_CHUNKED_FROM tokens, CHUNKED_WKV from there on.
-        The CUDA kernel runs one block per (sequence, head) through all T tokens, so at a fixed
-        B T its parallelism falls as T grows (B H blocks: 128 at T = 128, 8 at T = 2048), while
-        the chunked pair's batched products keep the GPU busy. PROVISIONAL: set from the H200
-        run of benchmarks/train_wkv.py (benchmarks/results/train_wkv_h200.md) when it exists.
-    """
-    if backend == "numpy":
-        return CHUNKED_WKV
-    if backend == "numba":
-        from .backends.numba_train import WKV_OPS
-        return WKV_OPS
-    if backend == "cupy":
-        if T >= CUPY_CHUNKED_FROM:
-            return CHUNKED_WKV
-        from .backends.cupy_train import WKV_OPS
-        return WKV_OPS
-    raise ValueError(f"unknown backend {backend!r}: choose_wkv_ops knows numpy, numba and cupy")
