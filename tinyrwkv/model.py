@@ -182,7 +182,7 @@ def wkv_chunked(S, r, w, k, v, alpha, beta, chunk_len=16):
     return S, y
 
 
-def wkv_chunk(S, r, w, k, v, alpha, beta):
+def wkv_chunk(S, r, w, k, v, alpha, beta, acts=None):
     """One chunk of T tokens of the WKV recurrence in closed form (the WY / DPLR formulation).
 
     Per head the transition is diag(w_t) + alpha_t beta_t^T. Let z_t = S_{t-1} alpha_t and
@@ -193,23 +193,28 @@ def wkv_chunk(S, r, w, k, v, alpha, beta):
     Safe in float32 because log w >= -0.6065 per token: e^{-g} <= e^{9.7} over 16 tokens, and
     chunks past MAX_CHUNK_LEN would overflow (§6.4). Chapter 03 derives this step by step.
     Args: S (..., H, N, N); r, w, k, v, alpha, beta (..., T, H, N). Returns S_T, y (..., T, H, N).
+    `acts`, if a dict, receives the intermediates (in the (..., H, T, N) layout) that the training
+    backward in chunked form needs (tinyrwkv/train.py, docs/architecture.md §6.6). Only np.*
+    functions of the arrays given are used, so CuPy arrays stay on the GPU.
     """
     mT = lambda u: np.swapaxes(u, -1, -2)
     r, w, k, v, alpha, beta = (np.swapaxes(u, -3, -2) for u in (r, w, k, v, alpha, beta))  # (..., H, T, N)
-    T = r.shape[-2]
     log_w = np.log(w)
     g = np.cumsum(log_w, axis=-2)                                         # g_t
     a_out, r_out = alpha * np.exp(g - log_w), r * np.exp(g)               # decayed from the start
     k_in, b_in = k * np.exp(-g), beta * np.exp(-g)                        # brought back to it
-    before, upto = np.tril(np.ones((T, T), bool), -1), np.tril(np.ones((T, T), bool))  # s<t, s<=t
-    A_ak, A_ab = np.where(before, a_out @ mT(k_in), 0), np.where(before, a_out @ mT(b_in), 0)
-    A_rk, A_rb = np.where(upto, r_out @ mT(k_in), 0), np.where(upto, r_out @ mT(b_in), 0)
+    A_ak, A_ab = np.tril(a_out @ mT(k_in), -1), np.tril(a_out @ mT(b_in), -1)   # s < t
+    A_rk, A_rb = np.tril(r_out @ mT(k_in)), np.tril(r_out @ mT(b_in))           # s <= t
     S0_t = mT(S)                                                          # (..., H, key, value)
     # z_t = (alpha_t e^{g_{t-1}}) S_0^T + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] z_s, all t at once:
-    z = np.linalg.solve(np.eye(T, dtype=r.dtype) - A_ab, a_out @ S0_t + A_ak @ v)
+    M = np.tril(np.triu(np.ones_like(A_ab))) - A_ab     # I - A_ab (I made from an array: CuPy stays CuPy)
+    z = np.linalg.solve(M, a_out @ S0_t + A_ak @ v)
     y = r_out @ S0_t + A_rk @ v + A_rb @ z                                # y_t = S_t r_t
     to_end = np.exp(g[..., -1:, :] - g)                                   # e^{g_T - g_s} <= 1
     S = S * np.exp(g[..., -1, :])[..., None, :] + mT(v) @ (k * to_end) + mT(z) @ (beta * to_end)
+    if acts is not None:
+        acts.update(log_w=log_w, g=g, a_out=a_out, r_out=r_out, k_in=k_in, b_in=b_in, A_ak=A_ak,
+                    A_ab=A_ab, A_rk=A_rk, A_rb=A_rb, M=M, z=z, to_end=to_end)
     return S, np.swapaxes(y, -3, -2)
 
 

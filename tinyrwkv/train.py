@@ -14,6 +14,9 @@ The WKV operator is the only part that is not a stack of array expressions: `wkv
 token; instead of keeping T states the forward saves one every SAVE_EVERY tokens and the backward
 recomputes one stretch at a time, so memory is T / SAVE_EVERY states, not T.
 tinyrwkv/backends/numba_train.py and cupy_train.py are its twins (the trainer uses them).
+`wkv_chunked_forward` and `wkv_chunked_backward` (CHUNKED_WKV) compute the same with the same
+contract in chunked form, matrix products over whole chunks (docs/architecture.md §6.6);
+`choose_wkv_ops` says which pair is faster where.
 
 Notation: B sequences, T tokens, C channels, H heads of N; the operator's inputs follow the
 official CUDA kernel and fla: r, w (decay), k, v, alpha = -kappa_hat, beta = kappa_hat * a.
@@ -123,6 +126,198 @@ def wkv_backward(dS_last, dy, saved, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
             dalpha[:, t] = xp.einsum("bhij,bhi->bhj", S_prev, Gb)
             G = G * w[:, t, :, None, :] + Gb[..., None] * alpha[:, t, :, None, :]
     return G, dr, dw, dk, dv, dalpha, dbeta
+
+
+# ----------------------------------------------------------------------------------------------
+# The WKV operator in chunked form: the same contract, matrix products over whole chunks
+# ----------------------------------------------------------------------------------------------
+
+def _check_chunk(chunk):
+    if not 1 <= chunk <= ref.MAX_CHUNK_LEN:
+        raise ValueError(f"chunk must be 1..{ref.MAX_CHUNK_LEN}, got {chunk}: longer chunks overflow "
+                         "float32 in the chunked form's factored decays (docs/architecture.md §6.4); "
+                         f"use the default {SAVE_EVERY}")
+
+
+def _chunks(xp, chunk, T, *us):
+    """(B, T, H, N) arrays -> (B, nC, chunk, H, N), padded at the end with tokens that change
+    nothing (w = 1, all else 0: the state passes through, y = 0). The first array must be w."""
+    pad = -T % chunk
+    out = []
+    for n, u in enumerate(us):
+        if pad:
+            fill = xp.ones if n == 0 else xp.zeros
+            u = xp.concatenate([u, fill((u.shape[0], pad) + u.shape[2:], u.dtype)], axis=1)
+        out.append(u.reshape(u.shape[0], -1, chunk, *u.shape[2:]))
+    return out
+
+
+def _unchunk(u, T):
+    """(B, nC, H, chunk, N), model.wkv_chunk's inner layout -> (B, T, H, N)."""
+    B, nC, H, L, N = u.shape
+    return u.swapaxes(2, 3).reshape(B, nC * L, H, N)[:, :T]
+
+
+def _chunk_parts(xp, S, w, r, k, v, alpha, beta):
+    """model.wkv_chunk on every chunk at once (S: each chunk's start state, (B, nC, H, N, N);
+    the vectors (B, nC, L, H, N)), keeping its intermediates, plus what makes a chunk an affine
+    map of its start state S_0 (wkv_chunk is linear in S_0: its S_0 terms are a_out S_0^T inside
+    the solve, r_out S_0^T in y and S_0 diag(e^{g_L}) in S_end):
+        z     = Wa S_0^T + z(S_0 = 0),          Wa = (I - A_ab)^{-1} a_out     (L x N)
+        S_end = S_0 A + S_end(S_0 = 0),          A = diag(e^{g_L}) + Wa^T (beta e^{g_L - g})  (N x N)
+        y     = Ry S_0^T + y(S_0 = 0),          Ry = r_out + A_rb Wa           (L x N)
+    Returns S_end, y in the (B, nC, H, L, N) layout, and the dict of intermediates."""
+    acts = {}
+    S_end, y = ref.wkv_chunk(S, r, w, k, v, alpha, beta, acts=acts)
+    Wa = xp.linalg.solve(acts["M"], acts["a_out"])
+    e_end = xp.exp(acts["g"][..., -1, :])                                  # e^{g_L}, (..., H, N)
+    A = Wa.swapaxes(-1, -2) @ (beta.swapaxes(-3, -2) * acts["to_end"])
+    idx = xp.arange(A.shape[-1])
+    A[..., idx, idx] += e_end
+    acts.update(Wa=Wa, A=A, Ry=acts["r_out"] + acts["A_rb"] @ Wa, e_end=e_end)
+    return S_end, y.swapaxes(-3, -2), acts
+
+
+def wkv_chunked_forward(S0, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """wkv_forward's function and contract (the same S_T, y and `saved`: the state before every
+    chunk-th token), computed in closed form a chunk at a time (model.wkv_chunk,
+    docs/architecture.md §6), all chunks at once.
+
+    Each chunk is an affine map of its start state, S_end = S_start A_c + U_c (_chunk_parts).
+    One model.wkv_chunk call from zero states gives every chunk's U_c and y_c(0) in parallel;
+    the only sequential work is the chain of T / chunk products S_{c+1} = S_c A_c + U_c (N x N
+    each); then y_c = y_c(0) + Ry_c S_c^T for all chunks at once. chunk <= model.MAX_CHUNK_LEN
+    (§6.4). NumPy or CuPy arrays (the same code runs on a GPU).
+    """
+    _check_chunk(chunk)
+    xp = array_module(r)
+    B, T, H, N = r.shape
+    w, r, k, v, alpha, beta = _chunks(xp, chunk, T, w, r, k, v, alpha, beta)
+    nC = w.shape[1]
+    U, y0, acts = _chunk_parts(xp, xp.zeros((B, nC, H, N, N), r.dtype), w, r, k, v, alpha, beta)
+    saved = xp.empty((nC, B, H, N, N), r.dtype)
+    S = S0
+    for c in range(nC):                                       # the sequential part: nC steps
+        saved[c] = S
+        S = S @ acts["A"][:, c] + U[:, c]
+    y = y0 + acts["Ry"] @ saved.transpose(1, 0, 2, 4, 3)      # + Ry S_c^T, (B, nC, H, L, N)
+    return S, _unchunk(y, T), saved
+
+
+def wkv_chunked_backward(dS_last, dy, saved, r, w, k, v, alpha, beta, chunk=SAVE_EVERY):
+    """wkv_backward's function and contract, in chunked form: reverse mode through
+    model.wkv_chunk's closed form, every chunk at once from its saved start state.
+
+    1. Recompute every chunk's intermediates from `saved` (one model.wkv_chunk call).
+    2. The sequential part, backwards over chunks: with G_c = dL/dS at the end of chunk c,
+           G_{c-1} = G_c A_c^T + dy_c^T Ry_c          (the transpose of the forward's chain).
+    3. Each chunk's own gradients given dy_c and G_c, all chunks at once, matrix products only:
+       reverse mode through S_end = S_0 diag(e^{g_L}) + V^T (K e^{g_L-g}) + Z^T (B e^{g_L-g}),
+       y = R~ S_0^T + A_rk V + A_rb Z and the solve (I - A_ab) Z = A~ S_0^T + A_ak V. The solve's
+       backward is a solve with the transpose, d rhs = (I - A_ab)^{-T} dZ, and dA_ab =
+       tril(d rhs Z^T, -1); a masked product A = tril(X Y^T) gives dX = dA Y, dY = dA^T X; the
+       factors e^{±g} pass their gradient to g, and g = cumsum(log w) to log w by a reversed
+       cumulative sum.
+    docs/architecture.md §6.6 writes it out. dS_last (B, H, N, N) or None; dy (B, T, H, N).
+    Returns dS0 (B, H, N, N) and dr, dw, dk, dv, dalpha, dbeta (B, T, H, N).
+    """
+    _check_chunk(chunk)
+    xp = array_module(r)
+    mT = lambda u: u.swapaxes(-1, -2)
+    B, T, H, N = r.shape
+    chunked = _chunks(xp, chunk, T, w, r, k, v, alpha, beta, dy)
+    nC = chunked[0].shape[1]
+    S0 = saved.transpose(1, 0, 2, 3, 4)                                     # (B, nC, H, N, N)
+    _, _, c = _chunk_parts(xp, S0, *chunked[:6])
+    w, r, k, v, alpha, beta, dy = (u.swapaxes(-3, -2) for u in chunked)     # (B, nC, H, L, N)
+    # 2. dL/dS at every chunk's end, backwards over chunks
+    Q = mT(dy) @ c["Ry"]                                                    # dy^T Ry
+    G_end = xp.empty((B, nC, H, N, N), r.dtype)
+    G = xp.zeros((B, H, N, N), r.dtype) if dS_last is None else dS_last
+    for i in reversed(range(nC)):
+        G_end[:, i] = G
+        G = G @ mT(c["A"][:, i]) + Q[:, i]
+    # 3. every chunk's own backward; GT = dL/dS_end, S0 = the chunk's start state (the S0
+    #    terms' own gradients are G above: the chain already carried them)
+    GT, z, te, e_end = G_end, c["z"], c["to_end"], c["e_end"]
+    a_out, r_out, k_in, b_in = c["a_out"], c["r_out"], c["k_in"], c["b_in"]
+    # S_end = S0 diag(e^{g_L}) + v^T (k te) + z^T (beta te), te = e^{g_L - g}
+    dv, dz = (k * te) @ mT(GT), (beta * te) @ mT(GT)
+    dK, dB = v @ GT, z @ GT                                        # d(k te), d(beta te)
+    dk, dbeta = dK * te, dB * te
+    dlog_te = (dK * k + dB * beta) * te                            # dL/d(g_L - g)
+    dg_end = (GT * S0).sum(axis=-2) * e_end + dlog_te.sum(axis=-2)
+    dg = -dlog_te
+    # y = r_out S0^T + A_rk v + A_rb z
+    dr_out = dy @ S0
+    dA_rk, dA_rb = xp.tril(dy @ mT(v)), xp.tril(dy @ mT(z))
+    dv = dv + mT(c["A_rk"]) @ dy
+    dz = dz + mT(c["A_rb"]) @ dy
+    # z = M^{-1} rhs, M = I - A_ab, rhs = a_out S0^T + A_ak v
+    drhs = xp.linalg.solve(mT(c["M"]), dz)
+    dA_ab = xp.tril(drhs @ mT(z), -1)
+    da_out = drhs @ S0
+    dA_ak = xp.tril(drhs @ mT(v), -1)
+    dv = dv + mT(c["A_ak"]) @ drhs
+    # the four masked products A = tril(X Y^T): dX = dA Y, dY = dA^T X
+    da_out = da_out + dA_ak @ k_in + dA_ab @ b_in
+    dr_out = dr_out + dA_rk @ k_in + dA_rb @ b_in
+    dk_in = mT(dA_ak) @ a_out + mT(dA_rk) @ r_out
+    db_in = mT(dA_ab) @ a_out + mT(dA_rb) @ r_out
+    # a_out = alpha e^{g - log w}, r_out = r e^{g}, k_in = k e^{-g}, b_in = beta e^{-g}
+    g, log_w = c["g"], c["log_w"]
+    dalpha = da_out * xp.exp(g - log_w)
+    dr = dr_out * xp.exp(g)
+    dk = dk + dk_in * xp.exp(-g)
+    dbeta = dbeta + db_in * xp.exp(-g)
+    dg = dg + da_out * a_out + dr_out * r_out - dk_in * k_in - db_in * b_in
+    dg[..., -1, :] += dg_end
+    dlog_w = xp.flip(xp.cumsum(xp.flip(dg, -2), axis=-2), -2) - da_out * a_out   # g = cumsum(log w)
+    dw = dlog_w / w
+    grads = (_unchunk(u, T) for u in (dr, dw, dk, dv, dalpha, dbeta))
+    return (G, *grads)
+
+
+RECURRENT_WKV = (wkv_forward, wkv_backward)
+CHUNKED_WKV = (wkv_chunked_forward, wkv_chunked_backward)
+
+# From T = this many tokens on, CuPy training uses the chunked pair (see choose_wkv_ops).
+CUPY_CHUNKED_FROM = 512
+
+
+def choose_wkv_ops(backend, T):
+    """The WKV (forward, backward) pair for training on `backend` ("numpy", "numba" or "cupy")
+    with sequences of T tokens: the faster one where it was measured
+    (benchmarks/train_wkv.py, results in benchmarks/results/train_wkv_*.md; the shipped model's
+    shape, B = 4096 / T sequences, T = 128, 512, 2048). Both pairs compute the same function to
+    float rounding (tests/test_train_chunked.py), so this is a speed choice only.
+
+    numpy: CHUNKED_WKV at every T. On the 2-core AMD EPYC (train_wkv_vm_t1.md, one thread) the
+        chunked pair ran the operator 1.8-2.0x as fast as the recurrent NumPy pair (13 k against
+        6.5-7.6 k tokens/s) and a whole training step 1.3-1.4x (806-848 against 596-661): the
+        recurrent pair makes a dozen small array operations per token, the chunked one a fixed
+        number of batched products plus two N x N products per chunk of 16.
+    numba: backends.numba_train.WKV_OPS (recurrent) at every T: the compiled recurrence has no
+        per-token Python cost; it ran the operator 2.3x as fast as the NumPy chunked pair (30 k
+        against 13 k tokens/s on one thread; 27-57 k on two) and a step 1.3-1.4x (1.10-1.14 k
+        against 0.81-0.85 k tokens/s).
+    cupy: backends.cupy_train.WKV_OPS below CUPY_CHUNKED_FROM tokens, CHUNKED_WKV from there on.
+        The CUDA kernel runs one block per (sequence, head) through all T tokens, so at a fixed
+        B T its parallelism falls as T grows (B H blocks: 128 at T = 128, 8 at T = 2048), while
+        the chunked pair's batched products keep the GPU busy. PROVISIONAL: set from the H200
+        run of benchmarks/train_wkv.py (benchmarks/results/train_wkv_h200.md) when it exists.
+    """
+    if backend == "numpy":
+        return CHUNKED_WKV
+    if backend == "numba":
+        from .backends.numba_train import WKV_OPS
+        return WKV_OPS
+    if backend == "cupy":
+        if T >= CUPY_CHUNKED_FROM:
+            return CHUNKED_WKV
+        from .backends.cupy_train import WKV_OPS
+        return WKV_OPS
+    raise ValueError(f"unknown backend {backend!r}: choose_wkv_ops knows numpy, numba and cupy")
 
 
 # ----------------------------------------------------------------------------------------------

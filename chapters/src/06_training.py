@@ -9,7 +9,9 @@
 # `tinyrwkv.train.wkv_backward`. Then you will write the top of the whole model's backward (the
 # loss, the head, `ln_out`) yourself, check it against the library's `tinyrwkv.train`, check the
 # library's whole gradient by finite differences, train a tiny model for under a minute on a
-# slice of children's stories, and watch the loss fall.
+# slice of children's stories, and watch the loss fall. Last, you will meet the same backward in
+# chunked form, matrix products over whole chunks of tokens, check that it gives the same
+# gradients, time both, and see why RWKV trains in parallel like a Transformer.
 #
 # **Prerequisites.** [01 · Time mixing](01_time_mixing.ipynb) for the WKV state and
 # [04 · The whole model](04_whole_model.ipynb). Calculus used: the chain rule, and the gradient of
@@ -496,7 +498,115 @@ for name, pick in (("greedy", lambda l: int(np.argmax(l))),
 # story yet. `tinyrwkv train` does the same at scale: a BPE tokenizer, bigger batches, Numba or
 # CUDA kernels for the WKV backward, validation and checkpoints. The model in `weights/` was
 # trained with it; its model card (`weights/MODEL_CARD.md`) records how.
+
+# %% [markdown]
+# ## 8. Training in parallel: the backward in chunked form
 #
+# The backward of section 5 walks back through the tokens one at a time: `T` steps, each a handful
+# of small array operations, and none can start before the one after it has finished. Chapter 03
+# showed the forward does not have to work that way: `model.wkv_chunk` computes a whole chunk of
+# `L` tokens (16) in closed form, with matrix products (docs/architecture.md §6.3). The backward
+# can be the same closed form differentiated, a chunk at a time (docs/architecture.md §6.6):
+#
+# * A chunk is an **affine map of its start state**: `S_end = S_start A + U`, where the `N x N`
+#   matrix `A` and `U` (the chunk run from a zero state) depend only on the chunk's own tokens.
+#   So every chunk's `A`, `U` and its outputs from a zero state can be computed at once, for all
+#   chunks and heads in one batch of matrix products. Only the chain
+#   `S_{c+1} = S_c A_c + U_c`, `T / L` products of `N x N` matrices, is sequential.
+# * The backward runs that chain transposed, from the end: `G_{c-1} = G_c A_c^T + dY_c^T R_c`
+#   (`G_c` is dL/dS at the end of chunk `c`). Given every `G_c`, each chunk's gradients come from
+#   the chain rule through the closed form, again all chunks at once: gradients of matrix
+#   products (`dA = dY B^T`, `dB = A^T dY`), masked to the lower triangle, and for the one linear
+#   solve `(I - A_ab) Z = rhs`, a solve with the transpose: `d rhs = (I - A_ab)^{-T} dZ`.
+#
+# `tinyrwkv.train.wkv_chunked_forward` and `wkv_chunked_backward` are this, with the contract
+# of `wkv_forward` / `wkv_backward` (the same `saved` checkpoints), so either pair can go into
+# `loss_and_grad(..., wkv_ops=...)`: `train.RECURRENT_WKV` or `train.CHUNKED_WKV`. First, they
+# compute the same thing: on the batch of section 5, with a gradient arriving at the last state
+# too, float64:
+
+# %%
+dS_last = rng.standard_normal(S0b.shape)
+pairs = {"recurrent": train.RECURRENT_WKV, "chunked": train.CHUNKED_WKV}
+results = {}
+for name, (forward, backward) in pairs.items():
+    S_last, y_pair, saved_pair = forward(S0b, rb, wb, kb, vb, ab, bb)
+    results[name] = (S_last, y_pair, *backward(dS_last, dyb, saved_pair, rb, wb, kb, vb, ab, bb))
+labels = ("S_T", "y", "dS0", "dr", "dw", "dk", "dv", "dalpha", "dbeta")
+worst_chunked = 0.0
+for label, a, c in zip(labels, results["chunked"], results["recurrent"]):
+    err = np.abs(a - c).max() / np.abs(c).max()
+    worst_chunked = max(worst_chunked, err)
+    print(f"  {label:7s} chunked vs recurrent: max|Δ| / max|value| = {err:.1e}")
+assert worst_chunked < 1e-12           # float64: the same function summed in another order
+
+# %% [markdown]
+# Where does the time go? Both are NumPy, on the same inputs: a batch of `B` sequences of `T`
+# tokens with `B T` = 2048 tokens in all, 4 heads of 64 (the shipped model's), float32 (what
+# training uses), forward and backward together, the best of two runs on this machine. The
+# recurrent pair makes `T` trips through Python per pass, each a dozen operations on
+# `(B, H, N, N)` arrays; the chunked pair makes `T / 16` trips for its chain and does the rest in
+# a fixed number of large batched products. At a fixed number of tokens, a longer `T` means
+# more trips on smaller arrays for the recurrent pair, and the same batched products for the
+# chunked one.
+
+# %%
+def seconds(forward, backward, args, dy, repeats=2):
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _, _, sv = forward(*args)
+        backward(None, dy, sv, *args[1:])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+Hs, Ns, total = 4, 64, 2048
+Ts = (32, 128, 512, 2048)
+speed = {name: [] for name in pairs}
+print(f"{'T':>5} {'B':>3} {'recurrent tok/s':>16} {'chunked tok/s':>14} {'ratio':>6}")
+for Tt in Ts:
+    Bt = total // Tt
+    vecs = [rng.standard_normal((Bt, Tt, Hs, Ns)) for _ in range(4)]            # r, k, v, dy
+    w_t = np.exp(-0.6065 * rng.uniform(0.05, 1, (Bt, Tt, Hs, Ns)))
+    kap_t = rng.standard_normal((Bt, Tt, Hs, Ns))
+    kap_t /= np.linalg.norm(kap_t, axis=-1, keepdims=True)
+    args = (np.zeros((Bt, Hs, Ns, Ns)), vecs[0], w_t, vecs[1], vecs[2], -kap_t,
+            kap_t * rng.uniform(0, 1, (Bt, Tt, Hs, Ns)))
+    args, dy_t = tuple(a.astype(np.float32) for a in args), vecs[3].astype(np.float32)
+    for name, (forward, backward) in pairs.items():
+        speed[name].append(total / seconds(forward, backward, args, dy_t))
+    print(f"{Tt:5d} {Bt:3d} {speed['recurrent'][-1]:16,.0f} {speed['chunked'][-1]:14,.0f} "
+          f"{speed['chunked'][-1] / speed['recurrent'][-1]:6.1f}")
+
+fig, ax = plt.subplots(figsize=(6, 3))
+for name in pairs:
+    ax.plot(Ts, speed[name], "o-", label=f"{name} (NumPy)")
+ax.set_xscale("log", base=2)
+ax.set_xlabel(f"sequence length T (B = {total} / T sequences)")
+ax.set_ylabel("tokens/s, forward + backward")
+ax.set_ylim(bottom=0)
+ax.legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **Why RWKV trains like a Transformer.** Run as an RNN, RWKV-7 needs the state of token `t - 1`
+# before it can process token `t`; trained that way, `T` tokens are `T` steps one after
+# another. The chunked form removes almost all of that: inside a chunk every token's output
+# and gradient are matrix products over the whole chunk (`L x L` matrices of pairwise weights,
+# the same shape of work as attention over a block of `L` tokens), and across chunks only the
+# state is handed on: `T / L` steps of one `N x N` product each, forward and back. Matrix
+# products over whole chunks are what BLAS on a CPU and tensor cores on a GPU are built for,
+# and that is how RWKV-7 is trained at scale (RWKV-LM's and fla's chunked kernels): in parallel
+# over the sequence like a Transformer, while it still runs as an RNN with a fixed-size state.
+#
+# The ratio above is NumPy against NumPy. A compiled recurrent kernel (`tinyrwkv train` uses
+# Numba's on the CPU and a CUDA kernel on the GPU) has no Python overhead per token, so which
+# pair is faster in the trainer depends on the backend and `T`: `train.choose_wkv_ops` picks,
+# from the measurements in `benchmarks/results/train_wkv_*.md`.
+
+# %% [markdown]
 # ## Checks
 #
 # Everything this chapter claims is asserted where it is shown; the key ones again, in one place:
@@ -505,6 +615,7 @@ for name, pick in (("greedy", lambda l: int(np.argmax(l))),
 assert max(worst.values()) < 1e-6                       # section 3: backward = finite differences
 assert all(np.array_equal(a, b) for a, b in zip(grads_ck, grads))    # section 5: checkpoints
 assert worst_lib < 1e-12                                 # section 5: yours = tinyrwkv.train
+assert worst_chunked < 1e-12                             # section 8: chunked = recurrent
 assert abs(losses[0] - np.log(256)) < 0.2                # starts near uniform (small logits)
 assert losses[-10:].mean() < losses[:10].mean() - 1.0    # and has learnt more than a nat per byte
 print(f"all checks passed; chapter ran in {time.perf_counter() - CHAPTER_START:.1f} s")
