@@ -282,7 +282,7 @@ RECURRENT_WKV = (wkv_forward, wkv_backward)
 CHUNKED_WKV = (wkv_chunked_forward, wkv_chunked_backward)
 
 # From T = this many tokens on, CuPy training uses the chunked pair (see choose_wkv_ops).
-CUPY_CHUNKED_FROM = 512
+CUPY_CHUNKED_FROM = None     # never, on the H200 measured (choose_wkv_ops)
 
 
 def choose_wkv_ops(backend, T):
@@ -301,11 +301,13 @@ def choose_wkv_ops(backend, T):
         per-token Python cost; it ran the operator 2.3x as fast as the NumPy chunked pair (30 k
         against 13 k tokens/s on one thread; 27-57 k on two) and a step 1.3-1.4x (1.10-1.14 k
         against 0.81-0.85 k tokens/s).
-    cupy: backends.cupy_train.WKV_OPS below CUPY_CHUNKED_FROM tokens, CHUNKED_WKV from there on.
-        The CUDA kernel runs one block per (sequence, head) through all T tokens, so at a fixed
-        B T its parallelism falls as T grows (B H blocks: 128 at T = 128, 8 at T = 2048), while
-        the chunked pair's batched products keep the GPU busy. PROVISIONAL: set from the H200
-        run of benchmarks/train_wkv.py (benchmarks/results/train_wkv_h200.md) when it exists.
+    cupy: backends.cupy_train.WKV_OPS (the CUDA recurrence) at every T measured. On an H200
+        (train_wkv_h200.md) the CUDA kernel beat the chunked pair on CuPy everywhere: operator
+        1.24 M against 0.25 M tokens/s at T = 128, 336 k against 187 k at 512, 87 k against 80 k
+        at 2048; whole step 38 k against 19 k, 31 k against 18 k, 12.4 k against 10.2 k. The
+        kernel runs one block per (sequence, head), so its lead shrinks as T grows at a fixed
+        B T (B H blocks: 128 at T = 128, 8 at T = 2048): the chunked pair may win past 2048
+        tokens, not measured; CUPY_CHUNKED_FROM stays None (never) until it is.
     """
     if backend == "numpy":
         return CHUNKED_WKV
@@ -313,7 +315,7 @@ def choose_wkv_ops(backend, T):
         from .backends.numba_train import WKV_OPS
         return WKV_OPS
     if backend == "cupy":
-        if T >= CUPY_CHUNKED_FROM:
+        if CUPY_CHUNKED_FROM is not None and T >= CUPY_CHUNKED_FROM:
             return CHUNKED_WKV
         from .backends.cupy_train import WKV_OPS
         return WKV_OPS

@@ -393,10 +393,18 @@ def backend_setup(args):
                   file=sys.stderr)
         args.backend = "numpy" if missing else "numba"
     threads = cpu_threads(args)
-    wkv_ops = None                          # numpy: the reference; cupy: the CUDA kernels
-    if args.backend == "numba":
-        from .backends.numba_train import WKV_OPS
-        wkv_ops = WKV_OPS
+    wkv = getattr(args, "wkv", None) or "auto"
+    if wkv == "auto":                       # the faster pair where measured (train.py says)
+        wkv_ops = train.choose_wkv_ops(args.backend, args.ctx)
+    elif wkv == "chunked":                  # NumPy/CuPy matrix products, on any backend
+        wkv_ops = train.CHUNKED_WKV
+    elif args.backend == "numba":
+        from .backends.numba_train import WKV_OPS as wkv_ops
+    elif args.backend == "cupy":
+        from .backends.cupy_train import WKV_OPS as wkv_ops
+    else:
+        wkv_ops = train.RECURRENT_WKV
+    args.wkv_pair = ("chunked" if wkv_ops is train.CHUNKED_WKV else "recurrent")
     to_device = lambda a: a                 # where parameters and Adam moments live
     if args.backend == "cupy":
         from .backends.cupy_gpu import check_available
@@ -551,7 +559,8 @@ def _run(args):
     n_params = sum(int(np.prod(v.shape)) for v in (base or params).values())
     n_trained = sum(int(np.prod(v.shape)) for v in params.values())
     print(f"tinyrwkv train: {describe_run(mode, args, config, n_params, n_trained)}, batch "
-          f"{args.batch}x{args.ctx}, {args.steps} steps, lr {args.lr:g}, wkv {args.backend}"
+          f"{args.batch}x{args.ctx}, {args.steps} steps, lr {args.lr:g}, {args.backend} "
+          f"backend, {args.wkv_pair} WKV"
           f"{f', {threads} threads' if threads else ''}"
           f"{', threads chosen as it runs (--threads N fixes them)' if step_threads else ''}",
           file=sys.stderr)
@@ -886,8 +895,12 @@ def hardware(args):
     if args.backend == "cupy":
         import cupy
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        return f"{name} (CuPy: cuBLAS and tinyrwkv's CUDA WKV kernels)"
-    what = "NumPy + Numba WKV kernels" if args.backend == "numba" else "NumPy"
+        wkv = ("tinyrwkv's CUDA WKV kernels" if getattr(args, "wkv_pair", "") == "recurrent"
+               else "the chunked WKV form")
+        return f"{name} (CuPy: cuBLAS and {wkv})"
+    pair = getattr(args, "wkv_pair", "recurrent")
+    what = ("NumPy + Numba WKV kernels" if args.backend == "numba" and pair == "recurrent"
+            else f"NumPy, {pair} WKV")
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {what}"
 
 
@@ -932,7 +945,7 @@ def write_card(args, result, curve, samples, n_train_tokens, V, facts):
     else:
         losses = "(no evaluation was recorded)\n"
     hp = {k: v for k, v in vars(args).items()
-          if k not in ("func", "command", "out", "resume", "threads", "argv")
+          if k not in ("func", "command", "out", "resume", "threads", "argv", "wkv_pair")
           and not (args.init_from and k in ("layers", "width", "head_size", "vocab"))}
     command = command_line(args).replace("|", "\\|")           # a | would end the table cell
     picture = ("\n![learning curve](loss_curve.png)\n" if (out / "loss_curve.png").is_file()
@@ -1177,6 +1190,11 @@ def add_arguments(p):
                    help="numba: CPU, Numba WKV kernels (default where numba is installed); "
                         "numpy: CPU, the NumPy reference; "
                         "cupy: everything on a CUDA GPU (CuPy), CUDA WKV kernels")
+    h.add_argument("--wkv", choices=["auto", "recurrent", "chunked"], default="auto",
+                   help="the WKV operator's form in training: the recurrence (token by token) or "
+                        "the chunked, parallel form (matrix products per chunk of 16); the same "
+                        "numbers either way. auto: the faster where measured (NumPy: chunked; "
+                        "Numba and CuPy: their compiled recurrence)")
     h.add_argument("--threads", type=option(int, POSITIVE),
                    help="CPU threads for the Numba kernels and BLAS (default: the libraries' own, "
                         "all cores)")
