@@ -184,3 +184,32 @@ def test_fine_tuning_usage_errors(tmp_path, capsys, extra, message):
         main(["train", "--data", "x.txt", "--out", str(tmp_path / "o"), *extra])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_kept_step_is_the_best_validation(base, tmp_path):
+    """--keep best writes the parameters of the evaluation with the lowest validation loss (kept
+    in the checkpoint as they were then); --keep last the last step's."""
+    from tinyrwkv.trainer import read_training_checkpoint
+    runs = {}
+    for keep in ("best", "last"):
+        out = tmp_path / keep
+        _, result = finetune(base, out, "--lr", 3e-2, "--keep", keep, "--save-dtype", "float32")
+        meta, params, _, best = read_training_checkpoint(out / "train_state.npz", "full")
+        curve = meta["curve"]
+        saved = read_checkpoint(out / "model.safetensors")
+        runs[keep] = (result, curve, best, params, saved)
+    result, curve, best, _, saved = runs["best"]
+    assert result["kept_step"] == min(curve, key=lambda c: c["valid_loss"])["step"] == best[0]
+    assert all(np.array_equal(saved[k], best[2][k].astype(np.float32)) for k in saved)
+    result, curve, _, last, saved = runs["last"]
+    assert result["kept_step"] == 12
+    assert all(np.array_equal(saved[k], last[k].astype(np.float32)) for k in saved)
+
+
+def test_windows_at_documents():
+    from tinyrwkv.trainer import window_starts
+    ids = np.array([5, 6, 0, 7, 8, 9, 0, 1, 2, 3, 4, 5, 0, 6, 7])
+    starts = window_starts(ids, 4, 200, np.random.default_rng(0), "documents")
+    assert set(starts.tolist()) == {2, 6}            # end-of-text ids with 4 + 1 tokens after
+    plain = window_starts(np.arange(1, 30), 4, 50, np.random.default_rng(0), "documents")
+    assert plain.min() >= 0 and plain.max() < 29 - 5 and len(set(plain.tolist())) > 5

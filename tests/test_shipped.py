@@ -30,14 +30,18 @@ def test_shipped_files_fit_in_20_mb_and_the_card_states_the_result():
     size = sum(p.stat().st_size for p in WEIGHTS.iterdir() if p.name.startswith("model."))
     assert size <= 20e6, size
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
-    assert "**validation bits per byte** | **0.844**" in card
+    # the trainer's two numbers for the whole valid.txt (GPU machine), as the card states them;
+    # the per-story one is measured again below on a slice, and in full by `tinyrwkv eval`
+    assert "| **validation bits per byte** | **0.818** reading the whole validation file" in card
+    assert "**0.830** reading each document" in card
 
 
 def test_bits_per_byte_on_the_start_of_valid_txt():
-    """The card's 0.844 is over all 802 kB of valid.txt (measured by the trainer on the GPU
-    machine); here the first 40 kB, on the CPU: a slice of simple stories
-    from the same distribution (measured 0.689 there: its first stories are easier than average),
-    so the bound is the issue's target, 1.0."""
+    """The card's 0.818 is over all 802 kB of valid.txt read as one text (measured by the trainer
+    on the GPU machine); here the first 40 kB, on the CPU: a slice of simple stories from the
+    same distribution (measured 0.666 here, and 0.689 with the previous model, whose card said
+    0.844: its first stories are easier than average), so the bound is the first issue's
+    target, 1.0."""
     valid = SHARED / "data" / "tinystories-subset" / "valid.txt"
     if not valid.exists():
         pytest.skip(f"{valid} not found")

@@ -986,6 +986,8 @@ def write_card(args, result, curve, samples, n_train_tokens, V, facts):
         files_row = (f"`{result['output']}` (RWKV-PEFT state, {args.save_dtype}): use with "
                      f"`tinyrwkv generate --model BASE --state {result['output']}`")
     start_words = "the tuned state" if mode == "state" else "a fresh state"
+    doc_cut = ("blank lines" if result["documents"] == "blank lines" else
+               "cut at `" + result["documents"].replace("|", "\\|") + "`")
     before = result.get("before")
     before_row = ("" if not before else
                   f"| before (the base model) | {before['continuous']:.3f} as one text; "
@@ -1014,7 +1016,7 @@ tags: [rwkv, rwkv-7, x070]
 | training | {curve[-1]['step'] if curve else 0} steps of {args.batch} x {args.ctx} tokens, AdamW, lr {args.lr} (warm-up {args.warmup}, cosine to {args.lr * args.min_lr_ratio:g}), weight decay {args.weight_decay}, clip {args.clip}, seed {args.seed} |
 | wall time | {result['wall_seconds'] / 60:.1f} min on {hardware(args)} |
 | kept | step {result['kept_step']} (`--keep {args.keep}`: {'the best validation loss' if args.keep == 'best' else 'the last step'}) |
-| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** reading the whole validation file as one text; **{result['valid_bits_per_byte_per_document']:.3f}** reading each document ({result['documents']}) from {start_words}; as saved |
+| **validation bits per byte** | **{result['valid_bits_per_byte']:.3f}** reading the whole validation file as one text; **{result['valid_bits_per_byte_per_document']:.3f}** reading each document ({doc_cut}) from {start_words}; as saved |
 {before_row}
 Losses (train: the step's batch; validation: {args.eval_windows} fixed windows of {args.ctx}
 tokens; ~bits/byte estimated with each file's mean bytes per token):
