@@ -74,7 +74,7 @@ def test_threads_option(tmp_path):
                "--threads", "1", *args]
     done = subprocess.run(command, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert done.returncode == 0 and ", 1 threads" in done.stderr, done.stderr[-600:]
+    assert done.returncode == 0 and ", 1 thread" in done.stderr, done.stderr[-600:]
     one = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     losses = lambda log: np.array([r["loss"] for r in log if "loss" in r])
     assert len(losses(one)) == 4

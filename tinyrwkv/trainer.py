@@ -561,7 +561,7 @@ def _run(args):
     print(f"tinyrwkv train: {describe_run(mode, args, config, n_params, n_trained)}, batch "
           f"{args.batch}x{args.ctx}, {args.steps} steps, lr {args.lr:g}, {args.backend} "
           f"backend, {args.wkv_pair} WKV"
-          f"{f', {threads} threads' if threads else ''}"
+          f"{f', {threads} thread' + ('s' if threads != 1 else '') if threads else ''}"
           f"{', threads chosen as it runs (--threads N fixes them)' if step_threads else ''}",
           file=sys.stderr)
 
