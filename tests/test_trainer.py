@@ -3,6 +3,7 @@ exactly where it stopped, and its output loads with its own tokenizer."""
 import json
 
 import numpy as np
+import pytest
 
 import tinyrwkv
 from tinyrwkv.formats import read_checkpoint
@@ -79,3 +80,26 @@ def test_threads_option(tmp_path):
     losses = lambda log: np.array([r["loss"] for r in log if "loss" in r])
     assert len(losses(one)) == 4
     np.testing.assert_allclose(losses(one), losses(default), rtol=1e-4)
+
+
+def test_training_puts_the_thread_settings_back(tmp_path, capsys):
+    """run() changes BLAS's and Numba's threads (--threads, or the governor's choice) only while it
+    trains: a program that trains and then does other work keeps its own settings."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    first = {lib["filepath"] for lib in threadpoolctl.threadpool_info()}
+    blas = lambda: {lib["filepath"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                    if lib["filepath"] in first}     # libraries loaded later start as they do
+    before = blas()
+    with threadpoolctl.threadpool_limits(1):
+        inside = blas()
+        train(tmp_path, tmp_path / "a", "--steps", "4", "--eval-every", "4", "--threads", "2")
+        assert blas() == inside
+        try:                                # no --threads: the governor chooses
+            main(["train", "--data", str(tmp_path / "train.txt"), "--out", str(tmp_path / "b"),
+                  "--vocab", "300", "--layers", "2", "--width", "64", "--head-size", "32",
+                  "--batch", "4", "--ctx", "24", "--steps", "4", "--sample-every", "0"])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        assert "threads chosen as it runs" in capsys.readouterr().err
+        assert blas() == inside
+    assert blas() == before
