@@ -175,7 +175,7 @@ print("shift == tinyrwkv.model.token_shift: OK")
 # (docs/architecture.md §10): $\mu[c] = 1 - (c/C)^{p}$, with an exponent $p$ that differs per mix
 # and shrinks with depth. So low channels lean on the previous token and high channels on the
 # current one, and deeper layers lean less on the past. Training added the wiggles: it moved each
-# $\mu$ by 0.04 to 0.09 on average (the printout measures it against the initial values).
+# $\mu$ by 0.04 to 0.08 on average (the printout measures it against the initial values).
 
 # %%
 init = make_weights(n_layer=trained.config.n_layer, n_embd=trained.config.n_embd, vocab_size=16,
@@ -193,7 +193,7 @@ plt.show()
 moved = np.array([[np.abs(p_i[f"att.x_{c}"] - init[f"blocks.{i}.att.x_{c}"].reshape(-1)).mean()
                    for c in "rwkvag"] for i, p_i in enumerate(trained.blocks)])   # (L, 6)
 print(f"mean |μ_trained - μ_init| per mix and layer: {moved.min():.3f} .. {moved.max():.3f}")
-assert 0.02 < moved.min() and moved.max() < 0.15                 # measured 0.043 .. 0.089
+assert 0.02 < moved.min() and moved.max() < 0.15                 # measured 0.036 .. 0.079
 
 # %% [markdown]
 # ## 2 · The projections $r, k, v$ and the low-rank paths for $w, a, g$
@@ -357,25 +357,25 @@ for i in range(Lt):
           f" {100 * (hl_tokens[i] > 100).mean():4.1f}% over 100;"
           f" w0 moved {w0_moved[i]:.2f} in training, the token's term {per_token[i]:.2f}")
 print("per channel, 90th / 10th percentile of its half-life over the story:", spread.round(1))
-# The claims of the text below. Margins: on two other stories (not shown) these numbers moved by
-# at most a third (head medians 21.9 .. 159, fractions 6.0% .. 31%); the bounds leave a factor ~2.
+# The claims of the text below. Margins: each bound is a factor of about 1.5 or more from this
+# story's numbers (head medians: last head <= 4.1, first two >= 22.5; fractions 5.4% .. 27%).
 assert hl_tokens.min() >= floor * (1 - 1e-12)                   # the soft clamp, for every token
 assert np.all(median[:, 3] < 6) and np.all(median[:, :2] > 15)  # last head fast, first two slow
 assert all((hl_tokens[i] < 2).mean() > 0.03 and (hl_tokens[i] > 100).mean() > 0.04 for i in range(Lt))
-assert max(w0_moved) < 0.25 and min(per_token) > 0.8            # measured <= 0.15 and >= 1.0
-assert np.all(spread > 3)                                        # measured 5.4 .. 15
+assert max(w0_moved) < 0.25 and min(per_token) > 0.6            # measured <= 0.13 and >= 0.85
+assert np.all(spread > 2)                                        # measured 3.1 .. 6.1
 
 # %% [markdown]
 # Three things to read off. **Each head has a job**: in every layer the last head (red) forgets
 # within a few tokens, it tracks the last word or two, while the first two heads have median
-# half-lives of tens to hundreds of tokens and can carry something through a whole story. **Every
-# layer mixes fast and slow channels**: counted over all its channels and tokens, 6% to 14% halve
-# their memory in under 2 tokens, and 9% to 27% keep it for over 100. And **the decay depends on
-# the token**: the left panel shows that this short training run hardly moved $w_0$ from its
-# initial ramp and zigzag (by about 0.12 on average), but the token-dependent term moves the
-# pre-activation by about 1 on the same scale, so the same channel's half-life varies by a factor
-# of 6 to 15 between its quicker and its slower tokens (10th and 90th percentile; the printout's
-# last line). At initialisation $w_1 = 0$ and that term is zero: training taught the
+# half-lives of tens of tokens to about a hundred and can carry something through a whole story.
+# **Every layer mixes fast and slow channels**: counted over all its channels and tokens, 5% to 17%
+# halve their memory in under 2 tokens, and 13% to 27% keep it for over 100. And **the decay
+# depends on the token**: the left panel shows that this short training run hardly moved $w_0$
+# from its initial ramp and zigzag (by about 0.1 on average), but the token-dependent term moves
+# the pre-activation by about 0.9 on the same scale, so the same channel's half-life varies by a
+# factor of 3 to 6 between its quicker and its slower tokens (10th and 90th percentile; the
+# printout's last line). At initialisation $w_1 = 0$ and that term is zero: training taught the
 # model *when* to forget, more than *how fast*.
 
 # %% [markdown]
@@ -547,17 +547,17 @@ assert np.allclose(S_ours, S_lib, rtol=0, atol=1e-12) and np.allclose(y_ours, y_
 # %% [markdown]
 # ### Watching a trained head's memory as it reads a story
 #
-# Now our step runs on the trained model's numbers: layer 5 of the story model, whose inputs
-# $r, w, \tilde k, v, \hat\kappa, a$ for every token of the story are in the trace (`L5.r`, ...,
-# with `L5.v_res`, the value after the value residual of section 7). We start from the zero state,
-# keep head 1's state after every token, and check it against the state the library recorded.
+# Now our step runs on the trained model's numbers: layer 4 of the story model, whose inputs
+# $r, w, \tilde k, v, \hat\kappa, a$ for every token of the story are in the trace (`L4.r`, ...,
+# with `L4.v_res`, the value after the value residual of section 7). We start from the zero state,
+# keep head 0's state after every token, and check it against the state the library recorded.
 # (Section 9 shows why this head: it is the one that remembers the girl's name.)
 #
 # Rows are value channels, columns key channels. To make the decay visible we sort the columns by
 # their median half-life over the story: slow key channels on the left, fast ones on the right.
 
 # %%
-layer, head = 5, 1
+layer, head = 4, 0
 inputs = [trace[f"L{layer}.{name}"] for name in ("r", "w", "k_tilde", "v_res", "kk", "a")]  # (T, C) each
 S = np.zeros((Ht, Nt, Nt))                                       # (H, N, N)
 states = []
@@ -596,17 +596,18 @@ print(f"median half-life: 16 slowest key channels {np.median(hl_head[slow]):.0f}
       f" 16 fastest {np.median(hl_head[fast]):.1f}")
 print(f"cosine(state after the name, state at the end): slow columns {kept['slow']:.2f},"
       f" fast columns {kept['fast']:.2f}")
-assert min(change) > 0.5                 # measured 0.83 .. 0.94: most of the picture is new each time
-assert kept["slow"] > 0.2 and kept["slow"] > 2 * kept["fast"]    # measured 0.36 against 0.09
+assert min(change) > 0.5                 # measured 0.65 .. 0.82: most of the picture is new each time
+assert kept["slow"] > 0.4 and kept["slow"] > 4 * kept["fast"]    # measured 0.66 against 0.07
 
 # %% [markdown]
 # Each token adds a rank-one pattern $v\tilde k^\top$, a value pattern down the rows times a key
 # pattern across the columns (the stripes and crosses), and the decay fades each column at its own
-# rate. The panels are 40 tokens apart and each looks new: the change from one to the next is
-# about 90% of the state's size (the printout). What survives a long stretch sits in the slow
-# columns on the left: the state right after the name and the state at the end still point in
-# similar directions there (cosine 0.36), hardly at all in the 16 fastest columns (0.09). This
-# head's slowest key channels have half-lives of hundreds of tokens, its fastest of about ten.
+# rate. The panels are 40 tokens apart and each looks largely new: the change from one to the
+# next is two thirds to four fifths of the state's size (the printout). What survives a long
+# stretch sits in the slow columns on the left: the state right after the name and the state at
+# the end still point in similar directions there (cosine 0.66), hardly at all in the 16 fastest
+# columns (0.07). This head's slowest key channels have half-lives of hundreds of tokens, its
+# fastest of about twenty.
 
 # %% [markdown]
 # ## 6 · Read-out, group norm, bonus, gate and output
@@ -826,7 +827,8 @@ for name in ("Sue", "Lucy", "Anna"):
     p_name = next_token_probs(bpe.encode(STORY.format(name=name)))
     print(f"the story with {name:5s}: p(' {name}') = {p_name[name_id[name]]:.3f},"
           f" rank {rank(p_name, name_id[name])};  p(' Mia') = {p_name[mia]:.4f}")
-    assert rank(p_name, name_id[name]) == 0                      # the name it read, first
+    assert rank(p_name, name_id[name]) <= 1 and p_name[name_id[name]] > 100 * p_name[mia]
+    # the name it read, first or second (Anna: 0.343 after ' her' 0.401); ' Mia' 570x less likely or more
 # 2. The name never read
 p_no_name = next_token_probs(story_ids[mentions[-1] + 1:])
 print(f"story from token {mentions[-1] + 1} on:  p(' Mia') = {p_no_name[mia]:.4f}, rank {rank(p_no_name, mia)}")
@@ -860,9 +862,9 @@ bars = {"whole story": p_full[mia], "name\nnever read": p_no_name[mia],
         "any other head\nerased (lowest)": others.min()}
 ax1.bar(range(len(bars)), list(bars.values()), color=["C0", "C7", "C7", "C3", "C0"])
 for x_, value in enumerate(bars.values()):
-    ax1.text(x_, value * 1.15, f"{value:.3f}", ha="center", fontsize=9)
+    ax1.text(x_, value * 1.15, f"{value:.2g}", ha="center", fontsize=9)
 ax1.set_xticks(range(len(bars)), list(bars), fontsize=8)
-ax1.set(yscale="log", ylim=(1e-3, 1.5), ylabel="p(' Mia') as the next token",
+ax1.set(yscale="log", ylim=(min(bars.values()) / 3, 1.5), ylabel="p(' Mia') as the next token",
         title=f"'…said' → ' Mia'? ({distance} tokens after the name)")
 im = ax2.imshow(erased, cmap="viridis", norm=plt.matplotlib.colors.LogNorm(1e-3, 1))
 for (l, h), value in np.ndenumerate(erased):
@@ -874,11 +876,13 @@ fig.colorbar(im, ax=ax2, label="p(' Mia')")
 plt.tight_layout()
 plt.show()
 
-# The claims of the text. Measured: p 0.38 (rank 0); without the name 0.0056 (rank 10); state
-# erased 0.0041 (rank 17); layer 5 head 1 erased 0.0066 (rank 8); the other heads 0.22 .. 0.47.
-# The bounds keep a factor of 2 or more from each measurement.
+# The claims of the text. Measured: p 0.247 (rank 1, after ' her' 0.347, the likeliest name);
+# without the name < 0.0001 (rank 342); state erased 0.0003 (rank 150); layer 4 head 0 erased
+# 0.0001 (rank 162); the other heads 0.20 .. 0.38. The bounds keep a factor of 2 or more from
+# each measurement.
 assert distance >= 150
-assert rank(p_full, mia) == 0 and p_full[mia] > 0.2
+assert rank(p_full, mia) <= 1 and p_full[mia] > 0.12
+assert [bpe.decode([int(i)]) for i in np.argsort(-p_full)[:rank(p_full, mia)]] in ([], [" her"])
 for p_gone, r_gone in ((p_no_name[mia], rank(p_no_name, mia)), (p_reset[mia], rank(p_reset, mia)),
                        (erased[keeper], erased_rank[keeper])):
     assert p_gone < p_full[mia] / 10 and r_gone >= 4             # the name is gone
@@ -886,12 +890,14 @@ assert keeper == (layer, head)                                   # the head of s
 assert others.min() > p_full[mia] / 3                            # no other head alone matters much
 
 # %% [markdown]
-# The model answers " Mia" (probability 0.38, its first choice), and with another name it answers
-# that name: the prediction comes from the story, not from a favourite name. Without the name, or
-# with the state erased, " Mia" falls to about 0.005, behind ten or more other tokens. The name is in
-# one place: erasing a single head, layer 5's head 1, 4,096 of the state's 101,376 numbers, takes
-# the probability from 0.38 to 0.007, while erasing any other head leaves the name at least half
-# as likely (the grid). That head wrote the name into its slow key channels about 190 tokens
+# The model's first choice is " her" (0.35), and " Mia" is a close second (0.25), far ahead of
+# any other name (" Tim" 0.06, " Lily" 0.04). With another name it answers that name (Sue and Lucy
+# first, Anna second after " her"), and " Mia" drops to 0.0006 or less: the prediction comes from
+# the story, not from a favourite name. Without the name, or with the state erased, " Mia" falls
+# below 0.001, behind 150 or more other tokens. The name is in one place: erasing a single head,
+# layer 4's head 0, 4,096 of the state's 101,376 numbers, takes the probability from 0.25 to
+# 0.0001, while erasing any other head leaves the name at least 0.2, four fifths as likely
+# (the grid). That head wrote the name into its slow key channels about 190 tokens
 # earlier, and the delta rule and the decays kept it there through everything else the story
 # wrote (section 5's figure shows the same head). A model this small remembers far less than a
 # large one, but the mechanism is the one this chapter built: a fixed-size matrix per head that
@@ -915,17 +921,17 @@ assert others.min() > p_full[mia] / 3                            # no other head
 # The state is a per-head value × key memory that fades per key channel and, unlike linear
 # attention, can *replace* what it stored under a key (the delta rule), with a learning rate the
 # model chooses per token. In the trained story model the last head of every layer forgets
-# within a few tokens and the first two keep things for tens to hundreds; the token decides how
-# fast each channel forgets; and one head of the last layer carries a character's name across
-# 190 tokens of story. Chapter 02 builds the other half of a layer, the channel mix;
+# within a few tokens and the first two keep things for tens of tokens to a hundred; the token
+# decides how fast each channel forgets; and one head of layer 4 carries a character's name
+# across 190 tokens of story. Chapter 02 builds the other half of a layer, the channel mix;
 # chapter 03 computes the same recurrence for a whole sequence at once.
 #
 # The final asserts, again in one place: every piece built here agrees with the library to
 # rounding error in float64, on the synthetic model and on the trained model's story; and the
-# trained model's memory of the name lives in layer 5, head 1.
+# trained model's memory of the name lives in layer 4, head 0.
 
 # %%
 assert all(d < 1e-12 for d in worst.values())
 assert np.allclose(states, trace[f"L{layer}.state"][:, head], rtol=0, atol=1e-9)
-assert rank(p_full, mia) == 0 and erased[layer, head] < p_full[mia] / 10
+assert rank(p_full, mia) <= 1 and erased[layer, head] < p_full[mia] / 10
 print(f"chapter ran in {time.perf_counter() - CHAPTER_START:.1f} s")

@@ -469,10 +469,11 @@ for name, (_, text) in continuations.items():
     print(f"[{name or 'correct'}]\n  {text!r}")
 
 # %% [markdown]
-# Some broken models write the true model's continuation token for token; most of the others
-# still tell a fluent story, only a different one; a few fall apart into word salad. To put a number
-# on "looks right", score each continuation with the true model: the bits per byte the true model
-# assigns to a text is low when that text is the kind of thing it would write itself. And count
+# One broken model writes the true model's continuation token for token, and another keeps to it
+# for its first 27 tokens; most of the others still tell a fluent story, only a different one; one
+# or two fall apart into word salad. To put a number on "looks right", score each continuation
+# with the true model: the bits per byte the true model assigns to a text is low when that text is
+# the kind of thing it would write itself. And count
 # how many tokens each broken model's greedy continuation shares with the true one before it
 # first departs.
 
@@ -514,12 +515,12 @@ print(f"{len(looks_right)} of {len(MISTAKES)} broken models write text the true 
       f"least as likely as the human story ({BPB_TRUE:.3f} bits/byte):\n  {looks_right}")
 print(f"{len(keeps_top1)} of {len(MISTAKES)} keep >= 90% of the top-1 tokens on the story:\n"
       f"  {keeps_top1}")
-assert len(identical) >= 2        # wrong models whose greedy text is exactly right
+assert len(identical) >= 1        # a wrong model whose greedy text is exactly right (measured 1)
 assert len(looks_right) >= 3      # several wrong models write text that reads as right
 print(f"{len(falls_apart)} of {len(MISTAKES)} write text the true model scores over 2 bits/byte: "
       f"{falls_apart}")
 assert len(keeps_top1) >= 3       # several wrong models pick almost the same next tokens
-assert 1 <= len(falls_apart) < len(MISTAKES) / 2   # "a few fall apart"
+assert 1 <= len(falls_apart) < len(MISTAKES) / 2   # "one or two fall apart" (measured 1 over 2)
 
 # %% [markdown]
 # ## 5 · Naming the first wrong step: `tinyrwkv trace` and `tinyrwkv compare`
@@ -700,7 +701,7 @@ for name in MISTAKES:
           f"max|Δ|/std {there:7.1e}   (expected {expected}, docs/architecture.md {MISTAKES[name][2]})")
     assert first["name"] == expected and first["token"] == 0, (name, first)
 gn_there = next(r["max_rel"] for r in named["group_norm_eps_1e-5"]["rows"] if r["name"] == "L0.gn")
-assert 2e-4 < gn_there < 5e-4          # "enters at about 3e-4", a few times the fp32 tolerance
+assert 5e-3 < gn_there < 5e-2          # enters at about 1.5e-2, 150 times the fixed fp32 tolerance
 # A check of layer 0 only passes the bonus-with-raw-v port: every layer-0 tensor agrees.
 layer0 = [row for row in named["bonus_v_before_residual"]["rows"] if row["name"].startswith("L0.")]
 assert layer0 and not any(row["bad"] for row in layer0)
@@ -765,7 +766,7 @@ shutil.rmtree(tmp)
 # |---|---|
 # | our forward pass, `mistake=None`, against the library | within the float32 tolerance (asserted) |
 # | each of twelve misreadings | logits error ≥ 100 × the float32 noise floor (asserted) |
-# | top-1 agreement and text | several broken models keep ≥ 90 % of top-1 tokens; some write the true model's greedy text exactly; several write text the true model rates as likely as a human story (asserted) |
+# | top-1 agreement and text | several broken models keep ≥ 90 % of top-1 tokens; one writes the true model's greedy text exactly; several write text the true model rates as likely as a human story (asserted) |
 # | `tinyrwkv compare` | names the exact step of every misreading, at token 0 (asserted) |
 # | checks that look at too little | layer 0 alone passes the bonus with the wrong `v`; the first token's logits pass the wrong removal key (asserted) |
 # | tracing a port in float32 | the heavy-tailed `ffn_hidden` sits near the fp32 tolerance; trace in float64 (asserted) |
@@ -790,5 +791,5 @@ shutil.rmtree(tmp)
 assert err_lib < FP32_TOL                                         # mistake=None is RWKV-7
 assert all(results[n]["err"] >= 100 * NOISE_FLOOR for n in MISTAKES)
 assert all(named[n]["first"]["name"] == MISTAKES[n][3] for n in MISTAKES)
-assert len(identical) >= 2 and len(looks_right) >= 3 and len(keeps_top1) >= 3
+assert len(identical) >= 1 and len(looks_right) >= 3 and len(keeps_top1) >= 3
 print(f"chapter ran in {time.perf_counter() - CHAPTER_START:.1f} s")

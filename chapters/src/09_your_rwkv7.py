@@ -514,12 +514,12 @@ f32_alone = errors["yours float32 vs tinyrwkv float64"].max()
 print(f"f16 rounding alone moves the logits by max|Δ|/std {f16_alone:.1e};"
       f" float32 arithmetic alone: {f32_alone:.1e}, {f32_alone / f16_alone:.0f} times as much")
 assert changed < n_numbers / 1000 and to_inf == 0
-assert 20 * f16_alone < f32_alone                                # "at least twenty times less"
+assert 5 * f16_alone < f32_alone                                 # "several times less" (measured 14)
 
 # %% [markdown]
 # On this model float16 happens to be nearly harmless: it changes fewer than one number in a
-# thousand, and moves the logits at least twenty times less than float32 arithmetic does (about
-# fifty times less, as measured above). That is a property of these weights (almost all lie
+# thousand, and moves the logits several times less than float32 arithmetic does (about
+# fourteen times less, as measured above). That is a property of these weights (almost all lie
 # inside float16's range), not something a check should lean on: with other weights the file's
 # rounding would mix with the differences you are trying to measure, and you could not tell the
 # two apart. With `--type bf16` there is nothing to argue about: the package reads the very
