@@ -12,7 +12,8 @@
 #
 # **Prerequisites.** [06 · Training](06_training.ipynb) (the backward pass, `loss_and_grad`, the
 # AdamW loop) and [04 · The whole model](04_whole_model.ipynb). The file formats are in
-# docs/formats.md §6.1 (LoRA) and docs/formats.md §6.2 (state tuning).
+# docs/formats.md §6.1 (LoRA) and docs/formats.md §6.2 (state tuning); `tinyrwkv train`'s
+# fine-tuning options, which do all of this from the command line, in docs/training.md §2.
 #
 # Everything here runs on a CPU in well under two minutes, so the training runs are short: a
 # demonstration of the methods, not a finished Shakespeare model.
@@ -423,7 +424,7 @@ assert adapter_roundtrip and state_roundtrip
 
 # %% [markdown]
 # The same two runs from the command line, each with validation, a loss-curve PNG and a model
-# card in `--out` (see `tinyrwkv train --help`):
+# card in `--out` (docs/training.md §2.1 and docs/training.md §2.2):
 #
 # (On a machine another program keeps busy, add `--threads 1`, as this chapter runs.)
 #
