@@ -284,9 +284,10 @@ class StepThreads:
     """The CPU thread count of each training step, chosen while training runs when --threads is
     not given: backends/thread_governor.py's ThreadGovernor (the one decode uses), fed each
     step's time, since every step does the same work. On a machine where another program holds
-    a core, BLAS and Numba's barriers collapse with all cores (measured on 2 cores, the shipped
-    model's shape at 4x32 tokens: 40 ms a step on one thread, 2.2 s on two, next to one busy
-    process); on a quiet machine all cores are faster. Sets Numba's and BLAS's threads
+    a core, all-core steps wait at every BLAS and Numba barrier (docs/training.md §3: the
+    shipped model's shape on 2 cores next to one busy process, 624 tokens/s on two threads,
+    1,165 on one, 1,135 governed; quiet, 1,323 on two); on a quiet machine all cores are
+    faster. Sets Numba's and BLAS's threads
     (threadpoolctl) when the count changes; `--threads N` fixes N and no governor runs."""
 
     def __init__(self, backend):

@@ -233,7 +233,7 @@ assert loss_lora0 == loss_base and loss_state0 == loss_base
 # %% [markdown]
 # ## 2. The data: a slice of Shakespeare
 #
-# `chapters/data/shakespeare_train.txt` (150 KB) and `shakespeare_valid.txt` (20 KB) are slices
+# `chapters/data/shakespeare_coriolanus.txt` (61 KB) and `shakespeare_shrew.txt` (20 KB) are slices
 # of the classic char-rnn "tinyshakespeare" text (public domain; provenance in
 # `chapters/data/README.md`): the training slice from the start of its training part, the
 # held-out slice from the start of its validation part, which comes from another play. The model's own tokenizer reads
@@ -242,12 +242,12 @@ assert loss_lora0 == loss_base and loss_state0 == loss_base
 
 # %%
 data_dir = Path("data")                          # relative to chapters/, where this runs
-if not (data_dir / "shakespeare_train.txt").is_file():
-    raise FileNotFoundError(f"{(data_dir / 'shakespeare_train.txt').resolve()} not found: it "
+if not (data_dir / "shakespeare_coriolanus.txt").is_file():
+    raise FileNotFoundError(f"{(data_dir / 'shakespeare_coriolanus.txt').resolve()} not found: it "
                             "ships with the repository in chapters/data/. Run this notebook "
                             "from the chapters/ folder.")
-train_text = (data_dir / "shakespeare_train.txt").read_text(encoding="utf-8")
-valid_text = (data_dir / "shakespeare_valid.txt").read_text(encoding="utf-8")
+train_text = (data_dir / "shakespeare_coriolanus.txt").read_text(encoding="utf-8")
+valid_text = (data_dir / "shakespeare_shrew.txt").read_text(encoding="utf-8")
 train_ids = np.array(tok.encode(train_text), np.int64)
 print(f"training text: {len(train_text.encode()):,} bytes, {len(train_ids):,} tokens, "
       f"{len(train_text.encode()) / len(train_ids):.2f} bytes/token")
@@ -426,17 +426,18 @@ assert adapter_roundtrip and state_roundtrip
 # The same two runs from the command line, each with validation, a loss-curve PNG and a model
 # card in `--out` (docs/training.md §2.1 and docs/training.md §2.2):
 #
-# (On a machine another program keeps busy, add `--threads 1`, as this chapter runs.)
+# (Without `--threads` the trainer picks the thread count as it runs, docs/training.md §3;
+# `--threads 1` is what this chapter uses.)
 #
 # ```bash
 # tinyrwkv train --init-from weights/model.safetensors --lora 8 --lora-alpha 16 --lr 3e-3 \
-#     --steps 80 --batch 4 --ctx 64 --data chapters/data/shakespeare_train.txt \
-#     --valid chapters/data/shakespeare_valid.txt --out runs/lora
+#     --steps 80 --batch 4 --ctx 64 --data chapters/data/shakespeare_coriolanus.txt \
+#     --valid chapters/data/shakespeare_shrew.txt --out runs/lora
 # tinyrwkv merge-lora --alpha 16 weights/model.safetensors runs/lora/lora_adapter.pth shakespeare.safetensors
 #
 # tinyrwkv train --init-from weights/model.safetensors --state-tune --lr 0.3 \
-#     --steps 80 --batch 4 --ctx 64 --data chapters/data/shakespeare_train.txt \
-#     --valid chapters/data/shakespeare_valid.txt --out runs/state
+#     --steps 80 --batch 4 --ctx 64 --data chapters/data/shakespeare_coriolanus.txt \
+#     --valid chapters/data/shakespeare_shrew.txt --out runs/state
 # tinyrwkv generate --state runs/state/time_state.pth "ROMEO:"
 # ```
 
