@@ -18,6 +18,12 @@ tinyrwkv/backends/numba_train.py and cupy_train.py are its twins (the trainer us
 contract in chunked form, matrix products over whole chunks (docs/architecture.md §6.6);
 `choose_wkv_ops` says which pair is faster where.
 
+Fine-tuning (docs/training.md §2) needs nothing new in the backward: a `blocks.{i}.att.time_state`
+among the parameters is every sequence's initial WKV state, whose gradient is the dS_0 the
+backward through time ends with (state tuning); `lora_loss_and_grad` pulls the model's own
+gradient of each merged matrix W + (alpha / r) B A back to A and B (LoRA); `want=` skips the
+weight products of frozen matrices.
+
 Notation: B sequences, T tokens, C channels, H heads of N; the operator's inputs follow the
 official CUDA kernel and fla: r, w (decay), k, v, alpha = -kappa_hat, beta = kappa_hat * a.
 """

@@ -499,9 +499,9 @@ def _run(args):
             keep_tokenizer(tok, out)
         tok_source = getattr(tok, "path", tok.name)
     elif args.tokenizer:
+        tok = HFTokenizer(args.tokenizer)   # checked (a clear error naming it) before the copy
         with atomic_open(tok_path) as f:
             f.write(Path(args.tokenizer).read_bytes())
-        tok = HFTokenizer(tok_path)
         tok_source = args.tokenizer
         tok_how = f"`{Path(args.tokenizer).name}`, given with --tokenizer ({args.tokenizer})"
     elif tok_path.exists():
