@@ -47,9 +47,12 @@ def test_llama_cpp_runs_our_gguf_and_agrees(tmp_path, out_type):
 @pytest.mark.parametrize("ftype", ["Q6_K", "Q5_K_M", "Q4_K_M"])
 def test_k_quant_files_from_llama_cpp_are_read(tmp_path, ftype):
     """K-quants (which gguf-py cannot write) made by llama.cpp's own quantizer: tinyrwkv reads
-    them (dequantised by gguf-py) and agrees with llama.cpp on the same file. Tolerance 3e-1:
-    llama.cpp quantises the activations to 8 bits for K-quant dot products (measured 4.4e-2
-    Q6_K, 5.6e-2 Q5_K_M, 1.8e-1 Q4_K_M); a mis-read block layout gives O(1) or worse."""
+    them (dequantised by gguf-py) and agrees with llama.cpp on the same file. llama.cpp
+    quantises the activations to 8 bits for K-quant dot products, and the first token's are
+    the hardest (its token-shift difference is the whole activation): measured on two shipped
+    models, the first position up to 3.0e-1 (Q5_K_M; 1.8e-1 Q4_K_M on the previous model),
+    every later one at most 6e-2. Tolerances: 5e-1 at the first position, 1.5e-1 after it; a
+    mis-read block layout gives O(1) or worse at every position."""
     import ctypes
     import llama_cpp
     from tinyrwkv.formats import write_gguf
@@ -67,9 +70,10 @@ def test_k_quant_files_from_llama_cpp_are_read(tmp_path, ftype):
     want, _ = tinyrwkv.load(out, dtype="float64", backend="numpy").forward(ids, full_output=True)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
-    err = float(np.abs(np.array(llm.scores[:len(ids)]) - want).max() / want.std())
-    print(f"{ftype}: llama.cpp vs tinyrwkv on the same file {err:.1e}")
-    assert err < 3e-1
+    err = np.abs(np.array(llm.scores[:len(ids)]) - want).max(axis=1) / want.std()
+    print(f"{ftype}: llama.cpp vs tinyrwkv on the same file: first token {err[0]:.1e}, "
+          f"after it {err[1:].max():.1e}")
+    assert err[0] < 5e-1 and err[1:].max() < 1.5e-1
 
 
 def test_world_vocabulary_written_into_gguf_tokenizes_like_llama_cpp(tmp_path):

@@ -150,5 +150,5 @@ def test_cli_without_numba(tmp_path):
     assert "backend numpy, not the faster numba" in err, err
     assert "backend 'numba': numba is not available" in err and "pip install numba" in err, err
     assert "--backend numba: numba is not available" in err, err
-    assert "tinyrwkv train: backend numpy, not the faster numba" in err and "wkv numpy" in err, err
+    assert "tinyrwkv train: backend numpy, not the faster numba" in err and "numpy backend" in err, err
     assert (tmp_path / "run" / "model.safetensors").is_file(), err
