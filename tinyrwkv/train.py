@@ -613,13 +613,8 @@ def lora_loss_and_grad(base, lora, alpha, ids, targets, wkv_ops=None):
         loss, grads keyed like `lora`. With W' = W + s B A (s = alpha / r), dL/dA = s B^T dL/dW'
         and dL/dB = s dL/dW' A^T: the model's own gradient of the merged matrix, pulled back.
     """
-    from .formats.lora import lora_weight
     stems = sorted(k[:-len(".lora_A")] for k in lora if k.endswith(".lora_A"))
-    model = dict(base)
-    model.update({k: v for k, v in lora.items() if not k.endswith((".lora_A", ".lora_B"))})
-    for stem in stems:
-        model[stem + ".weight"] = lora_weight(base[stem + ".weight"], lora[stem + ".lora_A"],
-                                              lora[stem + ".lora_B"], alpha)
+    model = lora_merged(base, lora, alpha)
     want = {k for k in lora if not k.endswith((".lora_A", ".lora_B"))}
     want |= {stem + ".weight" for stem in stems}
     loss, g = loss_and_grad(model, ids, targets, wkv_ops, want=want)
@@ -631,6 +626,21 @@ def lora_loss_and_grad(base, lora, alpha, ids, targets, wkv_ops=None):
         grads[stem + ".lora_A"] = (s * (B.T @ dW)).astype(dW.dtype, copy=False)
         grads[stem + ".lora_B"] = (s * (dW @ A.T)).astype(dW.dtype, copy=False)
     return loss, grads
+
+
+def lora_merged(base, lora, alpha):
+    """The model an adapter makes of `base`: each X.weight with X.lora_A / X.lora_B in `lora`
+    replaced by formats.lora.lora_weight (W + (alpha / r) B A), and any other tensor of `lora`
+    (trained in full) replacing base's. In the arrays' own precision (NumPy or CuPy)."""
+    from .formats.lora import lora_weight
+    model = dict(base)
+    model.update({k: v for k, v in lora.items() if not k.endswith((".lora_A", ".lora_B"))})
+    for key in lora:
+        if key.endswith(".lora_A"):
+            stem = key[:-len(".lora_A")]
+            model[stem + ".weight"] = lora_weight(base[stem + ".weight"], lora[key],
+                                                  lora[stem + ".lora_B"], alpha)
+    return model
 
 
 def init_lora(base, rank, targets=LORA_TARGETS, seed=0, dtype=np.float32):

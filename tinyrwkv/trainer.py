@@ -142,15 +142,21 @@ def nll_of_ids(model, ids, chunk=512):
     return nats_of_ids(model, ids, chunk=chunk)[0]
 
 
+def inference_model(weights, backend="numba", threads=None):
+    """A model to sample and measure with, from a {key: array} dict: the Numba backend where
+    `backend` is "numba" or "cupy" and Numba is installed (threads: its count, None its own
+    choice), else the NumPy reference."""
+    if backend != "numpy" and numba_missing() is None:
+        from .backends.numba_cpu import RWKV7Numba
+        return RWKV7Numba(weights, threads=threads)
+    from .model import RWKV7
+    return RWKV7(weights)
+
+
 def bits_per_byte(params, ids, n_bytes, backend="numba"):
     """Bits per byte of a whole text: its total NLL (the first token is not predicted) in bits,
     over its UTF-8 bytes. Uses the inference model (same function as training's forward)."""
-    if backend == "numba" and numba_missing() is None:
-        from .backends.numba_cpu import RWKV7Numba
-        model = RWKV7Numba(params)
-    else:
-        from .model import RWKV7
-        model = RWKV7(params)
+    model = inference_model(params, backend)
     return eval_bits_per_byte(nll_of_ids(model, np.asarray(ids, np.int64)), n_bytes)
 
 
@@ -358,15 +364,7 @@ class Tuning:
     def model(self, trainable):
         """The parameters of the model being trained (a time_state included for "state")."""
         if self.mode == "lora":
-            from .formats.lora import lora_weight
-            merged = dict(self.base)
-            for key in trainable:
-                if key.endswith(".lora_A"):
-                    stem = key[:-len(".lora_A")]
-                    merged[stem + ".weight"] = lora_weight(
-                        self.base[stem + ".weight"], trainable[key], trainable[stem + ".lora_B"],
-                        self.alpha)
-            return merged
+            return train.lora_merged(self.base, trainable, self.alpha)
         if self.mode == "state":
             return {**self.base, **trainable}
         return trainable
@@ -836,12 +834,7 @@ def measure(weights, start, tok, valid_path, backend="numba"):
     as one stream) and "per_document" (each document from the start state: documents cut at
     <|endoftext|> where the file has it, else at blank lines, e.g. a play's speeches)."""
     from .evaluate import evaluate_text
-    if backend != "numpy" and numba_missing() is None:
-        from .backends.numba_cpu import RWKV7Numba
-        model = RWKV7Numba(weights)
-    else:
-        from .model import RWKV7
-        model = RWKV7(weights)
+    model = inference_model(weights, backend)
     text = read_text(valid_path, "validation text")
     sep = "<|endoftext|>" if "<|endoftext|>" in text else None
     out = {"separator": sep or "blank lines"}

@@ -31,11 +31,12 @@ from threadpoolctl import threadpool_limits
 import tinyrwkv
 from tinyrwkv import train
 from tinyrwkv.evaluate import evaluate_text
-from tinyrwkv.formats.lora import lora_weight, merge_lora, initial_state, read_adapter, read_start_state
+from tinyrwkv.formats.lora import merge_lora, initial_state, read_adapter, read_start_state
 from tinyrwkv.formats.numerics import bf16_to_float32, to_bf16_bits
 from tinyrwkv.formats.pth_writer import save_pth
 from tinyrwkv.loader import numba_missing, shipped_model_path
 from tinyrwkv.synthetic import make_weights
+from tinyrwkv import trainer
 from tinyrwkv.trainer import DEFAULT_LR, adamw_step, clip_, lr_at, window_starts
 
 CHAPTER_START = time.perf_counter()
@@ -59,12 +60,8 @@ print(f"{n_params:,} parameters; tokenizer: {tok.vocab_size} tokens; backend: {m
 
 
 def inference_model(weights):
-    """A model to generate and measure with from a {key: array} dict: the Numba backend on one
-    thread where Numba is installed, else the NumPy reference."""
-    if numba_missing() is None:
-        from tinyrwkv.backends.numba_cpu import RWKV7Numba
-        return RWKV7Numba(weights, threads=1)
-    return tinyrwkv.RWKV7(weights)
+    """The trainer's model for sampling and measuring, on one thread (this chapter's choice)."""
+    return trainer.inference_model(weights, threads=1)
 
 
 # The WKV forward/backward pair the trainer would choose on this backend for 64-token windows
@@ -126,19 +123,30 @@ def lora_loss(lora):
 
 
 h = 1e-5
-fd_errors = {}
-for key in ("blocks.0.att.key.lora_A", "blocks.1.att.output.lora_B", "blocks.1.ffn.value.lora_A",
-            "blocks.0.ffn.key.lora_B"):
-    scale = np.sqrt(np.mean(g_lora[key] ** 2))             # the typical size of this gradient
-    idx = entry_to_check(g_lora[key], scale)
-    plus, minus = dict(tiny_lora), dict(tiny_lora)
-    plus[key], minus[key] = tiny_lora[key].copy(), tiny_lora[key].copy()
-    plus[key][idx] += h
-    minus[key][idx] -= h
-    fd = (lora_loss(plus) - lora_loss(minus)) / (2 * h)
-    fd_errors[key] = abs(fd - g_lora[key][idx]) / scale
-    print(f"  {key:28s}{str(idx):9s} finite difference {fd: .3e}, analytic "
-          f"{g_lora[key][idx]: .3e}; |Δ| / rms(gradient) = {fd_errors[key]:.1e}")
+
+
+def check_by_finite_differences(loss_of, tensors, grads, keys):
+    """For one well-conditioned entry of each tensor in `keys`: the central difference of
+    loss_of(tensors with that entry moved by +-h) against the analytic gradient, relative to the
+    gradient's typical size. Prints each and returns {key: error}."""
+    errors = {}
+    for key in keys:
+        scale = np.sqrt(np.mean(grads[key] ** 2))          # the typical size of this gradient
+        idx = entry_to_check(grads[key], scale)
+        plus, minus = dict(tensors), dict(tensors)
+        plus[key], minus[key] = tensors[key].copy(), tensors[key].copy()
+        plus[key][idx] += h
+        minus[key][idx] -= h
+        fd = (loss_of(plus) - loss_of(minus)) / (2 * h)
+        errors[key] = abs(fd - grads[key][idx]) / scale
+        print(f"  {key:28s}{str(idx):11s} finite difference {fd: .3e}, analytic "
+              f"{grads[key][idx]: .3e}; |Δ| / rms(gradient) = {errors[key]:.1e}")
+    return errors
+
+
+fd_errors = check_by_finite_differences(
+    lora_loss, tiny_lora, g_lora, ("blocks.0.att.key.lora_A", "blocks.1.att.output.lora_B",
+                                   "blocks.1.ffn.value.lora_A", "blocks.0.ffn.key.lora_B"))
 assert max(fd_errors.values()) < 1e-6, fd_errors
 
 # %% [markdown]
@@ -149,12 +157,7 @@ assert max(fd_errors.values()) < 1e-6, fd_errors
 # %%
 stem = "blocks.1.att.value"
 A, Bm = tiny_lora[stem + ".lora_A"], tiny_lora[stem + ".lora_B"]
-merged_tiny = dict(tiny)
-for key in tiny_lora:
-    if key.endswith(".lora_A"):
-        s_ = key[:-len(".lora_A")]
-        merged_tiny[s_ + ".weight"] = lora_weight(tiny[s_ + ".weight"], tiny_lora[key],
-                                                  tiny_lora[s_ + ".lora_B"], ALPHA_T)
+merged_tiny = train.lora_merged(tiny, tiny_lora, ALPHA_T)          # lora_weight on each W
 _, g_merged = train.loss_and_grad(merged_tiny, ids_t, tgt_t, want={stem + ".weight"})
 dW = g_merged[stem + ".weight"]
 s = ALPHA_T / Bm.shape[1]
@@ -188,17 +191,7 @@ def state_loss(states):
     return train.loss_and_grad({**tiny, **states}, ids_t, tgt_t, want=())[0]     # the loss only
 
 
-for key in tiny_state:
-    scale = np.sqrt(np.mean(g_state[key] ** 2))
-    idx = entry_to_check(g_state[key], scale)
-    plus, minus = dict(tiny_state), dict(tiny_state)
-    plus[key], minus[key] = tiny_state[key].copy(), tiny_state[key].copy()
-    plus[key][idx] += h
-    minus[key][idx] -= h
-    fd = (state_loss(plus) - state_loss(minus)) / (2 * h)
-    fd_errors[key] = abs(fd - g_state[key][idx]) / scale
-    print(f"  {key:26s}{str(idx):11s} finite difference {fd: .3e}, analytic "
-          f"{g_state[key][idx]: .3e}; |Δ| / rms(gradient) = {fd_errors[key]:.1e}")
+fd_errors.update(check_by_finite_differences(state_loss, tiny_state, g_state, tiny_state))
 assert max(fd_errors.values()) < 1e-6, fd_errors
 
 # %% [markdown]
